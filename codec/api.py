@@ -1,0 +1,247 @@
+"""Encode images to sgarc bitstreams and decode them back: the codec's public surface.
+
+    codec = Codec(quality=3)                      # loads a shipped model once
+    result = codec.encode(load_image("a.jpg"))    # InferenceConfig() = SGA, paper defaults
+    decoded = decode(result.data)                 # any device, any thread count
+
+Encoding = inference (codec.inference) -> exact integer hyper-synthesis for the coding
+parameters (codec.frozen) -> entropy coding (codec.coding) -> bitstream (codec.bitstream)
+-> verification: the stream is parsed and its latents decoded exactly as a decoder would,
+and must equal what was encoded, before a result is returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from codec import coding
+from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
+from codec.errors import BitstreamError, ModelError
+from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
+from codec.images import DEFAULT_MAX_PIXELS, PreparedImage, pad_to_multiple
+from codec.inference import InferenceConfig, infer
+from codec.metrics import bpp, psnr, psnr_from_mse
+from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
+from codec.registry import REGISTRY, LoadedModel, load
+
+_WORD = np.dtype(">u4")  # streams are stored as big-endian 32-bit words
+
+
+@dataclass
+class EncodeResult:
+    data: bytes
+    width: int
+    height: int
+    model_id: str
+    lmbda: float
+    method: str
+    iterations: int
+    bits: int  # whole file, header included: what `bpp` is computed from
+    payload_bits: int  # the two latent streams only
+    estimated_bits: float  # -log2 P(z_hat) - log2 P(y_hat | z_hat) under the model
+    bpp: float
+    psnr: float  # of the decoded 8-bit pixels against the source pixels
+    rd_loss: float  # true RD loss of the chosen latents (model rate, float synthesis)
+    amortized_bpp: float  # estimated bpp / PSNR / RD loss of the amortized start
+    amortized_psnr: float
+    amortized_rd_loss: float
+    seconds: float
+    device: str
+
+    @property
+    def estimate_overhead(self) -> float:
+        """Relative excess of the coded payload over the model's estimate."""
+        return self.payload_bits / self.estimated_bits - 1.0
+
+    def summary(self) -> str:
+        return (f"{self.width}x{self.height} {self.bpp:.4f} bpp, PSNR {self.psnr:.2f} dB, "
+                f"bits est {self.estimated_bits:.0f} / actual {self.payload_bits} "
+                f"({100 * self.estimate_overhead:+.2f}%), file {self.bits // 8} B, "
+                f"{self.seconds:.2f} s [{self.method}, {self.iterations} it, {self.device}]")
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray  # uint8 (H, W, 3)
+    alpha: np.ndarray | None  # uint8 (H, W)
+    header: Header
+
+    def to_pil(self):
+        from codec.images import to_pil
+        return to_pil(self.rgb, self.header.color, self.alpha)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def latent_shapes(lm: LoadedModel, width: int, height: int):
+    hp, wp = (-(-height // DOWNSAMPLE) * DOWNSAMPLE, -(-width // DOWNSAMPLE) * DOWNSAMPLE)
+    return (lm.entry.N, hp // Z_STRIDE, wp // Z_STRIDE), (lm.entry.M, hp // Y_STRIDE,
+                                                          wp // Y_STRIDE)
+
+
+def _words(bs: Bitstream, tag: str, num_symbols: int) -> np.ndarray:
+    payload = bs.sections[tag]
+    if len(payload) % 4 or len(payload) // 4 > coding.max_stream_words(num_symbols):
+        raise BitstreamError(f"section {tag} has an invalid length {len(payload)} for "
+                             f"{num_symbols} symbols")
+    return np.frombuffer(payload, _WORD).astype(np.uint32)
+
+
+def decode_latents(bs: Bitstream, lm: LoadedModel
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z_hat, k, mu) of a parsed stream, exactly as every decoder computes them."""
+    z_shape, y_shape = latent_shapes(lm, bs.header.width, bs.header.height)
+    z_hat = coding.decode_z(lm.tables, _words(bs, "ZLAT", int(np.prod(z_shape))), z_shape)
+    mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
+    if mu.shape[1:] != y_shape:
+        raise BitstreamError(f"model {lm.entry.id} gives y of shape {mu.shape[1:]}, "
+                             f"expected {y_shape}")
+    k = coding.decode_y(lm.tables, _words(bs, "YLAT", int(np.prod(y_shape))), index[0])
+    return z_hat, k, mu[0]
+
+
+def _synthesize(lm: LoadedModel, y_hat: np.ndarray | torch.Tensor, height: int, width: int,
+                device: torch.device) -> np.ndarray:
+    y = torch.as_tensor(y_hat, dtype=torch.float32, device=device)[None]
+    with torch.inference_mode():
+        x = lm.model.to(device).g_s(y)[0, :, :height, :width]
+        x = torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return x.permute(1, 2, 0).cpu().numpy()
+
+
+def _load_for(model_id: str, registry) -> LoadedModel:
+    try:
+        return load(model_id, registry)
+    except ModelError as exc:
+        raise BitstreamError(f"stream was written with model {model_id!r}, which is not "
+                             f"available: {exc}") from exc
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None = "cpu",
+           registry=REGISTRY) -> DecodedImage:
+    """Decode a stream to 8-bit pixels; corrupt input raises BitstreamError."""
+    bs = parse(data, max_pixels)
+    h = bs.header
+    lm = _load_for(h.model_id, registry)
+    _, k, mu = decode_latents(bs, lm)
+    rgb = _synthesize(lm, mu + k, h.height, h.width, torch.device(device or "cpu"))
+    alpha = None
+    if "ALPH" in bs.sections:
+        alpha = np.frombuffer(unpack_alpha(bs.sections["ALPH"], h.width, h.height),
+                              np.uint8).reshape(h.height, h.width)
+    return DecodedImage(rgb, alpha, h)
+
+
+def _output_pixels(rgb: np.ndarray, color: str) -> np.ndarray:
+    """What the user gets back: the gray plane for grayscale sources (see codec.images)."""
+    if color == "L":
+        return np.round(rgb.astype(np.float64).mean(axis=2)).astype(np.uint8)
+    return rgb
+
+
+class Codec:
+    """One loaded model on one device; encodes single images or same-size batches."""
+
+    def __init__(self, model: str | int | None = None, device: str | torch.device | None = None,
+                 registry=REGISTRY) -> None:
+        self.lm = load(model, registry)
+        self.registry = registry
+        self.device = torch.device(device) if device is not None else default_device()
+        self.lm.model.to(self.device)
+
+    @property
+    def model_id(self) -> str:
+        return self.lm.entry.id
+
+    def encode(self, image: PreparedImage, config: InferenceConfig | None = None,
+               progress: Callable[[int], None] | None = None) -> EncodeResult:
+        return self.encode_batch([image], config, progress)[0]
+
+    def encode_batch(self, images: list[PreparedImage], config: InferenceConfig | None = None,
+                     progress: Callable[[int], None] | None = None,
+                     max_batch: int = 8) -> list[EncodeResult]:
+        """Encode images; those of one padded size run inference together."""
+        config = config or InferenceConfig()
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, im in enumerate(images):
+            groups[_padded_size(im)].append(i)
+        results: list[EncodeResult | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), max_batch):
+                chunk = members[start:start + max_batch]
+                for i, r in zip(chunk, self._encode_same_size([images[i] for i in chunk],
+                                                              config, progress), strict=True):
+                    results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _encode_same_size(self, images: list[PreparedImage], config: InferenceConfig,
+                          progress) -> list[EncodeResult]:
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack([pad_to_multiple(im.rgb, DOWNSAMPLE) for im in images]))
+        x = x.permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
+        sizes = [(im.info.height, im.info.width) for im in images]
+        lat = infer(self.lm.model, x, sizes, self.lm.entry.lmbda, config, progress)
+        elapsed = (time.perf_counter() - t0) / len(images)
+        return [self._code_one(im, lat, i, config, elapsed) for i, im in enumerate(images)]
+
+    def _code_one(self, im: PreparedImage, lat, i: int, config: InferenceConfig,
+                  inference_seconds: float) -> EncodeResult:
+        t0 = time.perf_counter()
+        lm, info = self.lm, im.info
+        z_hat = lat.z_hat[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
+        k = lat.k[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
+        mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
+        sections = {
+            "ZLAT": coding.encode_z(lm.tables, z_hat).astype(_WORD).tobytes(),
+            "YLAT": coding.encode_y(lm.tables, k, index[0]).astype(_WORD).tobytes(),
+        }
+        if im.alpha is not None:
+            sections["ALPH"] = pack_alpha(np.ascontiguousarray(im.alpha).tobytes())
+        header = Header(lm.entry.id, info.width, info.height, info.color, info.orientation,
+                        info.bit_depth)
+        data = pack(Bitstream(header, sections))
+        self._verify(data, z_hat, k)
+
+        rgb = _synthesize(lm, mu[0] + k, info.height, info.width, self.device)
+        amortized_mse = float(lat.start_terms["mse"][i])
+        return EncodeResult(
+            data=data, width=info.width, height=info.height, model_id=lm.entry.id,
+            lmbda=lm.entry.lmbda, method=config.method,
+            iterations=0 if config.method == "amortized" else config.iterations,
+            bits=len(data) * 8, payload_bits=8 * (len(sections["ZLAT"]) + len(sections["YLAT"])),
+            estimated_bits=self._estimated_bits(z_hat, k),
+            bpp=bpp(len(data), info.width, info.height),
+            psnr=psnr(_output_pixels(rgb, info.color), _output_pixels(im.rgb, info.color)),
+            rd_loss=float(lat.loss[i]),
+            amortized_bpp=float(lat.start_terms["bpp"][i]),
+            amortized_psnr=psnr_from_mse(amortized_mse),
+            amortized_rd_loss=float(lat.start_loss[i]),
+            seconds=inference_seconds + time.perf_counter() - t0, device=str(self.device))
+
+    def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray) -> None:
+        """Decode the latents back as a decoder would; they must match exactly."""
+        z_dec, k_dec, _ = decode_latents(parse(data), self.lm)
+        if not (np.array_equal(z_dec, z_hat) and np.array_equal(k_dec, k)):
+            raise RuntimeError("internal error: the encoded stream does not decode to the "
+                               "encoded latents; nothing was written")
+
+    @torch.no_grad()
+    def _estimated_bits(self, z_hat: np.ndarray, k: np.ndarray) -> float:
+        model = self.lm.model
+        z = torch.from_numpy(z_hat).float()[None].to(self.device)
+        mu, sigma = model.hyper_synthesis(z)
+        kt = torch.from_numpy(k).float()[None].to(self.device)
+        y_lik, z_lik = model.likelihoods(mu + kt, z, mu, sigma)
+        return float(-torch.log2(y_lik).sum() - torch.log2(z_lik).sum())
+
+
+def _padded_size(im: PreparedImage) -> tuple[int, int]:
+    return (-(-im.info.height // DOWNSAMPLE), -(-im.info.width // DOWNSAMPLE))

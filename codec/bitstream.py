@@ -1,0 +1,167 @@
+"""The sgarc bitstream: an archive format (layout documented in docs/bitstream.md).
+
+    magic "SGAC" | version u8 | width u32 | height u32 | color u8 | orientation u8 |
+    bit_depth u8 | pad_mode u8 | model_id_len u8 | model_id |
+    { tag 4s | length u32 | payload }*  |  crc32 u32 (of every byte before it)
+
+All integers are big-endian. `parse` checks, in order: length, magic, version, checksum,
+header fields, then every section length against the bytes that remain, and raises
+BitstreamError with a message that names the problem. Nothing is allocated from a length
+that has not been checked against the data actually present or a validated header field.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from codec.errors import BitstreamError
+
+MAGIC = b"SGAC"
+FORMAT_VERSION = 1
+FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger image
+MAX_MODEL_ID = 64
+COLORS = ("RGB", "L")
+PAD_MODES = ("replicate",)
+SECTION_ORDER = ("ZLAT", "YLAT", "ALPH")  # z stream, y stream, optional lossless alpha
+REQUIRED_SECTIONS = ("ZLAT", "YLAT")
+
+_PREFIX = struct.Struct(">4sB")
+_FIELDS = struct.Struct(">IIBBBBB")
+_SECTION = struct.Struct(">4sI")
+_CRC = struct.Struct(">I")
+MIN_LENGTH = _PREFIX.size + _FIELDS.size + 1 + _CRC.size
+_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Header:
+    model_id: str
+    width: int
+    height: int
+    color: str = "RGB"  # what decode returns: "RGB" or "L" (grayscale source)
+    orientation: int = 1  # EXIF orientation of the source, already applied to the pixels
+    bit_depth: int = 8  # sample depth of the source (16 when reduced on request)
+    pad_mode: str = "replicate"
+
+    def validate(self, max_pixels: int = FORMAT_MAX_PIXELS) -> None:
+        if not (isinstance(self.model_id, str) and 0 < len(self.model_id) <= MAX_MODEL_ID
+                and _MODEL_ID.match(self.model_id)):
+            raise BitstreamError(f"invalid model id {self.model_id!r}")
+        if self.width < 1 or self.height < 1:
+            raise BitstreamError(f"invalid image size {self.width}x{self.height}")
+        limit = min(max_pixels, FORMAT_MAX_PIXELS)
+        if self.width * self.height > limit:
+            raise BitstreamError(
+                f"image size {self.width}x{self.height} = {self.width * self.height} pixels "
+                f"exceeds the limit of {limit} pixels")
+        if self.color not in COLORS:
+            raise BitstreamError(f"unknown color mode {self.color!r}")
+        if not 1 <= self.orientation <= 8:
+            raise BitstreamError(f"invalid orientation {self.orientation} (EXIF uses 1..8)")
+        if self.bit_depth not in (8, 16):
+            raise BitstreamError(f"invalid source bit depth {self.bit_depth}")
+        if self.pad_mode not in PAD_MODES:
+            raise BitstreamError(f"unknown padding mode {self.pad_mode!r}")
+
+
+@dataclass
+class Bitstream:
+    header: Header
+    sections: dict[str, bytes] = field(default_factory=dict)
+
+
+def pack(bs: Bitstream) -> bytes:
+    h = bs.header
+    h.validate()
+    ident = h.model_id.encode("ascii")
+    parts = [
+        _PREFIX.pack(MAGIC, FORMAT_VERSION),
+        _FIELDS.pack(h.width, h.height, COLORS.index(h.color), h.orientation, h.bit_depth,
+                     PAD_MODES.index(h.pad_mode), len(ident)),
+        ident,
+    ]
+    for tag in SECTION_ORDER:
+        if tag in bs.sections:
+            payload = bs.sections[tag]
+            parts += [_SECTION.pack(tag.encode("ascii"), len(payload)), payload]
+    unknown = set(bs.sections) - set(SECTION_ORDER)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}")
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
+    """Validate and split a stream; raises BitstreamError saying what is wrong."""
+    data = bytes(data)
+    if len(data) < MIN_LENGTH:
+        raise BitstreamError(f"truncated: {len(data)} bytes, an sgarc stream has at least "
+                             f"{MIN_LENGTH}")
+    magic, version = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise BitstreamError(f"not an sgarc bitstream (starts with {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise BitstreamError(f"unsupported format version {version}: this sgarc reads version "
+                             f"{FORMAT_VERSION}; use the sgarc release that wrote the file")
+    body, (crc,) = data[:-_CRC.size], _CRC.unpack_from(data, len(data) - _CRC.size)
+    if zlib.crc32(body) != crc:
+        raise BitstreamError("checksum mismatch: the stream is corrupt or truncated")
+    pos = _PREFIX.size
+    if len(body) < pos + _FIELDS.size:
+        raise BitstreamError("truncated header")
+    w, h, color, orientation, depth, pad, id_len = _FIELDS.unpack_from(body, pos)
+    pos += _FIELDS.size
+    if id_len == 0 or id_len > MAX_MODEL_ID or pos + id_len > len(body):
+        raise BitstreamError(f"invalid model id length {id_len}")
+    try:
+        model_id = body[pos:pos + id_len].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise BitstreamError("model id is not ASCII") from exc
+    pos += id_len
+    if color >= len(COLORS):
+        raise BitstreamError(f"unknown color mode code {color}")
+    if pad >= len(PAD_MODES):
+        raise BitstreamError(f"unknown padding mode code {pad}")
+    header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad])
+    header.validate(max_pixels)
+    sections: dict[str, bytes] = {}
+    while pos < len(body):
+        if pos + _SECTION.size > len(body):
+            raise BitstreamError("truncated section header")
+        raw_tag, length = _SECTION.unpack_from(body, pos)
+        pos += _SECTION.size
+        tag = raw_tag.decode("ascii", errors="replace")
+        if tag not in SECTION_ORDER:
+            raise BitstreamError(f"unknown section {raw_tag!r}")
+        if tag in sections or any(SECTION_ORDER.index(t) > SECTION_ORDER.index(tag)
+                                  for t in sections):
+            raise BitstreamError(f"section {tag} repeated or out of order")
+        if length > len(body) - pos:
+            raise BitstreamError(f"section {tag} claims {length} bytes, only "
+                                 f"{len(body) - pos} remain")
+        sections[tag] = body[pos:pos + length]
+        pos += length
+    missing = [t for t in REQUIRED_SECTIONS if t not in sections]
+    if missing:
+        raise BitstreamError(f"missing section(s) {', '.join(missing)}")
+    return Bitstream(header, sections)
+
+
+def pack_alpha(alpha: bytes) -> bytes:
+    return zlib.compress(alpha, 9)
+
+
+def unpack_alpha(payload: bytes, width: int, height: int) -> bytes:
+    """Inflate the alpha plane, never beyond width*height bytes."""
+    expected = width * height
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(payload, expected + 1)
+    except zlib.error as exc:
+        raise BitstreamError(f"corrupt alpha section: {exc}") from exc
+    if len(out) != expected or not d.eof or d.unconsumed_tail:
+        raise BitstreamError(f"corrupt alpha section: expected {expected} bytes of alpha")
+    return out

@@ -1,0 +1,210 @@
+"""Frozen coding state: exact integer hyper-synthesis and the probability tables.
+
+Why this exists (DESIGN.md, decision 1): a learned codec breaks when encoder and decoder
+compute the entropy-model parameters with floats that differ in the last bits (CPU vs GPU,
+thread counts, kernels) and so pick different probability tables. Here the decoder never
+picks a table from a float:
+
+* h_s is re-evaluated at coding time in **exact integer arithmetic**: its weights are frozen
+  as fixed-point integers (KW fractional bits), activations are requantized to KA fractional
+  bits with an integer rounding shift after every layer and clamped to a bound, and every
+  accumulator is proven at export to stay below 2^52. Convolutions run in float64 on integer
+  values, which is exact whatever the summation order, so every device gets the same bits.
+* The scale index of each y element is found by integer comparison of the fixed-point scale
+  with fixed-point thresholds; the mean mu is the exact fixed-point value.
+* All probability tables (one zero-mean discretized Gaussian per scale index, one table per
+  z channel) are computed once at export and stored in the model file.
+
+Float h_s stays what training and SGA differentiate; the two agree to about 2^-16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codec.entropy_models import SCALE_BOUND, gaussian_pmf
+
+KW = 16  # fractional bits of the frozen h_s weights
+KA = 16  # fractional bits of h_s activations
+ACT_LIMIT = 1 << (KA + 10)  # hidden activations are clamped to |a| <= 1024
+LATENT_LIMIT = (1 << 15) - 1  # |k| and |z_hat| bound; escaped values are coded in 16 bits
+NUM_SCALES = 128
+SCALE_MAX = 256.0
+TAIL_SIGMAS = 8.0  # a y table covers k in [-ceil(8 sigma), ceil(8 sigma)], then an escape bin
+Z_TAIL_MASS = 1e-9
+Z_SUPPORT = 1024
+_EXACT_LIMIT = 1 << 52
+
+
+def scale_table() -> np.ndarray:
+    return np.exp(np.linspace(math.log(SCALE_BOUND), math.log(SCALE_MAX), NUM_SCALES))
+
+
+@dataclass
+class HsLayer:
+    weight: torch.Tensor  # int64, fixed point with KW fractional bits
+    bias: torch.Tensor  # int64, fixed point with KW + in_frac fractional bits
+    transposed: bool
+    stride: int
+    padding: int
+    output_padding: int
+    in_frac: int  # fractional bits of this layer's input (0 for the integer z_hat)
+    relu: bool
+
+
+@dataclass
+class CodingTables:
+    """Everything the entropy coder needs; stored in the model file as tensors."""
+
+    hs: list[HsLayer]
+    y_thresholds: np.ndarray  # int64 (NUM_SCALES - 1,), fixed point KA
+    y_pmfs: list[np.ndarray]  # float64, per scale index, last entry = escape
+    z_pmfs: list[np.ndarray]  # float64, per channel, last entry = escape
+    z_lo: np.ndarray  # int64 (C,), value of each z table's first symbol
+
+    # -- (de)serialization: flat dict of tensors so torch.load(weights_only=True) reads it
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.hs):
+            out[f"hs.{i}.weight"] = layer.weight
+            out[f"hs.{i}.bias"] = layer.bias
+            out[f"hs.{i}.meta"] = torch.tensor(
+                [layer.transposed, layer.stride, layer.padding, layer.output_padding,
+                 layer.in_frac, layer.relu], dtype=torch.int64)
+        out["y.thresholds"] = torch.from_numpy(self.y_thresholds)
+        out["y.pmfs"], out["y.offsets"] = _pack(self.y_pmfs)
+        out["z.pmfs"], out["z.offsets"] = _pack(self.z_pmfs)
+        out["z.lo"] = torch.from_numpy(self.z_lo)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, s: dict[str, torch.Tensor]) -> CodingTables:
+        hs, i = [], 0
+        while f"hs.{i}.weight" in s:
+            t, st, p, op, fr, relu = (int(v) for v in s[f"hs.{i}.meta"])
+            hs.append(HsLayer(s[f"hs.{i}.weight"], s[f"hs.{i}.bias"], bool(t), st, p, op, fr,
+                              bool(relu)))
+            i += 1
+        return cls(hs, s["y.thresholds"].numpy(), _unpack(s["y.pmfs"], s["y.offsets"]),
+                   _unpack(s["z.pmfs"], s["z.offsets"]), s["z.lo"].numpy())
+
+    @property
+    def y_radius(self) -> np.ndarray:
+        return np.array([(len(p) - 2) // 2 for p in self.y_pmfs], np.int64)
+
+
+def _pack(tables: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = np.cumsum([0] + [len(t) for t in tables]).astype(np.int64)
+    return torch.from_numpy(np.concatenate(tables)), torch.from_numpy(offsets)
+
+
+def _unpack(flat: torch.Tensor, offsets: torch.Tensor) -> list[np.ndarray]:
+    f, o = flat.numpy(), offsets.numpy()
+    return [f[o[i]:o[i + 1]].copy() for i in range(len(o) - 1)]
+
+
+# ---------------------------------------------------------------------------- freezing
+
+
+def _layers_of(h_s: nn.Sequential) -> list[tuple[nn.Module, bool]]:
+    mods = list(h_s)
+    out = []
+    for i, m in enumerate(mods):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            relu = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU)
+            out.append((m, relu))
+        elif not isinstance(m, nn.ReLU):
+            raise TypeError(f"h_s layer {m} has no exact integer form")
+    return out
+
+
+def freeze_hyper_synthesis(h_s: nn.Sequential) -> list[HsLayer]:
+    """Fixed-point copy of h_s, with a proof that no accumulator leaves the exact range."""
+    layers, in_frac, bound_in = [], 0, LATENT_LIMIT
+    for m, relu in _layers_of(h_s):
+        w = m.weight.detach().double().cpu()
+        b = m.bias.detach().double().cpu()
+        w_int = torch.round(w * 2.0**KW).to(torch.int64)
+        b_int = torch.round(b * 2.0 ** (KW + in_frac)).to(torch.int64)
+        transposed = isinstance(m, nn.ConvTranspose2d)
+        l1 = w_int.abs().sum(dim=(0, 2, 3) if transposed else (1, 2, 3))
+        bound_acc = int((l1 * bound_in + b_int.abs()).max())
+        if bound_acc >= _EXACT_LIMIT:
+            raise ValueError(f"h_s layer {m}: accumulator bound 2^{math.log2(bound_acc):.1f} "
+                             "exceeds 2^52; exact integer evaluation is not possible")
+        layers.append(HsLayer(w_int, b_int, transposed, m.stride[0], m.padding[0],
+                              m.output_padding[0] if transposed else 0, in_frac, relu))
+        shift = KW + in_frac - KA
+        bound_in = ACT_LIMIT if relu else (bound_acc >> max(shift, 0)) + 1
+        in_frac = KA
+    return layers
+
+
+def freeze_y_tables() -> tuple[np.ndarray, list[np.ndarray]]:
+    scales = scale_table()
+    thresholds = np.floor(np.sqrt(scales[:-1] * scales[1:]) * 2.0**KA).astype(np.int64)
+    pmfs = []
+    for s in scales:
+        radius = max(1, math.ceil(TAIL_SIGMAS * s))
+        pmf = gaussian_pmf(float(s), radius)
+        pmfs.append(np.append(pmf, max(1.0 - pmf.sum(), 0.0)))
+    return thresholds, pmfs
+
+
+def freeze_z_tables(pmf: np.ndarray, k: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Trim each channel's pmf over integers k to where it has mass, plus an escape bin."""
+    tables, lo = [], []
+    for p in pmf:
+        cdf = np.cumsum(p)
+        first = int(np.searchsorted(cdf, Z_TAIL_MASS / 2))
+        last = int(np.searchsorted(cdf, cdf[-1] - Z_TAIL_MASS / 2))
+        first, last = min(first, len(k) // 2), max(last, len(k) // 2)  # always cover 0
+        body = p[first:last + 1]
+        tables.append(np.append(body, max(1.0 - body.sum(), 0.0)))
+        lo.append(int(k[first]))
+    return tables, np.array(lo, np.int64)
+
+
+@torch.no_grad()
+def freeze(model) -> CodingTables:
+    """The `update()` step: integer tables from a trained float model (run once, at export)."""
+    thresholds, y_pmfs = freeze_y_tables()
+    z_pmfs, z_lo = freeze_z_tables(*model.p_z.pmf_table(Z_SUPPORT))
+    return CodingTables(freeze_hyper_synthesis(model.h_s), thresholds, y_pmfs, z_pmfs, z_lo)
+
+
+# ---------------------------------------------------------------- exact hyper-synthesis
+
+
+@torch.no_grad()
+def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, scale_index) of p(y | z_hat) for integer z_hat (B, C, h, w); bit-exact everywhere.
+
+    Runs on the CPU in float64 over integer values; mu is float64 (B, M, H, W), the scale
+    index int64 of the same shape.
+    """
+    a = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64)).double()
+    out = None
+    for layer in tables.hs:
+        w = layer.weight.double()
+        if layer.transposed:
+            acc = F.conv_transpose2d(a, w, None, layer.stride, layer.padding,
+                                     layer.output_padding)
+        else:
+            acc = F.conv2d(a, w, None, layer.stride, layer.padding)
+        acc = acc.to(torch.int64) + layer.bias.view(1, -1, 1, 1)
+        shift = KW + layer.in_frac - KA
+        out = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc << -shift
+        if layer.relu:
+            out = out.clamp(0, ACT_LIMIT)
+        a = out.double()
+    sigma_int, mu_int = out.chunk(2, dim=1)
+    index = np.searchsorted(tables.y_thresholds, sigma_int.numpy(), side="right")
+    return mu_int.double().numpy() / 2.0**KA, index.astype(np.int64)

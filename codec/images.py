@@ -1,0 +1,680 @@
+"""Image input/output policy: what sgarc does to an input file before coding it, and back.
+
+The codec codes 8-bit RGB pixels. :func:`load_image` turns any image file (or its bytes) into
+an upright ``uint8`` RGB array plus an optional ``uint8`` alpha plane, and records in a
+:class:`SourceInfo` what it did, so that decoding can give back what was put in. Nothing is
+changed silently: every lossy step either raises :class:`~codec.errors.ImageError` by default
+or was asked for by the caller.
+
+Policy
+------
+
+Opening and size limit
+    The file is opened lazily with Pillow and its declared ``width * height`` is checked
+    *before* any pixel is decoded. Above ``max_pixels`` (default ``DEFAULT_MAX_PIXELS`` =
+    100,000,000, so 24 MP photos pass) it raises ImageError("image is WxH = N pixels, above the
+    limit of M pixels (decompression-bomb guard); pass a larger max_pixels / --max-pixels if
+    this image is genuine"). Pillow's own decompression-bomb check is switched off while sgarc
+    decodes (``Image.MAX_IMAGE_PIXELS = None``) so that this limit is the only one, and
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced to False so that truncated files are always
+    refused. Both globals are set under a module lock and restored afterwards: decodes through
+    this module are serialized within one process, and the previous values always come back.
+
+Unreadable input
+    An empty (0-byte) file, data that is no image format Pillow knows, a corrupt header and
+    truncated or corrupt pixel data all raise ImageError naming the problem ("file is empty",
+    "cannot identify image file", "image data is truncated or corrupt", ...). A path that
+    cannot be read raises ImageError too. No Pillow error or OSError escapes, only MemoryError.
+    EPS is refused (decoding it would run Ghostscript on the input). Animated or multi-page
+    files (more than one frame) are refused, since coding only the first frame would lose the
+    rest; MPO (the JPEG variant many cameras write) is the exception: its first frame is the
+    photo and the others are previews or depth maps, so the first frame is coded.
+
+Orientation
+    The EXIF orientation tag (0x0112) is applied, as ``PIL.ImageOps.exif_transpose`` would,
+    so pixels are stored upright; ``SourceInfo.orientation`` records the source's tag value.
+    A missing, unreadable or out-of-range (not 1..8) tag counts as 1 and nothing is rotated.
+    ``width`` and ``height`` are those of the upright image. Other metadata (EXIF, ICC
+    profiles, XMP, text chunks) is neither applied nor carried: pixel values are coded as
+    stored (colour management is a later issue).
+
+Modes (``SourceInfo.mode`` records Pillow's mode of the source)
+    - ``RGB``: as is. ``RGBX``: the padding byte is dropped.
+    - ``1``, ``L``: grayscale; ``rgb`` is the gray plane replicated to 3 channels and
+      ``color`` is ``"L"``, so decoding gives back a grayscale image (``1`` becomes 0/255).
+    - ``P``: converted to RGB (to RGBA when it has transparency, then the alpha policy
+      applies); ``color`` is ``"RGB"`` even when the palette is all gray.
+    - ``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``: alpha policy below (premultiplied ``RGBa`` /
+      ``La`` are un-premultiplied by Pillow first); ``LA`` and ``La`` are grayscale.
+    - ``L`` or ``RGB`` with a PNG ``tRNS`` colour key: converted to ``LA`` / ``RGBA`` by
+      Pillow (alpha 0 where the key matches), then the alpha policy applies.
+    - ``CMYK``: converted to RGB with Pillow's naive formula (R = 255 - C - K, ...); ICC-managed
+      conversion is a later issue. ``YCbCr``, ``LAB``, ``HSV``: converted to RGB by Pillow.
+    - ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I`` and ``F`` (more than 8 bits per
+      sample): depth policy below; they are single-channel, so ``color`` is ``"L"``. A 16-bit
+      gray ``tRNS`` key becomes an alpha plane (0 where the key matches).
+    - 16-bit RGB, RGBA and gray+alpha PNGs, which Pillow opens as ``RGB`` / ``RGBA`` after
+      silently keeping only the high byte of each sample, are detected from the PNG header
+      (IHDR bit depth 16) and go through the depth policy too. With ``depth="reduce"`` their
+      full 16-bit samples are decoded (high and low bytes, by decoding the data twice) and
+      rounded as below; a 16-bit gray+alpha PNG has ``color`` ``"L"``. The same holds for
+      uncompressed 16-bit RGB(A) TIFFs. Other files whose samples Pillow reduces to 8 bits
+      itself (compressed 16-bit TIFF, SGI, 16-bit CMYK, PPM with maxval > 255) are detected
+      from Pillow's raw mode and follow the depth policy as well, but ``depth="reduce"``
+      keeps Pillow's own 8-bit values, which may differ from rounding by one level.
+    - Any other mode raises ImageError naming it.
+
+Alpha policy (``alpha=``)
+    An alpha plane that is fully opaque (all 255) is always dropped, losslessly
+    (``has_alpha`` False), whatever the policy. Otherwise:
+    ``"keep"`` (default) carries the alpha plane losslessly beside the pixels (``alpha`` is
+    returned, ``has_alpha`` True; colour values under alpha 0 are kept as stored);
+    ``"flatten"`` composites over white, ``c' = round((c*a + 255*(255 - a)) / 255)``, and drops
+    the alpha on purpose; ``"error"`` raises ImageError("image has an alpha channel; pass
+    alpha='keep' or 'flatten'"). Any other value raises ValueError.
+
+Depth policy (``depth=``)
+    ``"error"`` (default) raises ImageError("image has 16-bit samples; sgarc codes 8-bit: pass
+    depth='reduce' (--depth reduce) to accept the reduction") for any source with more than
+    8 bits per sample. ``"reduce"`` scales to 8 bits by rounding and records ``bit_depth``
+    16: a 16-bit sample v becomes ``(v*255 + 32767) // 65535`` (that is, round(v / 257));
+    ``I`` (32-bit int) samples are clipped to 0..65535 first and treated as 16-bit (Pillow
+    already scales PGM files with other maxvals to that range); ``F`` (32-bit float) samples
+    are taken on the 0..255 scale (the scale Pillow's own F-to-L conversion assumes):
+    clipped to [0, 255], rounded half up, NaN becoming 0. A 16-bit alpha plane is reduced the same way
+    before the alpha policy looks at it. Any other value raises ValueError.
+
+Output
+    :func:`to_pil` is the inverse mapping for decode: ``color "RGB"`` gives mode RGB (RGBA
+    with alpha); ``color "L"`` gives mode L holding the mean of the three channels rounded to
+    the nearest integer, ``(r + g + b + 1) // 3`` (LA with alpha). :func:`save_image` writes
+    atomically: a temporary file in the destination's directory, flushed and fsynced, then
+    ``os.replace``; the format comes from the extension unless given.
+
+Sizes from 1x1 up are supported; :func:`pad_to_multiple` and :func:`crop` let the model see
+sizes that are multiples of its downsampling factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from codec.errors import ImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "PreparedImage",
+    "SourceInfo",
+    "crop",
+    "load_image",
+    "pad_to_multiple",
+    "save_image",
+    "to_pil",
+]
+
+DEFAULT_MAX_PIXELS = 100_000_000  # decompression-bomb limit; 24 MP photos must pass
+
+ALPHA_POLICIES = ("keep", "flatten", "error")
+DEPTH_POLICIES = ("error", "reduce")
+
+_ALPHA_ERROR = "image has an alpha channel; pass alpha='keep' or 'flatten'"
+_DEPTH_ERROR = (
+    "image has 16-bit samples; sgarc codes 8-bit: pass depth='reduce' (--depth reduce) "
+    "to accept the reduction"
+)
+
+_GRAY_MODES = frozenset({"1", "L"})
+_RGB_MODES = frozenset({"RGB", "RGBX"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_CONVERTED_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_SUPPORTED_MODES = (
+    _GRAY_MODES | _RGB_MODES | _ALPHA_MODES | _CONVERTED_MODES | _HIGH_DEPTH_MODES | {"P"}
+)
+
+# Pillow raw modes that unpack 16-bit samples into an 8-bit image mode (keeping the high byte).
+# "BGR;16" and friends are not here: they are 16 bits per *pixel* (5-6-5), i.e. 8-bit data.
+_HIDDEN_16_PREFIXES = frozenset({"L", "LA", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr"})
+# Raw modes whose byte-order twin, applied to the same data, yields the low byte of each sample.
+_LOW_BYTE_TWIN = {
+    "RGB;16B": "RGB;16L",
+    "RGB;16L": "RGB;16B",
+    "RGBA;16B": "RGBA;16L",
+    "RGBA;16L": "RGBA;16B",
+    "RGBX;16B": "RGBX;16L",
+    "RGBX;16L": "RGBX;16B",
+}
+# Decoders whose args start with the raw mode and that unpack through Pillow's unpackers.
+_TWIN_DECODERS = frozenset({"zip", "raw"})
+
+# EXIF orientation -> array transform giving the upright image (same as exif_transpose).
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, k=-1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, k=1),
+}
+_EXIF_ORIENTATION = 0x0112
+
+_PILLOW_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the source was and what load_image did to it, so decode can give it back."""
+
+    width: int  # after EXIF orientation is applied (pixels stored upright)
+    height: int
+    mode: str  # the source's Pillow mode, e.g. "RGB", "L", "P", "RGBA", "CMYK", "I;16"
+    format: str | None  # Pillow's format name, e.g. "JPEG", "PNG"
+    orientation: int  # EXIF orientation tag value of the source (1..8; 1 when absent)
+    color: str  # "RGB" or "L": what decode gives back (grayscale stays grayscale)
+    bit_depth: int  # 8, or 16 when the source had >8-bit samples and depth="reduce" was passed
+    has_alpha: bool  # True when an alpha plane is carried (alpha="keep")
+
+
+@dataclass
+class PreparedImage:
+    """The codec's input: upright 8-bit RGB pixels, an optional alpha plane, and provenance."""
+
+    rgb: np.ndarray  # uint8 (H, W, 3), upright
+    alpha: np.ndarray | None  # uint8 (H, W) when kept, else None
+    info: SourceInfo
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    alpha: str = "keep",
+    depth: str = "error",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedImage:
+    """Read an image file (path or bytes) into upright 8-bit RGB following the module policy.
+
+    Raises ImageError for anything the policy refuses (too large, unreadable, alpha or depth
+    that needs the caller's consent); ValueError for an unknown ``alpha`` / ``depth`` value.
+    """
+    if alpha not in ALPHA_POLICIES:
+        raise ValueError(f"alpha must be one of {ALPHA_POLICIES}, not {alpha!r}")
+    if depth not in DEPTH_POLICIES:
+        raise ValueError(f"depth must be one of {DEPTH_POLICIES}, not {depth!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, not {max_pixels!r}")
+
+    opener, name = _make_opener(source)
+    with _pillow_globals(), _open(opener, name) as (im, fp):
+        return _prepare(im, fp, opener, name, alpha=alpha, depth=depth, max_pixels=max_pixels)
+
+
+def _make_opener(source: Any) -> tuple[Callable[[], IO[bytes]], str]:
+    """Return a function giving a fresh binary stream of the source, and a name for messages."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return (lambda: io.BytesIO(data)), "<bytes>"
+    if isinstance(source, str | os.PathLike):
+        path = os.fspath(source)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        return (lambda: open(path, "rb")), path  # closed by the caller
+    raise TypeError(f"source must be a path or bytes, not {type(source).__name__}")
+
+
+@contextlib.contextmanager
+def _pillow_globals() -> Iterator[None]:
+    """Make our max_pixels the only size limit and refuse truncated data; restore afterwards."""
+    with _PILLOW_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS = None
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+@contextlib.contextmanager
+def _open(opener: Callable[[], IO[bytes]], name: str) -> Iterator[tuple[Image.Image, IO[bytes]]]:
+    """Open the source lazily (header only), converting every failure into ImageError."""
+    try:
+        fp = opener()
+    except OSError as e:
+        raise ImageError(f"cannot read {name}: {e.strerror or e}") from e
+    try:
+        try:
+            empty = fp.seek(0, os.SEEK_END) == 0
+            fp.seek(0)
+        except OSError as e:
+            raise ImageError(f"cannot read {name}: {e.strerror or e}") from e
+        if empty:
+            raise ImageError(f"cannot read {name}: file is empty (0 bytes)")
+        try:
+            im = Image.open(fp)
+        except UnidentifiedImageError as e:
+            raise ImageError(
+                f"cannot identify image file {name}: not an image in a format Pillow can read, "
+                "or its header is corrupt"
+            ) from e
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise ImageError(f"cannot read image header of {name}: {_describe(e)}") from e
+        with im:
+            yield im, fp
+    finally:
+        fp.close()
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _pillow_call(name: str, what: str, fn: Callable[[], Any]) -> Any:
+    """Run a Pillow call that decodes pixels; any failure becomes an ImageError."""
+    try:
+        return fn()
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:
+        text = str(e).lower()
+        kind = "truncated" if ("truncat" in text or isinstance(e, EOFError)) else "corrupt"
+        raise ImageError(f"cannot {what} {name}: image data is {kind} ({_describe(e)})") from e
+
+
+def _prepare(
+    im: Image.Image,
+    fp: IO[bytes],
+    opener: Callable[[], IO[bytes]],
+    name: str,
+    *,
+    alpha: str,
+    depth: str,
+    max_pixels: int,
+) -> PreparedImage:
+    width, height = im.size
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {pixels} pixels, above the limit of {max_pixels} "
+            "pixels (decompression-bomb guard); pass a larger max_pixels / --max-pixels if "
+            "this image is genuine"
+        )
+    if pixels == 0:
+        raise ImageError(f"cannot read {name}: image is {width}x{height}, it has no pixels")
+    fmt = im.format
+    mode = im.mode
+    if fmt == "EPS":
+        raise ImageError(
+            f"cannot read {name}: EPS is not supported (decoding it runs Ghostscript); "
+            "convert it to PNG first"
+        )
+    n_frames = _pillow_call(name, "read", lambda: getattr(im, "n_frames", 1))
+    if n_frames > 1 and fmt != "MPO":
+        raise ImageError(
+            f"cannot code {name}: it has {n_frames} frames (animated or multi-page); sgarc "
+            "codes a single still image: extract the frame you want first"
+        )
+    if mode not in _SUPPORTED_MODES:
+        raise ImageError(
+            f"cannot code {name}: unsupported image mode {mode!r} (sgarc reads 1, L, P, RGB, "
+            "RGBA, LA, PA, CMYK, YCbCr, LAB, HSV and 16-bit / 32-bit single-channel images)"
+        )
+    hidden_16 = mode not in _HIGH_DEPTH_MODES and _has_hidden_high_depth(im, fp)
+    high_depth = mode in _HIGH_DEPTH_MODES or hidden_16
+    if high_depth and depth == "error":
+        raise ImageError(_DEPTH_ERROR)
+
+    tiles = list(im.tile)  # Pillow clears im.tile once the pixels are loaded
+    _pillow_call(name, "decode", im.load)
+    orientation = _orientation(im)
+
+    color, planes, alpha_plane = None, None, None
+    if hidden_16:
+        wide = _decode_wide(im, tiles, opener, name)
+        if wide is not None:
+            color, planes, alpha_plane = wide
+    if planes is None:
+        color, planes, alpha_plane = _to_planes(im, name)
+
+    if alpha_plane is not None and bool(np.all(alpha_plane == 255)):
+        alpha_plane = None  # fully opaque: dropping it loses nothing
+    if alpha_plane is not None:
+        if alpha == "error":
+            raise ImageError(_ALPHA_ERROR)
+        if alpha == "flatten":
+            planes = _flatten_over_white(planes, alpha_plane)
+            alpha_plane = None
+
+    transform = _ORIENT[orientation]
+    planes = np.ascontiguousarray(transform(planes))
+    if alpha_plane is not None:
+        alpha_plane = np.ascontiguousarray(transform(alpha_plane))
+    rgb = planes if planes.ndim == 3 else np.repeat(planes[:, :, None], 3, axis=2)
+
+    info = SourceInfo(
+        width=int(rgb.shape[1]),
+        height=int(rgb.shape[0]),
+        mode=mode,
+        format=fmt,
+        orientation=orientation,
+        color=color,
+        bit_depth=16 if high_depth else 8,
+        has_alpha=alpha_plane is not None,
+    )
+    return PreparedImage(rgb=rgb, alpha=alpha_plane, info=info)
+
+
+# Pillow tiles are (codec_name, extents, offset, args); a NamedTuple in recent Pillow, a plain
+# tuple in older versions, so they are indexed rather than accessed by name.
+
+
+def _tile_rawmode(tile: Any) -> str | None:
+    args = tile[3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _has_hidden_high_depth(im: Image.Image, fp: IO[bytes]) -> bool:
+    """True when Pillow opened >8-bit samples as an 8-bit mode (it keeps only 8 bits)."""
+    if im.format == "PNG":
+        head = _read_head(fp, 26)
+        # signature (8) + chunk length (4) + b"IHDR" (4) + width (4) + height (4) + bit depth
+        if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16:
+            return True
+    for tile in im.tile:
+        rawmode = _tile_rawmode(tile)
+        if rawmode and ";" in rawmode:
+            prefix, _, suffix = rawmode.partition(";")
+            if prefix in _HIDDEN_16_PREFIXES and suffix in ("16", "16B", "16L", "16N"):
+                return True
+        codec_name, args = tile[0], tile[3]
+        if (
+            codec_name in ("ppm", "ppm_plain")
+            and isinstance(args, tuple)
+            and len(args) >= 2
+            and isinstance(args[1], int)
+            and args[1] > 255
+        ):
+            return True  # PPM/PGM with maxval > 255 opened as 8-bit RGB
+    return False
+
+
+def _read_head(fp: IO[bytes], n: int) -> bytes:
+    pos = fp.tell()
+    try:
+        fp.seek(0)
+        return fp.read(n)
+    finally:
+        fp.seek(pos)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # an unreadable EXIF block is treated as absent
+        return 1
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 8:
+        return value
+    return 1
+
+
+def _reduce16(v: np.ndarray) -> np.ndarray:
+    """Round 16-bit samples to 8 bits: (v*255 + 32767) // 65535."""
+    w = v.astype(np.uint32)
+    w *= 255
+    w += 32767
+    w //= 65535
+    return w.astype(np.uint8)
+
+
+def _key_alpha(values: np.ndarray, key: Any) -> np.ndarray | None:
+    """Alpha plane (0 where the colour key matches, else 255) for a tRNS colour key."""
+    if isinstance(key, int) and values.ndim == 2:
+        match = values == key
+    elif isinstance(key, tuple) and values.ndim == 3 and len(key) == values.shape[2]:
+        match = np.all(values == np.asarray(key, dtype=values.dtype), axis=2)
+    else:
+        return None
+    return np.where(match, 0, 255).astype(np.uint8)
+
+
+def _decode_twin(
+    im: Image.Image,
+    tiles: list[Any],
+    opener: Callable[[], IO[bytes]],
+    name: str,
+    rawmodes: dict[str, str],
+) -> np.ndarray | None:
+    """Decode the source again with each tile's raw mode replaced; None if that is impossible."""
+    new_tiles = []
+    for tile in tiles:
+        rawmode = _tile_rawmode(tile)
+        if tile[0] not in _TWIN_DECODERS or rawmode not in rawmodes:
+            return None
+        args = tile[3]
+        new_args = rawmodes[rawmode] if isinstance(args, str) else (rawmodes[rawmode], *args[1:])
+        new_tiles.append(
+            type(tile)(*tile[:3], new_args) if hasattr(tile, "_fields") else (*tile[:3], new_args)
+        )
+    if not new_tiles:
+        return None
+
+    def decode() -> np.ndarray:
+        with opener() as fp2, Image.open(fp2) as im2:
+            if im2.size != im.size or im2.mode != im.mode or len(im2.tile) != len(new_tiles):
+                raise ImageError(f"cannot decode {name}: file changed while it was being read")
+            im2.tile = new_tiles
+            im2.load()
+            return np.asarray(im2)
+
+    return _pillow_call(name, "decode", decode)
+
+
+def _decode_wide(
+    im: Image.Image, tiles: list[Any], opener: Callable[[], IO[bytes]], name: str
+) -> tuple[str, np.ndarray, np.ndarray | None] | None:
+    """Full-precision decode of 16-bit samples Pillow opened as 8-bit, reduced by rounding.
+
+    Returns (color, planes, alpha) like _to_planes, or None when only Pillow's 8-bit values
+    can be had (the caller then uses those).
+    """
+    rawmodes = {_tile_rawmode(t) for t in tiles}
+    if rawmodes == {"LA;16B"} and im.mode == "RGBA":
+        # 16-bit gray+alpha PNG: the 8-bit RGBA raw mode hands over all four bytes of a pixel.
+        raw = _decode_twin(im, tiles, opener, name, {"LA;16B": "RGBA"})
+        if raw is None:
+            return None
+        raw = raw.astype(np.uint16)
+        gray = (raw[:, :, 0] << 8) | raw[:, :, 1]
+        alpha16 = (raw[:, :, 2] << 8) | raw[:, :, 3]
+        return "L", _reduce16(gray), _reduce16(alpha16)
+    if len(rawmodes) != 1 or next(iter(rawmodes)) not in _LOW_BYTE_TWIN:
+        return None
+    low = _decode_twin(im, tiles, opener, name, _LOW_BYTE_TWIN)
+    if low is None:
+        return None
+    high = np.asarray(im)
+    wide = (high.astype(np.uint16) << 8) | low
+    color_planes, alpha16 = wide[:, :, :3], (wide[:, :, 3] if im.mode == "RGBA" else None)
+    if alpha16 is None and "transparency" in im.info:
+        return "RGB", _reduce16(color_planes), _key_alpha(color_planes, im.info["transparency"])
+    return "RGB", _reduce16(color_planes), None if alpha16 is None else _reduce16(alpha16)
+
+
+def _to_planes(im: Image.Image, name: str) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """Map a loaded image to (color, planes, alpha): planes uint8 (H, W) gray or (H, W, 3)."""
+    mode = im.mode
+    keyed = "transparency" in im.info
+
+    def convert(to: str) -> Image.Image:
+        return _pillow_call(name, "convert", lambda: im.convert(to))
+
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(im)
+        wide = np.clip(values, 0, 65535).astype(np.uint16) if mode == "I" else values
+        key_alpha = _key_alpha(values, im.info["transparency"]) if keyed else None
+        return "L", _reduce16(wide), key_alpha
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0)
+        return "L", np.floor(np.clip(values, 0.0, 255.0) + 0.5).astype(np.uint8), None
+    if mode in _GRAY_MODES:
+        if keyed:
+            la = np.asarray(convert("LA"))
+            return "L", la[:, :, 0], la[:, :, 1]
+        return "L", np.asarray(im if mode == "L" else convert("L")), None
+    if mode in ("LA", "La"):
+        la = np.asarray(im if mode == "LA" else convert("LA"))
+        return "L", la[:, :, 0], la[:, :, 1]
+    if mode in ("RGBA", "RGBa", "PA") or (mode in ("P", "RGB") and keyed):
+        rgba = np.asarray(im if mode == "RGBA" else convert("RGBA"))
+        return "RGB", rgba[:, :, :3], rgba[:, :, 3]
+    if mode == "RGB":
+        return "RGB", np.asarray(im), None
+    # P, RGBX, CMYK, YCbCr, LAB, HSV
+    return "RGB", np.asarray(convert("RGB")), None
+
+
+def _flatten_over_white(planes: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite over white: round((c*a + 255*(255 - a)) / 255), in integers."""
+    a = alpha.astype(np.uint32)
+    if planes.ndim == 3:
+        a = a[:, :, None]
+    out = planes.astype(np.uint32) * a + 255 * (255 - a) + 127
+    return (out // 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_pil(rgb: np.ndarray, color: str = "RGB", alpha: np.ndarray | None = None) -> Image.Image:
+    """Turn decoded pixels back into the image the source was: RGB/RGBA or L/LA.
+
+    For ``color="L"`` the gray value is the rounded mean of the three channels,
+    ``(r + g + b + 1) // 3``, so a gray source comes back exactly.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if alpha is not None:
+        alpha = np.asarray(alpha)
+        if alpha.dtype != np.uint8 or alpha.shape != rgb.shape[:2]:
+            raise ValueError(
+                f"alpha must be uint8 {rgb.shape[:2]}, got {alpha.dtype} {alpha.shape}"
+            )
+    if color == "L":
+        plane = ((rgb.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
+        arr = plane if alpha is None else np.dstack([plane, alpha])
+    elif color == "RGB":
+        arr = rgb if alpha is None else np.dstack([rgb, alpha])
+    else:
+        raise ValueError(f"color must be 'RGB' or 'L', not {color!r}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _format_for(path: str, fmt: str | None) -> str:
+    Image.init()
+    if fmt is None:
+        ext = os.path.splitext(path)[1].lower()
+        fmt = Image.registered_extensions().get(ext)
+        if fmt is None:
+            raise ImageError(
+                f"cannot tell the image format from the name {path!r}; use an extension such "
+                "as .png, .jpg or .webp, or pass a format"
+            )
+    fmt = fmt.upper()
+    if fmt not in Image.SAVE:
+        raise ImageError(f"cannot write image format {fmt!r}: Pillow has no writer for it")
+    return fmt
+
+
+def save_image(
+    img: Image.Image, path: str | os.PathLike[str], format: str | None = None, **params: Any
+) -> None:
+    """Write ``img`` atomically: a reader sees the old file or the complete new one, never half.
+
+    The format comes from the extension unless ``format`` is given; ``params`` go to Pillow's
+    ``save`` (e.g. ``quality``). The temporary file lives in the destination's directory, is
+    fsynced, and is then renamed over ``path``; it is removed if anything fails.
+    """
+    path = os.fspath(path)
+    fmt = _format_for(path, format)
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open()
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                img.save(f, format=fmt, **params)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                if isinstance(e, OSError) and e.errno is not None:
+                    raise  # a real I/O failure (disk full, ...), not an encoder refusal
+                raise ImageError(
+                    f"cannot write a mode {img.mode} image as {fmt}: {_describe(e)}"
+                ) from e
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad (H, W[, C]) at the bottom/right by edge replication so H and W divide ``multiple``.
+
+    The model downsamples by a fixed factor; replicated edges cost fewer bits than zeros.
+    Returns ``x`` itself when no padding is needed.
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, not {multiple!r}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {x.shape}")
+    h, w = x.shape[:2]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, ph), (0, pw)) + ((0, 0),) * (x.ndim - 2), mode="edge")
+
+
+def crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Inverse of pad_to_multiple: the top-left ``height`` x ``width`` region (a view)."""
+    if not (0 < height <= x.shape[0] and 0 < width <= x.shape[1]):
+        raise ValueError(f"cannot crop shape {x.shape} to {height}x{width}")
+    return x[:height, :width]

@@ -1,0 +1,209 @@
+"""Inference: from an image to integer latents (k = y_hat - mu, z_hat).
+
+* `amortized`: one pass of the encoder networks, then rounding (paper Eq. 1).
+* `sga`: hybrid amortized-iterative inference with Stochastic Gumbel Annealing (paper 3.1,
+  3.2, S3): Adam on the continuous proxies (y, z), initialized by the encoder, minimizing
+  the expected RD loss under tempered stochastic rounding, tau(t) = min(tau0,
+  tau0 * exp(-c (t - t0))). Both y and z are refined.
+* Ablations A1-A4 of the paper: `map` (rounding ignored), `ste` (straight-through rounding),
+  `uniform-noise` (Eq. 3 at compression time), `deterministic-annealing` (expectation
+  pushed inside the loss).
+
+Every iterative method evaluates the *true* RD loss of the hard-rounded latents as it goes
+and returns the best it saw; the amortized start is the first candidate, so the result is
+never worse than amortized inference. The RD loss per image is
+bits / (original pixels) + lmbda * 255^2 * MSE over the original pixels only (padding
+excluded). Images in a batch share a padded size; the loss is a sum of per-image terms and
+Adam is elementwise, so batching changes nothing but speed.
+
+Lattice: y_hat = mu(z_hat) + k with integer k (see codec.model), so the methods round
+y - mu; z_hat is rounded to integers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from codec.model import MeanScaleHyperprior
+
+METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-annealing")
+_DEFAULT_LR = {"ste": 1e-4}  # paper S3: STE needed a tiny learning rate
+
+
+@dataclass
+class InferenceConfig:
+    method: str = "sga"
+    iterations: int = 2000
+    lr: float | None = None  # None: 5e-3 (1e-4 for ste), the paper's values
+    tau0: float = 0.5
+    c: float = 1e-3
+    t0: int = 700
+    eval_every: int = 1  # how often the true (hard-rounded) loss is evaluated
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.iterations < 0 or self.eval_every < 1:
+            raise ValueError("iterations must be >= 0 and eval_every >= 1")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else _DEFAULT_LR.get(self.method, 5e-3)
+
+    def tau(self, t: int) -> float:
+        return min(self.tau0, self.tau0 * math.exp(-self.c * (t - self.t0)))
+
+
+@dataclass
+class Latents:
+    k: torch.Tensor  # int64 (B, M, H, W): y_hat - mu
+    z_hat: torch.Tensor  # int64 (B, N, h, w)
+    loss: torch.Tensor  # (B,) true RD loss of these latents under the float model
+    start_loss: torch.Tensor  # (B,) true RD loss of the amortized start
+    start_terms: dict[str, torch.Tensor]  # amortized bpp (estimated) and mse, per image
+    history: list[dict] = field(default_factory=list)  # per evaluation: t, true, relaxed
+
+
+def pixel_mask(shape: tuple[int, ...], sizes: list[tuple[int, int]], device) -> torch.Tensor:
+    B, _, Hp, Wp = shape
+    mask = torch.zeros(B, 1, Hp, Wp, device=device)
+    for i, (h, w) in enumerate(sizes):
+        mask[i, :, :h, :w] = 1.0
+    return mask
+
+
+def rd_terms(model: MeanScaleHyperprior, x: torch.Tensor, mask: torch.Tensor,
+             y_hat: torch.Tensor, z_hat: torch.Tensor, lmbda: float, clamp: bool = False,
+             mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None
+             ) -> dict[str, torch.Tensor]:
+    """Per-image RD loss, estimated bpp and MSE (original pixels only)."""
+    y_lik, z_lik = model.likelihoods(y_hat, z_hat, mu, sigma)
+    pixels = mask.sum(dim=(1, 2, 3))
+    bits = -torch.log2(y_lik).sum(dim=(1, 2, 3)) - torch.log2(z_lik).sum(dim=(1, 2, 3))
+    x_hat = model.g_s(y_hat)
+    if clamp:
+        x_hat = x_hat.clamp(0.0, 1.0)
+    mse = (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3)) / (3.0 * pixels)
+    bpp = bits / pixels
+    return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse, "bits": bits}
+
+
+# ------------------------------------------------------------------ rounding relaxations
+
+
+def _rounding_logits(v: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """floor(v) and the logits of q_tau(round down / up | v), psi = atanh (paper Eq. 4)."""
+    floor = torch.floor(v).detach()
+    frac = v - floor
+    eps = 1e-5
+    down = -torch.atanh(frac.clamp(0.0, 1.0 - eps)) / tau
+    up = -torch.atanh((1.0 - frac).clamp(0.0, 1.0 - eps)) / tau
+    return floor, torch.stack([down, up], dim=-1)
+
+
+def sga_round(v: torch.Tensor, tau: float, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """Gumbel-softmax sample of the stochastic rounding of v, at temperature tau."""
+    floor, logits = _rounding_logits(v, tau)
+    u = torch.rand(logits.shape, generator=generator, device=v.device).clamp_(1e-10, 1.0)
+    gumbel = -torch.log(-torch.log(u))
+    w = torch.softmax((logits + gumbel) / tau, dim=-1)
+    return floor + w[..., 1]
+
+
+def expected_round(v: torch.Tensor, tau: float) -> torch.Tensor:
+    floor, logits = _rounding_logits(v, tau)
+    return floor + torch.softmax(logits, dim=-1)[..., 1]
+
+
+def ste_round(v: torch.Tensor) -> torch.Tensor:
+    return v + (torch.round(v) - v).detach()
+
+
+def _relax(method: str, v: torch.Tensor, tau: float, gen: torch.Generator | None
+           ) -> torch.Tensor:
+    if method == "sga":
+        return sga_round(v, tau, gen)
+    if method == "deterministic-annealing":
+        return expected_round(v, tau)
+    if method == "ste":
+        return ste_round(v)
+    if method == "uniform-noise":
+        return v + torch.rand(v.shape, generator=gen, device=v.device) - 0.5
+    return v  # map
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def _hard(model, x, mask, y, z, lmbda):
+    z_hat = torch.round(z)
+    mu, sigma = model.hyper_synthesis(z_hat)
+    k = torch.round(y - mu)
+    terms = rd_terms(model, x, mask, mu + k, z_hat, lmbda, clamp=True, mu=mu, sigma=sigma)
+    return k, z_hat, terms
+
+
+def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, int]],
+          lmbda: float, cfg: InferenceConfig,
+          progress: Callable[[int], None] | None = None) -> Latents:
+    """Integer latents for a batch x (B, 3, Hp, Wp) in [0, 1] of one padded size."""
+    mask = pixel_mask(x.shape, sizes, x.device)
+    with torch.no_grad():
+        y0 = model.g_a(x)
+        z0 = model.h_a(y0)
+    k, z_hat, start = _hard(model, x, mask, y0, z0, lmbda)
+    best = Latents(k, z_hat, start["loss"].clone(), start["loss"].clone(),
+                   {"bpp": start["bpp"], "mse": start["mse"]})
+    best.history.append({"t": 0, "true": start["loss"].tolist(), "relaxed": None})
+    if cfg.method == "amortized" or cfg.iterations == 0:
+        return _as_int(best)
+
+    gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    y = y0.clone().requires_grad_(True)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([y, z], lr=cfg.learning_rate)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # only the latents are optimized; the model stays fixed
+        p.requires_grad_(False)
+    try:
+        _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return _as_int(best)
+
+
+def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
+    for t in range(1, cfg.iterations + 1):
+        tau = cfg.tau(t)
+        z_t = _relax(cfg.method, z, tau, gen)
+        mu, sigma = model.hyper_synthesis(z_t)
+        y_t = mu + _relax(cfg.method, y - mu, tau, gen)
+        relaxed = rd_terms(model, x, mask, y_t, z_t, lmbda, mu=mu, sigma=sigma)["loss"]
+        opt.zero_grad(set_to_none=True)
+        relaxed.sum().backward()
+        opt.step()
+        if t % cfg.eval_every == 0 or t == cfg.iterations:
+            k, z_hat, hard = _hard(model, x, mask, y.detach(), z.detach(), lmbda)
+            better = hard["loss"] < best.loss
+            if better.any():
+                best.k[better] = k[better]
+                best.z_hat[better] = z_hat[better]
+                best.loss[better] = hard["loss"][better]
+            best.history.append({"t": t, "true": hard["loss"].tolist(),
+                                 "relaxed": relaxed.detach().tolist()})
+        if progress is not None:
+            progress(1)
+
+
+def _as_int(lat: Latents) -> Latents:
+    lat.k = lat.k.to(torch.int64)
+    lat.z_hat = lat.z_hat.to(torch.int64)
+    return lat

@@ -1,0 +1,127 @@
+"""Training: minimize R + lmbda * 255^2 * MSE with the uniform-noise relaxation (paper Eq. 3, S2).
+
+R is in bits per pixel; MSE is on [0, 1] pixels. Random crops with flips are drawn from image
+folders loaded once into memory. Checkpoints hold model, optimizer and step, so a run that is
+stopped resumes where it left off.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from codec.model import MeanScaleHyperprior
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    lmbda: float = 0.0067
+    N: int = 128
+    M: int = 192
+    steps: int = 100_000
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 1e-4
+    lr_drop_at: float = 0.9  # fraction of steps after which lr drops by 10x
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 500
+
+
+def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float) -> dict[str, torch.Tensor]:
+    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bits = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values())
+    bpp = bits / num_pixels
+    mse = torch.mean((out["x_hat"] - x) ** 2)
+    return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse}
+
+
+def image_files(folders: Iterable[str | Path]) -> list[Path]:
+    files = []
+    for folder in folders:
+        files += [p for p in sorted(Path(folder).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return files
+
+
+class CropSampler:
+    """Random crops with horizontal/vertical flips from images held in memory as uint8."""
+
+    def __init__(self, files: list[Path], crop: int, seed: int) -> None:
+        self.images = []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("RGB"))
+            if min(a.shape[:2]) >= crop:
+                self.images.append(a)
+        if not self.images:
+            raise ValueError(f"no training image of at least {crop}x{crop} in {len(files)} files")
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, n: int) -> torch.Tensor:
+        out = np.empty((n, self.crop, self.crop, 3), np.uint8)
+        for i in range(n):
+            a = self.images[self.rng.integers(len(self.images))]
+            r = self.rng.integers(a.shape[0] - self.crop + 1)
+            c = self.rng.integers(a.shape[1] - self.crop + 1)
+            a = a[r:r + self.crop, c:c + self.crop]
+            if self.rng.random() < 0.5:
+                a = a[:, ::-1]
+            if self.rng.random() < 0.5:
+                a = a[::-1]
+            out[i] = a
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def train(cfg: TrainConfig, checkpoint: Path, log=print) -> MeanScaleHyperprior:
+    """Train (or resume from `checkpoint`) and return the float model."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    model = MeanScaleHyperprior(cfg.N, cfg.M).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        log(f"resumed from {checkpoint} at step {step}")
+    sampler = CropSampler(image_files(cfg.data), cfg.crop, cfg.seed + step)
+    log(f"training on {len(sampler.images)} images, device {device}, config {asdict(cfg)}")
+    model.train()
+    t0, acc = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}
+    while step < cfg.steps:
+        lr = cfg.lr * (0.1 if step >= cfg.lr_drop_at * cfg.steps else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = sampler.batch(cfg.batch_size).to(device)
+        terms = rd_loss_terms(x, model(x), cfg.lmbda)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        for k in acc:
+            acc[k] += float(terms[k])
+        if step % cfg.log_every == 0:
+            n = cfg.log_every
+            psnr = -10 * math.log10(max(acc["mse"] / n, 1e-12))
+            log(f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} "
+                f"psnr {psnr:.2f} lr {lr:g} {(time.time() - t0) / n:.3f}s/step")
+            t0, acc = time.time(), dict.fromkeys(acc, 0.0)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "step": step, "config": asdict(cfg)}, tmp)
+            tmp.replace(checkpoint)
+    return model

@@ -1,0 +1,184 @@
+"""The `sgarc` command line: encode, decode, inspect and list models (more commands land later)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from codec.errors import SgarcError
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _inference_config(args):
+    from codec.inference import InferenceConfig
+    return InferenceConfig(method=args.method, iterations=args.iterations, lr=args.lr,
+                           seed=args.seed)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True,
+                disable=total == 0)
+
+
+def cmd_encode(args) -> int:
+    from codec.api import Codec
+    from codec.images import load_image
+
+    cfg = _inference_config(args)
+    image = load_image(Path(args.input), alpha=args.alpha, depth=args.depth,
+                       max_pixels=args.max_pixels)
+    codec = Codec(args.model if args.model else args.quality, device=args.device)
+    total = 0 if cfg.method == "amortized" else cfg.iterations
+    with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
+        result = codec.encode(image, cfg, progress=bar.update)
+    _atomic_write_bytes(Path(args.output), result.data)
+    print(f"{args.input} -> {args.output}: {result.summary()}")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    from codec.api import decode
+    from codec.images import save_image
+
+    t0 = time.perf_counter()
+    decoded = decode(Path(args.input).read_bytes(), max_pixels=args.max_pixels,
+                     device=args.device)
+    save_image(decoded.to_pil(), Path(args.output))
+    h = decoded.header
+    print(f"{args.input} -> {args.output}: {h.width}x{h.height} {h.color}"
+          f"{'+alpha' if decoded.alpha is not None else ''}, model {h.model_id}, "
+          f"{time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from codec.bitstream import parse
+
+    data = Path(args.input).read_bytes()
+    bs = parse(data)
+    h = bs.header
+    print(f"file:        {args.input} ({len(data)} bytes, "
+          f"{len(data) * 8 / (h.width * h.height):.4f} bpp)")
+    print(f"model:       {h.model_id}")
+    print(f"size:        {h.width}x{h.height} (padding: {h.pad_mode})")
+    print(f"color:       {h.color}, source bit depth {h.bit_depth}")
+    print(f"orientation: source EXIF orientation {h.orientation} (pixels stored upright)")
+    for tag, payload in bs.sections.items():
+        print(f"section:     {tag} {len(payload)} bytes")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from codec.registry import entries
+
+    rows = entries()
+    if not rows:
+        print("no models registered")
+        return 1
+    print(f"{'quality':>7}  {'id':<24} {'lambda':>8} {'N':>4} {'M':>4} {'steps':>8}  data")
+    for e in rows:
+        print(f"{e.quality:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
+              f"{e.data}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from jobs.demo import run_demo
+    return run_demo(Path(args.out), iterations=args.iterations, quality=args.quality)
+
+
+def _add_codec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quality", "-q", type=int, default=None,
+                   help="quality level of a shipped model (see `sgarc models`); "
+                        "default: the middle level")
+    p.add_argument("--model", default=None, help="model id instead of a quality level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from codec.images import DEFAULT_MAX_PIXELS
+    from codec.inference import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="sgarc", description="Recompress photos with a learned codec refined by "
+        "Stochastic Gumbel Annealing (Yang, Bamler & Mandt 2020).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("encode", help="encode an image to an .sga bitstream",
+                       description="Encode IN (JPEG, PNG, WebP, TIFF, ...) to the bitstream OUT.")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    _add_codec_options(p)
+    p.add_argument("--method", "-m", default="sga", choices=METHODS,
+                   help="inference method (default: sga; the others are the paper's "
+                        "baseline and ablations)")
+    p.add_argument("--iterations", "-n", type=int, default=2000,
+                   help="iterations of iterative inference (default: 2000, the paper's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 5e-3; 1e-4 for ste)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic rounding")
+    p.add_argument("--alpha", default="keep", choices=("keep", "flatten", "error"),
+                   help="alpha channel: keep it losslessly (default), flatten onto white, "
+                        "or refuse the image")
+    p.add_argument("--depth", default="error", choices=("error", "reduce"),
+                   help="16-bit images: refuse (default) or reduce to 8 bits")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"decompression-bomb limit (default: {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode an .sga bitstream to an image",
+                       description="Decode IN to OUT; the format follows OUT's extension "
+                                   "(.png, .jpg, .webp, ...).")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse streams that describe larger images")
+    p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="show a bitstream's header fields")
+    p.add_argument("input", metavar="FILE")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the shipped models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="encode and decode a few sample photos (the README's demo)")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--iterations", "-n", type=int, default=100,
+                   help="SGA iterations per image (default: 100, to finish in minutes on CPU)")
+    p.add_argument("--quality", "-q", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SgarcError as exc:
+        print(f"sgarc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"sgarc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

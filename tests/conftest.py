@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny untrained model in a temporary registry, small synthetic images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codec.model import MeanScaleHyperprior
+from codec.registry import export_model
+
+TINY_ID = "tiny-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory) -> Path:
+    """A registry with one small untrained model: fast, and weights don't matter for coding."""
+    torch.manual_seed(0)
+    registry = tmp_path_factory.mktemp("weights") / "registry.json"
+    export_model(MeanScaleHyperprior(N=16, M=24), TINY_ID, quality=1, lmbda=0.01, steps=0,
+                 data="untrained (tests)", registry=registry)
+    return registry
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 RGB image: smooth gradients plus mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = np.stack([128 + 80 * np.sin(xx / 9.0 + c) * np.cos(yy / 13.0 - c) for c in range(3)],
+                    axis=-1)
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
