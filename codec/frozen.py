@@ -14,6 +14,8 @@ picks a table from a float:
   with fixed-point thresholds; the mean mu is the exact fixed-point value.
 * All probability tables (one zero-mean discretized Gaussian per scale index, one table per
   z channel) are computed once at export and stored in the model file.
+* The fixed-point h_s weights are not stored: they are round(w * 2^KW) of the stored float
+  weights, which is exact (a power-of-two scaling and a rounding) on every machine.
 
 Float h_s stays what training and SGA differentiate; the two agree to about 2^-16.
 """
@@ -71,12 +73,6 @@ class CodingTables:
     # -- (de)serialization: flat dict of tensors so torch.load(weights_only=True) reads it
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(self.hs):
-            out[f"hs.{i}.weight"] = layer.weight
-            out[f"hs.{i}.bias"] = layer.bias
-            out[f"hs.{i}.meta"] = torch.tensor(
-                [layer.transposed, layer.stride, layer.padding, layer.output_padding,
-                 layer.in_frac, layer.relu], dtype=torch.int64)
         out["y.thresholds"] = torch.from_numpy(self.y_thresholds)
         out["y.pmfs"], out["y.offsets"] = _pack(self.y_pmfs)
         out["z.pmfs"], out["z.offsets"] = _pack(self.z_pmfs)
@@ -84,15 +80,11 @@ class CodingTables:
         return out
 
     @classmethod
-    def from_state_dict(cls, s: dict[str, torch.Tensor]) -> CodingTables:
-        hs, i = [], 0
-        while f"hs.{i}.weight" in s:
-            t, st, p, op, fr, relu = (int(v) for v in s[f"hs.{i}.meta"])
-            hs.append(HsLayer(s[f"hs.{i}.weight"], s[f"hs.{i}.bias"], bool(t), st, p, op, fr,
-                              bool(relu)))
-            i += 1
-        return cls(hs, s["y.thresholds"].numpy(), _unpack(s["y.pmfs"], s["y.offsets"]),
-                   _unpack(s["z.pmfs"], s["z.offsets"]), s["z.lo"].numpy())
+    def from_state_dict(cls, s: dict[str, torch.Tensor], h_s: nn.Sequential) -> CodingTables:
+        """Tables from a model file; `h_s` is the loaded float hyper-synthesis."""
+        return cls(freeze_hyper_synthesis(h_s), s["y.thresholds"].numpy(),
+                   _unpack(s["y.pmfs"], s["y.offsets"]), _unpack(s["z.pmfs"], s["z.offsets"]),
+                   s["z.lo"].numpy())
 
     @property
     def y_radius(self) -> np.ndarray:

@@ -10,7 +10,6 @@ as in tensorflow-compression, so that training cannot push them below their boun
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _PEDESTAL = 2.0**-36
@@ -47,8 +46,11 @@ class GDN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = x.shape[1]
+        B, C, H, W = x.shape
         beta = self.beta_reparam(self.beta)
-        gamma = self.gamma_reparam(self.gamma).view(C, C, 1, 1)
-        norm = F.conv2d(x * x, gamma, beta)
+        gamma = self.gamma_reparam(self.gamma)
+        # A matmul, not a 1x1 conv: oneDNN's 1x1 conv sums in an order that depends on the
+        # thread count, and decoded pixels must not (DESIGN.md, decision 1).
+        norm = torch.matmul(gamma, (x * x).reshape(B, C, H * W)).view(B, C, H, W)
+        norm = norm + beta.view(1, C, 1, 1)
         return x * torch.sqrt(norm) if self.inverse else x * torch.rsqrt(norm)

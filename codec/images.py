@@ -81,8 +81,8 @@ Depth policy (``depth=``)
     ``I`` (32-bit int) samples are clipped to 0..65535 first and treated as 16-bit (Pillow
     already scales PGM files with other maxvals to that range); ``F`` (32-bit float) samples
     are taken on the 0..255 scale (the scale Pillow's own F-to-L conversion assumes):
-    clipped to [0, 255], rounded half up, NaN becoming 0. A 16-bit alpha plane is reduced the same way
-    before the alpha policy looks at it. Any other value raises ValueError.
+    clipped to [0, 255], rounded half up, NaN becoming 0. A 16-bit alpha plane is reduced the
+    same way before the alpha policy looks at it. Any other value raises ValueError.
 
 Output
     :func:`to_pil` is the inverse mapping for decode: ``color "RGB"`` gives mode RGB (RGBA
@@ -341,7 +341,8 @@ def _prepare(
     if high_depth and depth == "error":
         raise ImageError(_DEPTH_ERROR)
 
-    tiles = list(im.tile)  # Pillow clears im.tile once the pixels are loaded
+    # Pillow clears im.tile once the pixels are loaded; the 16-bit re-decode needs it.
+    tiles = list(getattr(im, "tile", None) or [])
     _pillow_call(name, "decode", im.load)
     orientation = _orientation(im)
 
@@ -363,9 +364,10 @@ def _prepare(
             alpha_plane = None
 
     transform = _ORIENT[orientation]
-    planes = np.ascontiguousarray(transform(planes))
+    # Own, writable, C-contiguous arrays (np.asarray of a Pillow image is read-only).
+    planes = np.require(transform(planes), requirements=["C", "W"])
     if alpha_plane is not None:
-        alpha_plane = np.ascontiguousarray(transform(alpha_plane))
+        alpha_plane = np.require(transform(alpha_plane), requirements=["C", "W"])
     rgb = planes if planes.ndim == 3 else np.repeat(planes[:, :, None], 3, axis=2)
 
     info = SourceInfo(
@@ -401,7 +403,7 @@ def _has_hidden_high_depth(im: Image.Image, fp: IO[bytes]) -> bool:
         # signature (8) + chunk length (4) + b"IHDR" (4) + width (4) + height (4) + bit depth
         if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16:
             return True
-    for tile in im.tile:
+    for tile in getattr(im, "tile", None) or []:
         rawmode = _tile_rawmode(tile)
         if rawmode and ";" in rawmode:
             prefix, _, suffix = rawmode.partition(";")

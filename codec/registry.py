@@ -95,7 +95,7 @@ def load(model: str | int | None = None, registry: Path = REGISTRY) -> LoadedMod
     net = MeanScaleHyperprior(entry.N, entry.M)
     net.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
     net.eval()
-    return LoadedModel(entry, net, CodingTables.from_state_dict(state["tables"]))
+    return LoadedModel(entry, net, CodingTables.from_state_dict(state["tables"], net.h_s))
 
 
 def export_model(model: MeanScaleHyperprior, model_id: str, quality: int, lmbda: float,
