@@ -1,0 +1,60 @@
+"""The sgarc command line, run in-process through its entry point."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from tests.conftest import smooth_image
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(smooth_image(70, 90)).save(path)
+    return path
+
+
+def test_encode_info_decode(photo, tmp_path, capsys):
+    stream, out = tmp_path / "photo.sga", tmp_path / "back.png"
+    assert main(["encode", str(photo), str(stream), "--method", "sga", "--iterations", "3"]) == 0
+    line = capsys.readouterr().out
+    assert "bpp" in line and "PSNR" in line and "est" in line and "actual" in line
+    assert main(["info", str(stream)]) == 0
+    info = capsys.readouterr().out
+    assert "90x70" in info and "model:" in info
+    assert main(["decode", str(stream), str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == (70, 90, 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    assert "quality" in capsys.readouterr().out
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.sga"
+    bad.write_bytes(b"not a stream at all, sorry")
+    assert main(["decode", str(bad), str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not an sgarc bitstream" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+    assert main(["encode", str(bad), str(tmp_path / "y.sga")]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "y.sga").exists()
+
+
+def test_alpha_needs_a_decision_when_asked(tmp_path, capsys):
+    rgba = np.dstack([smooth_image(20, 20), np.full((20, 20), 7, np.uint8)])
+    path = tmp_path / "a.png"
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    path.write_bytes(buf.getvalue())
+    assert main(["encode", str(path), str(tmp_path / "a.sga"), "--alpha", "error",
+                 "--method", "amortized"]) == 2
+    assert "alpha" in capsys.readouterr().err
