@@ -21,7 +21,8 @@ from codec.errors import BitstreamError
 
 MAGIC = b"SGAC"
 FORMAT_VERSION = 1
-FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger image
+FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger (padded) image
+PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total stride)
 MAX_MODEL_ID = 64
 COLORS = ("RGB", "L")
 PAD_MODES = ("replicate",)
@@ -33,7 +34,7 @@ _FIELDS = struct.Struct(">IIBBBBB")
 _SECTION = struct.Struct(">4sI")
 _CRC = struct.Struct(">I")
 MIN_LENGTH = _PREFIX.size + _FIELDS.size + 1 + _CRC.size
-_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -46,17 +47,27 @@ class Header:
     bit_depth: int = 8  # sample depth of the source (16 when reduced on request)
     pad_mode: str = "replicate"
 
+    @property
+    def padded_pixels(self) -> int:
+        """The decoder's work and memory scale with this, not with width * height."""
+        return (-(-self.width // PAD_MULTIPLE) * PAD_MULTIPLE
+                * -(-self.height // PAD_MULTIPLE) * PAD_MULTIPLE)
+
     def validate(self, max_pixels: int = FORMAT_MAX_PIXELS) -> None:
         if not (isinstance(self.model_id, str) and 0 < len(self.model_id) <= MAX_MODEL_ID
-                and _MODEL_ID.match(self.model_id)):
+                and _MODEL_ID.fullmatch(self.model_id)):
             raise BitstreamError(f"invalid model id {self.model_id!r}")
         if self.width < 1 or self.height < 1:
             raise BitstreamError(f"invalid image size {self.width}x{self.height}")
         limit = min(max_pixels, FORMAT_MAX_PIXELS)
-        if self.width * self.height > limit:
+        # The decoder works on the padded area: bound it too, so that an elongated image
+        # (1 x N pads to 64 x N) cannot multiply the work. 2 * limit + 64^2 never refuses
+        # an image of ordinary proportions that is within the limit.
+        if (self.width * self.height > limit
+                or self.padded_pixels > 2 * limit + PAD_MULTIPLE**2):
             raise BitstreamError(
-                f"image size {self.width}x{self.height} = {self.width * self.height} pixels "
-                f"exceeds the limit of {limit} pixels")
+                f"image size {self.width}x{self.height} ({self.padded_pixels} pixels once "
+                f"padded to a multiple of {PAD_MULTIPLE}) exceeds the limit of {limit} pixels")
         if self.color not in COLORS:
             raise BitstreamError(f"unknown color mode {self.color!r}")
         if not 1 <= self.orientation <= 8:
@@ -109,9 +120,7 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     body, (crc,) = data[:-_CRC.size], _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the stream is corrupt or truncated")
-    pos = _PREFIX.size
-    if len(body) < pos + _FIELDS.size:
-        raise BitstreamError("truncated header")
+    pos = _PREFIX.size  # MIN_LENGTH guarantees the fixed fields are present
     w, h, color, orientation, depth, pad, id_len = _FIELDS.unpack_from(body, pos)
     pos += _FIELDS.size
     if id_len == 0 or id_len > MAX_MODEL_ID or pos + id_len > len(body):
@@ -162,6 +171,6 @@ def unpack_alpha(payload: bytes, width: int, height: int) -> bytes:
         out = d.decompress(payload, expected + 1)
     except zlib.error as exc:
         raise BitstreamError(f"corrupt alpha section: {exc}") from exc
-    if len(out) != expected or not d.eof or d.unconsumed_tail:
+    if len(out) != expected or not d.eof or d.unconsumed_tail or d.unused_data:
         raise BitstreamError(f"corrupt alpha section: expected {expected} bytes of alpha")
     return out

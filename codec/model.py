@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from codec.bitstream import PAD_MULTIPLE
 from codec.entropy_models import FactorizedDensity, gaussian_likelihood
 from codec.gdn import GDN
 
-DOWNSAMPLE = 64  # total stride of g_a followed by h_a: images are padded to this multiple
+DOWNSAMPLE = PAD_MULTIPLE  # total stride of g_a then h_a: images are padded to this multiple
 Y_STRIDE = 16
 Z_STRIDE = 64
 

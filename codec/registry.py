@@ -56,14 +56,17 @@ def entries(registry: Path = REGISTRY) -> list[ModelEntry]:
 
 
 def find(model: str | int | None = None, registry: Path = REGISTRY) -> ModelEntry:
-    """Entry by id, or by quality level (int or digit string); None gives the default."""
+    """Entry by id (str) or by quality level (int); None gives the default.
+
+    A string is only ever an id, so a stream naming model "1" cannot pick quality 1.
+    """
     known = entries(registry)
     if not known:
         raise ModelError(f"no models registered in {registry}")
     if model is None:
         return _default(known)
     for e in known:
-        if e.id == model or (str(model).isdigit() and e.quality == int(model)):
+        if e.id == model if isinstance(model, str) else e.quality == model:
             return e
     qualities = ", ".join(str(e.quality) for e in sorted(known, key=lambda e: e.quality))
     raise ModelError(f"unknown model {model!r}; known ids: {', '.join(e.id for e in known)}; "

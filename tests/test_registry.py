@@ -22,8 +22,9 @@ def test_shipped_models_are_registered_and_verified():
 
 def test_lookup_by_quality_and_unknown_id(tiny_registry):
     assert find(1, tiny_registry).id == "tiny-test"
-    assert find("1", tiny_registry).id == "tiny-test"
-    with pytest.raises(ModelError, match="unknown model 'nope'.*tiny-test"):
+    with pytest.raises(ModelError):
+        find("1", tiny_registry)  # a string is an id, never a quality level
+    with pytest.raises(ModelError, match=r"unknown model 'nope'.*tiny-test"):
         find("nope", tiny_registry)
 
 

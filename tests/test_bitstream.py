@@ -1,0 +1,502 @@
+"""The bitstream reader on valid, corrupt and adversarial input (format: docs/bitstream.md).
+
+Every malformed stream must raise BitstreamError (never another exception, never a hang),
+with a message that names the problem. Valid streams come from one real encode with the
+tiny test model; malformed ones are built from it, re-packed or written byte by byte with a
+recomputed CRC32 so that the check under test, not the checksum, is what fires.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import codec.api as api
+from codec import coding
+from codec.api import Codec, decode, latent_shapes
+from codec.bitstream import (
+    FORMAT_MAX_PIXELS,
+    FORMAT_VERSION,
+    MAGIC,
+    Bitstream,
+    Header,
+    pack,
+    pack_alpha,
+    parse,
+)
+from codec.errors import BitstreamError
+from codec.images import load_image
+from codec.inference import InferenceConfig
+from codec.registry import load
+from tests.conftest import TINY_ID, smooth_image
+
+HEIGHT, WIDTH = 40, 56
+FUZZ_MAX_PIXELS = 10_000
+TINY_BYTES = TINY_ID.encode()
+FUZZ = settings(max_examples=300, deadline=None, database=None)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def with_crc(body: bytes) -> bytes:
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+def raw_stream(sections=(), *, width=WIDTH, height=HEIGHT, model_id=TINY_BYTES,
+               magic=MAGIC, version=FORMAT_VERSION, color=0, orientation=1, depth=8, pad=0,
+               id_len=None) -> bytes:
+    """A stream written field by field (no validation), with a valid CRC.
+
+    sections: (tag, payload) or (tag, payload, declared_length) tuples, in the given order.
+    """
+    body = struct.pack(">4sB", magic, version)
+    body += struct.pack(">IIBBBBB", width, height, color, orientation, depth, pad,
+                        len(model_id) if id_len is None else id_len)
+    body += model_id
+    for tag, payload, *declared in sections:
+        body += struct.pack(">4sI", tag, declared[0] if declared else len(payload)) + payload
+    return with_crc(body)
+
+
+def repack(data: bytes, header: Header | None = None, **sections: bytes | None) -> bytes:
+    """Re-pack a valid stream with some sections replaced (None removes one)."""
+    bs = parse(data)
+    merged = {**bs.sections, **sections}
+    return pack(Bitstream(header or bs.header,
+                          {k: v for k, v in merged.items() if v is not None}))
+
+
+def rejects(data: bytes, registry, *keywords: str, **kwargs) -> BitstreamError:
+    """decode must raise BitstreamError (nothing else) whose message has one of keywords."""
+    with pytest.raises(BitstreamError) as info:
+        decode(data, registry=registry, **kwargs)
+    message = str(info.value)
+    assert any(k in message for k in keywords), message
+    return info.value
+
+
+def symbol_counts(registry) -> tuple[int, int]:
+    z_shape, y_shape = latent_shapes(load(TINY_ID, registry), WIDTH, HEIGHT)
+    return int(np.prod(z_shape)), int(np.prod(y_shape))
+
+
+def random_words(rng: np.random.Generator, n: int) -> bytes:
+    """n random big-endian words, the last one non-zero (so it is not trivially invalid)."""
+    words = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+    if n:
+        words[-1] |= 1
+    return words.astype(">u4").tobytes()
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread is ~100x faster than several on a shared, busy CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def stream(one_thread, tiny_registry) -> bytes:
+    """One real stream of a 56x40 image, encoded once for the whole module."""
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(HEIGHT, WIDTH)).save(buf, format="PNG")
+    image = load_image(buf.getvalue())
+    codec = Codec(registry=tiny_registry, device="cpu")
+    return codec.encode(image, InferenceConfig(method="amortized")).data
+
+
+@pytest.fixture(scope="module")
+def alpha_plane() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- valid streams
+
+
+def test_round_trip(stream, tiny_registry):
+    bs = parse(stream)
+    assert pack(bs) == stream
+    assert bs.header == Header(TINY_ID, WIDTH, HEIGHT)
+    assert list(bs.sections) == ["ZLAT", "YLAT"]
+    decoded = decode(stream, registry=tiny_registry)
+    assert decoded.rgb.shape == (HEIGHT, WIDTH, 3) and decoded.rgb.dtype == np.uint8
+    assert decoded.alpha is None
+    again = decode(pack(parse(stream)), registry=tiny_registry)
+    assert np.array_equal(again.rgb, decoded.rgb)
+
+
+def test_round_trip_with_alpha(stream, tiny_registry, alpha_plane):
+    data = repack(stream, ALPH=pack_alpha(alpha_plane.tobytes()))
+    assert pack(parse(data)) == data
+    assert list(parse(data).sections) == ["ZLAT", "YLAT", "ALPH"]
+    decoded = decode(data, registry=tiny_registry)
+    assert np.array_equal(decoded.alpha, alpha_plane)
+    assert np.array_equal(decoded.rgb, decode(stream, registry=tiny_registry).rgb)
+
+
+def test_decoder_max_pixels_at_the_limit(stream, tiny_registry):
+    decoded = decode(stream, max_pixels=WIDTH * HEIGHT, registry=tiny_registry)
+    assert decoded.rgb.shape == (HEIGHT, WIDTH, 3)
+
+
+# ----------------------------------------------------------------------------- framing
+
+
+def test_empty(tiny_registry):
+    rejects(b"", tiny_registry, "truncated")
+
+
+def test_truncated_at_every_length(stream, tiny_registry):
+    for n in range(len(stream)):
+        rejects(stream[:n], tiny_registry, "truncated", "checksum")
+
+
+def test_every_single_bit_flip(stream, tiny_registry):
+    # CRC32 detects every single-bit error, so no flip can decode to a different image.
+    for bit in range(8 * len(stream)):
+        data = bytearray(stream)
+        data[bit // 8] ^= 1 << (bit % 8)
+        rejects(bytes(data), tiny_registry, "checksum", "not an sgarc", "version")
+
+
+def test_wrong_magic(stream, tiny_registry):
+    rejects(b"SGAX" + stream[4:], tiny_registry, "not an sgarc")
+    rejects(with_crc(b"\x89PNG" + stream[4:-4]), tiny_registry, "not an sgarc")
+
+
+@pytest.mark.parametrize("version", [0, FORMAT_VERSION + 1, 255])
+def test_wrong_version(stream, tiny_registry, version):
+    data = with_crc(stream[:4] + bytes([version]) + stream[5:-4])
+    exc = rejects(data, tiny_registry, "unsupported format version")
+    assert str(version) in str(exc)
+
+
+def test_bad_checksum(stream, tiny_registry):
+    crc = struct.unpack(">I", stream[-4:])[0]
+    rejects(stream[:-4] + struct.pack(">I", crc ^ 0xFFFFFFFF), tiny_registry, "checksum")
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def test_unknown_model_id(stream, tiny_registry):
+    data = repack(stream, Header("no-such-model", WIDTH, HEIGHT))
+    exc = rejects(data, tiny_registry, "no-such-model")
+    assert "not available" in str(exc)
+
+
+@pytest.mark.parametrize("ident, keyword", [
+    (b"Tiny", "invalid model id"),  # upper case is outside the id alphabet
+    (b"-tiny", "invalid model id"),
+    (b"tiny test", "invalid model id"),
+    (b"\xfftiny", "not ASCII"),
+])
+def test_malformed_model_id(stream, tiny_registry, ident, keyword):
+    rejects(raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], model_id=ident), tiny_registry,
+            keyword)
+
+
+@pytest.mark.parametrize("id_len", [0, 65, 255])
+def test_bad_model_id_length(tiny_registry, id_len):
+    rejects(raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], id_len=id_len), tiny_registry,
+            "invalid model id length")
+
+
+def test_model_id_longer_than_the_stream(tiny_registry):
+    # id_len 60 is legal but runs past the end of the data.
+    rejects(raw_stream(model_id=b"tiny", id_len=60), tiny_registry, "invalid model id length")
+
+
+@pytest.mark.parametrize("width, height", [
+    (2**31 - 1, 2**31 - 1), (2**32 - 1, 2**32 - 1), (2**32 - 1, 1), (1 << 14, (1 << 14) + 1),
+])
+def test_absurd_size(tiny_registry, width, height):
+    data = raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], width=width, height=height)
+    rejects(data, tiny_registry, "exceeds the limit")
+    with pytest.raises(BitstreamError, match="exceeds the limit"):
+        parse(data)  # refused by the format limit itself, whatever the decoder allows
+
+
+@pytest.mark.parametrize("width, height", [(0, 40), (56, 0), (0, 0)])
+def test_empty_size(tiny_registry, width, height):
+    data = raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], width=width, height=height)
+    rejects(data, tiny_registry, "invalid image size")
+
+
+def test_size_within_format_but_above_max_pixels(stream, tiny_registry):
+    rejects(stream, tiny_registry, "exceeds the limit", max_pixels=WIDTH * HEIGHT - 1)
+    big = raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], width=1 << 14, height=1 << 14)
+    assert FORMAT_MAX_PIXELS == 1 << 28
+    exc = rejects(big, tiny_registry, "exceeds the limit", max_pixels=FUZZ_MAX_PIXELS)
+    assert str(FUZZ_MAX_PIXELS) in str(exc)
+
+
+@pytest.mark.parametrize("field, value, keyword", [
+    ("color", 2, "unknown color mode"),
+    ("pad", 1, "unknown padding mode"),
+    ("orientation", 0, "invalid orientation"),
+    ("orientation", 9, "invalid orientation"),
+    ("depth", 12, "invalid source bit depth"),
+])
+def test_bad_header_field(tiny_registry, field, value, keyword):
+    data = raw_stream([(b"ZLAT", b""), (b"YLAT", b"")], **{field: value})
+    rejects(data, tiny_registry, keyword)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def test_section_longer_than_the_data(stream, tiny_registry):
+    bs = parse(stream)
+    z, y = bs.sections["ZLAT"], bs.sections["YLAT"]
+    rejects(raw_stream([(b"ZLAT", z), (b"YLAT", y, len(y) + 1)]), tiny_registry, "claims")
+    rejects(raw_stream([(b"ZLAT", z, 2**32 - 1), (b"YLAT", y)]), tiny_registry, "claims")
+
+
+def test_truncated_section_header(stream, tiny_registry):
+    good = raw_stream([(b"ZLAT", b""), (b"YLAT", b"")])
+    rejects(with_crc(good[:-4] + b"ALP"), tiny_registry, "truncated section header")
+
+
+def test_duplicated_section(stream, tiny_registry):
+    bs = parse(stream)
+    z, y = bs.sections["ZLAT"], bs.sections["YLAT"]
+    rejects(raw_stream([(b"ZLAT", z), (b"ZLAT", z), (b"YLAT", y)]), tiny_registry, "repeated")
+    rejects(raw_stream([(b"ZLAT", z), (b"YLAT", y), (b"YLAT", y)]), tiny_registry, "repeated")
+
+
+def test_sections_out_of_order(stream, tiny_registry):
+    bs = parse(stream)
+    z, y = bs.sections["ZLAT"], bs.sections["YLAT"]
+    rejects(raw_stream([(b"YLAT", y), (b"ZLAT", z)]), tiny_registry, "out of order")
+    alph = pack_alpha(bytes(WIDTH * HEIGHT))
+    rejects(raw_stream([(b"ZLAT", z), (b"ALPH", alph), (b"YLAT", y)]), tiny_registry,
+            "out of order")
+
+
+@pytest.mark.parametrize("tag", [b"XTRA", b"zlat", b"\x00\x00\x00\x00", b"\xff\xfeAB"])
+def test_unknown_section_tag(stream, tiny_registry, tag):
+    bs = parse(stream)
+    z, y = bs.sections["ZLAT"], bs.sections["YLAT"]
+    rejects(raw_stream([(b"ZLAT", z), (tag, b"abcd"), (b"YLAT", y)]), tiny_registry,
+            "unknown section")
+    rejects(raw_stream([(b"ZLAT", z), (b"YLAT", y), (tag, b"")]), tiny_registry,
+            "unknown section")
+
+
+@pytest.mark.parametrize("remove, missing", [
+    (("YLAT",), "YLAT"), (("ZLAT",), "ZLAT"), (("ZLAT", "YLAT"), "ZLAT, YLAT"),
+])
+def test_missing_section(stream, tiny_registry, remove, missing):
+    exc = rejects(repack(stream, **dict.fromkeys(remove)), tiny_registry, "missing section")
+    assert missing in str(exc)
+
+
+@pytest.mark.parametrize("tag", ["ZLAT", "YLAT"])
+@pytest.mark.parametrize("extra", [1, 2, 3])
+def test_latent_length_not_a_multiple_of_4(stream, tiny_registry, tag, extra):
+    payload = parse(stream).sections[tag] + b"\x01" * extra
+    exc = rejects(repack(stream, **{tag: payload}), tiny_registry, "invalid length")
+    assert tag in str(exc)
+
+
+@pytest.mark.parametrize("tag", ["ZLAT", "YLAT"])
+def test_latent_section_too_long(stream, tiny_registry, tag):
+    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry), strict=True))[tag]
+    words = coding.max_stream_words(n) + 1
+    payload = random_words(np.random.default_rng(0), words)
+    exc = rejects(repack(stream, **{tag: payload}), tiny_registry, "invalid length")
+    assert str(n) in str(exc)
+
+
+@pytest.mark.parametrize("tag", ["ZLAT", "YLAT"])
+def test_garbage_latent_payload(stream, tiny_registry, tag):
+    """Random payloads with a valid CRC: BitstreamError, or (rarely) a correctly sized image.
+
+    ANS payloads are not self-checking: a short word sequence is often the exact encoding of
+    *some* symbols, so garbage can decode. What can be demanded is no other exception, no
+    hang, and refusal where the data cannot be a valid stream.
+    """
+    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry), strict=True))[tag]
+    bound = coding.max_stream_words(n)
+    rng = np.random.default_rng(2)
+    # At the word bound there are always words left over: a symbol consumes at most 40 bits
+    # (24-bit table + 16-bit escape), and the coder state at most 2 words.
+    for words in (bound, bound - 1):
+        for _ in range(5):
+            payload = random_words(rng, words)
+            rejects(repack(stream, **{tag: payload}), tiny_registry, "corrupt latent stream")
+    # Ending in a zero word is never a valid ANS stream.
+    rejects(repack(stream, **{tag: bytes(8)}), tiny_registry, "corrupt latent stream")
+    for words in (1, 2, 3, 5, 8, 16, bound // 2):
+        for _ in range(4):
+            data = repack(stream, **{tag: random_words(rng, words)})
+            t0 = time.perf_counter()
+            try:
+                decoded = decode(data, registry=tiny_registry)
+            except BitstreamError as exc:
+                assert "corrupt latent stream" in str(exc), exc
+            else:
+                assert decoded.rgb.shape == (HEIGHT, WIDTH, 3)
+            assert time.perf_counter() - t0 < 5
+
+
+def test_corrupt_alpha(stream, tiny_registry, alpha_plane):
+    plane = alpha_plane.tobytes()
+    good = pack_alpha(plane)
+    for payload in [
+        b"",
+        b"not zlib at all",
+        good[: len(good) // 2],  # truncated deflate stream
+        good[:-4] + bytes(4),  # bad adler32
+        pack_alpha(plane[:-1]),  # one byte short
+        pack_alpha(plane + b"\x00"),  # one byte long
+        pack_alpha(bytes(10 * len(plane))),  # a small zlib bomb
+        zlib.compress(plane, 9, wbits=-15),  # raw deflate, no zlib header
+    ]:
+        rejects(repack(stream, ALPH=payload), tiny_registry, "corrupt alpha section")
+
+
+def test_alpha_with_trailing_bytes(stream, tiny_registry, alpha_plane):
+    payload = pack_alpha(alpha_plane.tobytes()) + b"trailing junk"
+    rejects(repack(stream, ALPH=payload), tiny_registry, "corrupt alpha section")
+
+
+def test_model_id_is_not_a_quality_level(stream, tiny_registry):
+    rejects(repack(stream, Header("1", WIDTH, HEIGHT)), tiny_registry, "not available")
+
+
+def test_decode_work_bounded_by_max_pixels(tiny_registry, monkeypatch):
+    seen = []
+    original = api._synthesize
+
+    def spy(lm, y_hat, height, width, device):
+        seen.append(256 * y_hat.shape[-2] * y_hat.shape[-1])  # padded pixels synthesized
+        return original(lm, y_hat, height, width, device)
+
+    monkeypatch.setattr(api, "_synthesize", spy)
+    data = pack(Bitstream(Header(TINY_ID, FUZZ_MAX_PIXELS, 1), {"ZLAT": b"", "YLAT": b""}))
+    try:
+        decode(data, max_pixels=FUZZ_MAX_PIXELS, registry=tiny_registry)
+    except BitstreamError:
+        return
+    # A bound that every image within the limit meets when it is not extremely elongated.
+    assert seen[0] <= 16 * FUZZ_MAX_PIXELS, seen
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+
+@FUZZ
+@given(data=st.binary(max_size=512))
+def test_fuzz_parse_arbitrary_bytes(data):
+    try:
+        bs = parse(data)
+    except BitstreamError:
+        return
+    assert pack(bs) == data  # anything accepted is canonical
+
+
+@FUZZ
+@given(prefix=st.sampled_from([b"", MAGIC, MAGIC + bytes([FORMAT_VERSION])]),
+       rest=st.binary(max_size=256))
+def test_fuzz_parse_checksummed_bytes(prefix, rest):
+    """Past magic, version and CRC, so the header and section checks are what is exercised."""
+    data = with_crc(prefix + rest)
+    try:
+        bs = parse(data, max_pixels=FUZZ_MAX_PIXELS)
+    except BitstreamError:
+        return
+    assert bs.header.width * bs.header.height <= FUZZ_MAX_PIXELS
+    assert pack(bs) == data
+
+
+_EDITS = st.lists(
+    st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 1 << 16),
+              st.integers(0, 255)),
+    min_size=1, max_size=6)
+
+
+def _mutate(data: bytes, edits) -> bytes:
+    out = bytearray(data)
+    for op, pos, value in edits:
+        if op == "insert":
+            out.insert(pos % (len(out) + 1), value)
+        elif out:
+            if op == "set":
+                out[pos % len(out)] = value
+            else:
+                del out[pos % len(out)]
+    return bytes(out)
+
+
+# Where the edits go, and whether the CRC is recomputed afterwards (so that the header and
+# section checks and the entropy decoder are reached rather than the checksum).
+_HEADER_END = 5 + 13 + len(TINY_ID)  # magic, version, fixed fields, model id
+_MODES = {
+    "raw": (0, None, False),  # anywhere, CRC left as it is
+    "crc-fixed": (0, None, True),  # anywhere
+    "fields": (5, 18, True),  # width .. model_id_len
+    "sections": (_HEADER_END, None, True),  # section headers and payloads
+}
+
+
+@pytest.mark.parametrize("mode", list(_MODES))
+@FUZZ
+@given(edits=_EDITS)
+def test_fuzz_decode_mutations(stream, tiny_registry, mode, edits):
+    start, stop, fix_crc = _MODES[mode]
+    body, crc = stream[:-4], stream[-4:]
+    stop = len(body) if stop is None else stop
+    data = body[:start] + _mutate(body[start:stop], edits) + body[stop:]
+    data = with_crc(data) if fix_crc else data + crc
+    t0 = time.perf_counter()
+    try:
+        decoded = decode(data, max_pixels=FUZZ_MAX_PIXELS, registry=tiny_registry)
+    except BitstreamError as exc:
+        event(re.sub(r"[\d']\S*", "#", str(exc))[:40])  # which check fired (statistics)
+    else:
+        event("decoded")
+        h = parse(data).header
+        assert h.width * h.height <= FUZZ_MAX_PIXELS
+        assert decoded.rgb.shape == (h.height, h.width, 3)
+        assert decoded.alpha is None or decoded.alpha.shape == (h.height, h.width)
+    assert time.perf_counter() - t0 < 5
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)),
+                      min_size=1, max_size=4))
+def test_fuzz_decode_payload_overwrites(stream, tiny_registry, edits):
+    """Byte overwrites inside the ZLAT / YLAT payloads only: the entropy decoder's turn."""
+    bs = parse(stream)
+    z, y = bytearray(bs.sections["ZLAT"]), bytearray(bs.sections["YLAT"])
+    for pos, value in edits:
+        target = z if pos % 2 == 0 or not y else y
+        target[(pos // 2) % len(target)] = value
+    data = repack(stream, ZLAT=bytes(z), YLAT=bytes(y))
+    t0 = time.perf_counter()
+    try:
+        decoded = decode(data, max_pixels=FUZZ_MAX_PIXELS, registry=tiny_registry)
+    except BitstreamError as exc:
+        event(re.sub(r"[\d']\S*", "#", str(exc))[:40])
+    else:
+        event("decoded")
+        assert decoded.rgb.shape == (HEIGHT, WIDTH, 3)
+    assert time.perf_counter() - t0 < 5
