@@ -24,7 +24,7 @@ from codec import coding
 from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
 from codec.errors import BitstreamError, ModelError
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
-from codec.images import DEFAULT_MAX_PIXELS, PreparedImage, pad_to_multiple
+from codec.images import DEFAULT_MAX_PIXELS, PreparedImage, output_pixels, pad_to_multiple
 from codec.inference import InferenceConfig, infer
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
@@ -140,13 +140,6 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
     return DecodedImage(rgb, alpha, h)
 
 
-def _output_pixels(rgb: np.ndarray, color: str) -> np.ndarray:
-    """What the user gets back: the gray plane for grayscale sources (see codec.images)."""
-    if color == "L":
-        return np.round(rgb.astype(np.float64).mean(axis=2)).astype(np.uint8)
-    return rgb
-
-
 class Codec:
     """One loaded model on one device; encodes single images or same-size batches."""
 
@@ -219,7 +212,7 @@ class Codec:
             bits=len(data) * 8, payload_bits=8 * (len(sections["ZLAT"]) + len(sections["YLAT"])),
             estimated_bits=self._estimated_bits(z_hat, k),
             bpp=bpp(len(data), info.width, info.height),
-            psnr=psnr(_output_pixels(rgb, info.color), _output_pixels(im.rgb, info.color)),
+            psnr=psnr(output_pixels(rgb, info.color), output_pixels(im.rgb, info.color)),
             rd_loss=float(lat.loss[i]),
             amortized_bpp=float(lat.start_terms["bpp"][i]),
             amortized_psnr=psnr_from_mse(amortized_mse),

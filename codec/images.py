@@ -116,7 +116,9 @@ __all__ = [
     "PreparedImage",
     "SourceInfo",
     "crop",
+    "gray_from_rgb",
     "load_image",
+    "output_pixels",
     "pad_to_multiple",
     "save_image",
     "to_pil",
@@ -568,6 +570,16 @@ def _flatten_over_white(planes: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- output
 
 
+def gray_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The decoded gray plane of a grayscale source: the rounded channel mean."""
+    return ((rgb.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
+
+
+def output_pixels(rgb: np.ndarray, color: str) -> np.ndarray:
+    """The pixel values a decode hands back for `color` (what PSNR is measured on)."""
+    return gray_from_rgb(rgb) if color == "L" else rgb
+
+
 def to_pil(rgb: np.ndarray, color: str = "RGB", alpha: np.ndarray | None = None) -> Image.Image:
     """Turn decoded pixels back into the image the source was: RGB/RGBA or L/LA.
 
@@ -584,7 +596,7 @@ def to_pil(rgb: np.ndarray, color: str = "RGB", alpha: np.ndarray | None = None)
                 f"alpha must be uint8 {rgb.shape[:2]}, got {alpha.dtype} {alpha.shape}"
             )
     if color == "L":
-        plane = ((rgb.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
+        plane = gray_from_rgb(rgb)
         arr = plane if alpha is None else np.dstack([plane, alpha])
     elif color == "RGB":
         arr = rgb if alpha is None else np.dstack([rgb, alpha])
