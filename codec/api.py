@@ -112,7 +112,7 @@ def _synthesize(lm: LoadedModel, y_hat: np.ndarray | torch.Tensor, height: int, 
                 device: torch.device) -> np.ndarray:
     y = torch.as_tensor(y_hat, dtype=torch.float32, device=device)[None]
     with torch.inference_mode():
-        x = lm.model.to(device).g_s(y)[0, :, :height, :width]
+        x = lm.on(device).g_s(y)[0, :, :height, :width]
         x = torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return x.permute(1, 2, 0).cpu().numpy()
 
@@ -148,7 +148,7 @@ class Codec:
         self.lm = load(model, registry)
         self.registry = registry
         self.device = torch.device(device) if device is not None else default_device()
-        self.lm.model.to(self.device)
+        self.model = self.lm.on(self.device)
 
     @property
     def model_id(self) -> str:
@@ -181,7 +181,7 @@ class Codec:
         x = torch.from_numpy(np.stack([pad_to_multiple(im.rgb, DOWNSAMPLE) for im in images]))
         x = x.permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
         sizes = [(im.info.height, im.info.width) for im in images]
-        lat = infer(self.lm.model, x, sizes, self.lm.entry.lmbda, config, progress)
+        lat = infer(self.model, x, sizes, self.lm.entry.lmbda, config, progress)
         elapsed = (time.perf_counter() - t0) / len(images)
         return [self._code_one(im, lat, i, config, elapsed) for i, im in enumerate(images)]
 
@@ -228,7 +228,7 @@ class Codec:
 
     @torch.no_grad()
     def _estimated_bits(self, z_hat: np.ndarray, k: np.ndarray) -> float:
-        model = self.lm.model
+        model = self.model
         z = torch.from_numpy(z_hat).float()[None].to(self.device)
         mu, sigma = model.hyper_synthesis(z)
         kt = torch.from_numpy(k).float()[None].to(self.device)

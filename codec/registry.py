@@ -10,6 +10,7 @@ tables (`codec.frozen`, what entropy coding uses), written by `export_model`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -47,6 +48,16 @@ class LoadedModel:
     entry: ModelEntry
     model: MeanScaleHyperprior  # float, eval mode, on CPU
     tables: CodingTables
+
+    def on(self, device: torch.device | str) -> MeanScaleHyperprior:
+        """The float model on `device`; the CPU copy is never moved, others are cached."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.model
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = copy.deepcopy(self.model).to(device)
+        return copies[device]
 
 
 def entries(registry: Path = REGISTRY) -> list[ModelEntry]:
