@@ -165,7 +165,7 @@ class Codec:
         config = config or InferenceConfig()
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, im in enumerate(images):
-            groups[_padded_size(im)].append(i)
+            groups[padded_size(im)].append(i)
         results: list[EncodeResult | None] = [None] * len(images)
         for members in groups.values():
             for start in range(0, len(members), max_batch):
@@ -236,5 +236,6 @@ class Codec:
         return float(-torch.log2(y_lik).sum() - torch.log2(z_lik).sum())
 
 
-def _padded_size(im: PreparedImage) -> tuple[int, int]:
+def padded_size(im: PreparedImage) -> tuple[int, int]:
+    """Images with the same padded size can share an inference batch."""
     return (-(-im.info.height // DOWNSAMPLE), -(-im.info.width // DOWNSAMPLE))

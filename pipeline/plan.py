@@ -1,0 +1,117 @@
+"""Planning a run: which images to encode, cut into deterministic shards, stored with the job.
+
+An image is skipped when an earlier run already encoded it successfully with the same
+fingerprint (settings + model) from the same source bytes (key, size, version). So reruns
+and nightly runs only do new or changed work. Shard ids hash the fingerprint and the images
+they hold, so the same work always gets the same id, and a shard is done when its Parquet
+part exists. The plan is stored under `<out>/_jobs/<run-id>/plan.json`; an interrupted run
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import pyarrow.compute as pc
+
+from pipeline import sink
+from pipeline.storage import ObjectInfo, Storage
+
+DONE_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint", "status"]
+
+
+@dataclass
+class Shard:
+    id: str
+    images: list[ObjectInfo]
+
+    @classmethod
+    def from_json(cls, d: dict) -> Shard:
+        return cls(d["id"], [ObjectInfo(**i) for i in d["images"]])
+
+
+@dataclass
+class Plan:
+    run_id: str
+    input_url: str
+    output_url: str
+    fingerprint: str
+    settings: dict
+    shards: list[Shard]
+    skipped: int = 0  # images already done by earlier runs
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(s.images) for s in self.shards)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Plan:
+        d = json.loads(data)
+        d["shards"] = [Shard.from_json(s) for s in d["shards"]]
+        return cls(**d)
+
+
+def plan_key(run_id: str) -> str:
+    return f"_jobs/{run_id}/plan.json"
+
+
+def summary_key(run_id: str) -> str:
+    return f"_jobs/{run_id}/summary.json"
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def done_images(output: Storage, fingerprint: str) -> set[tuple[str, int, str]]:
+    """(key, size, version) of every image already encoded successfully with `fingerprint`."""
+    done: set[tuple[str, int, str]] = set()
+    for key in output.list_keys("metrics", ".parquet"):
+        table = sink.read_part(output.read_bytes(key), DONE_COLUMNS)
+        table = table.filter(pc.and_(pc.equal(table["fingerprint"], fingerprint),
+                                     pc.equal(table["status"], "ok")))
+        done.update(zip(table["source_key"].to_pylist(), table["source_bytes"].to_pylist(),
+                        table["source_version"].to_pylist(), strict=True))
+    return done
+
+
+def shard_id(fingerprint: str, images: list[ObjectInfo]) -> str:
+    h = hashlib.sha256(fingerprint.encode())
+    for im in images:
+        h.update(f"\0{im.key}\0{im.size}\0{im.version}".encode())
+    return h.hexdigest()[:16]
+
+
+def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, settings: dict,
+              fingerprint: str, shard_size: int, run_id: str | None = None) -> Plan:
+    """Skip what is done, cut the rest into shards of `shard_size` in key order."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    done = done_images(output, fingerprint)
+    todo = sorted((im for im in images if (im.key, im.size, im.version) not in done),
+                  key=lambda im: im.key)
+    chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
+    shards = [Shard(shard_id(fingerprint, c), c) for c in chunks]
+    return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
+                skipped=len(images) - len(todo))
+
+
+def unfinished_plan(output: Storage, input_url: str, fingerprint: str) -> Plan | None:
+    """The newest stored plan of this input and fingerprint whose run has no summary yet."""
+    candidates = []
+    for key in output.list_keys("_jobs", "plan.json"):
+        run_id = key.split("/")[1]
+        if output.exists(summary_key(run_id)):
+            continue
+        plan = Plan.from_json(output.read_bytes(key))
+        if plan.input_url == input_url and plan.fingerprint == fingerprint:
+            candidates.append(plan)
+    return max(candidates, key=lambda p: p.created) if candidates else None

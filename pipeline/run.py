@@ -1,0 +1,207 @@
+"""The driver of a recompression run: plan, start actors, hand out shards, survive faults.
+
+    summary = run("photos/", "archive/", EncodeSettings(method="amortized"))
+
+Embedded default: an in-process local Ray; pass `address` to use an existing cluster.
+Faults: a shard whose actor dies is retried on a fresh actor (up to `max_attempts`; after
+that its images get error rows, so every input still has exactly one row); a shard is
+committed by one atomic Parquet write, so a retry after a late death finds the part and
+does nothing. An interrupted run resumes from its stored plan when started again with the
+same input and settings (or `run_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from pipeline import plan as planning
+from pipeline import sink
+from pipeline.actors import EncoderActor, layout
+from pipeline.plan import Plan, Shard
+from pipeline.settings import EncodeSettings
+from pipeline.storage import Storage
+from pipeline.worker import ShardResult
+
+
+@dataclass
+class RunOptions:
+    shard_size: int = 16
+    actors: int | None = None  # None: one per GPU, else CPU actors sized to the machine
+    address: str | None = None  # Ray cluster address; None: in-process local Ray
+    device: str | None = None  # torch device inside actors; None: cuda when present
+    batch_size: int = 4  # images of one padded size encoded together
+    prefetch: int = 4  # images read and decoded ahead of the encoder
+    max_attempts: int = 3
+    run_id: str | None = None  # resume (or name) this run
+    manifest: str | None = None  # list of keys instead of a listing of the input
+    progress: bool = True
+    actor_env: dict[str, str] = field(default_factory=dict)  # env vars for actor processes
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    images: int  # rows written by this run
+    ok: int
+    errors: int
+    skipped: int  # done by earlier runs with the same settings
+    shards: int
+    retried_shards: int
+    seconds: float
+    resumed: bool
+    output_url: str
+
+    def line(self) -> str:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return (f"run {self.run_id}: {self.images} images ({self.ok} ok, {self.errors} "
+                f"errors), {self.skipped} skipped as done, {self.shards} shards, "
+                f"{self.seconds:.1f} s ({rate:.2f} images/s){' [resumed]' if self.resumed else ''}")
+
+
+def run(input_url: str, output_url: str, settings: EncodeSettings,
+        options: RunOptions | None = None, storage_options: dict | None = None) -> RunSummary:
+    options = options or RunOptions()
+    t0 = time.perf_counter()
+    source = Storage(input_url, storage_options)
+    output = Storage(output_url, storage_options)
+    plan, resumed = _load_or_make_plan(source, output, settings, options)
+    pending = [s for s in plan.shards
+               if not output.exists(sink.part_key(plan.run_id, s.id))]
+    retried = 0
+    if pending:
+        retried = _execute(plan, pending, source, output, settings, options, storage_options)
+    summary = _summarize(plan, output, resumed, retried, time.perf_counter() - t0)
+    output.write_atomic(planning.summary_key(plan.run_id),
+                        json.dumps(asdict(summary), indent=1).encode())
+    return summary
+
+
+def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSettings,
+                       options: RunOptions) -> tuple[Plan, bool]:
+    fingerprint = settings.fingerprint()
+    if options.run_id and output.exists(planning.plan_key(options.run_id)):
+        plan = Plan.from_json(output.read_bytes(planning.plan_key(options.run_id)))
+        if plan.fingerprint != fingerprint:
+            raise ValueError(f"run {options.run_id} was planned with other settings "
+                             f"(fingerprint {plan.fingerprint}, now {fingerprint})")
+        return plan, True
+    if options.run_id is None:
+        plan = planning.unfinished_plan(output, source.url, fingerprint)
+        if plan is not None:
+            return plan, True
+    images = (source.list_manifest(options.manifest) if options.manifest
+              else source.list_images())
+    plan = planning.make_plan(images, source.url, output, settings.resolved(), fingerprint,
+                              options.shard_size, options.run_id)
+    output.write_atomic(planning.plan_key(plan.run_id), plan.to_json())
+    return plan, False
+
+
+def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
+             settings: EncodeSettings, options: RunOptions, storage_options) -> int:
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    lay = layout(ray.cluster_resources(), options.actors)
+    lay = type(lay)(min(lay.count, len(pending)), lay.num_gpus, lay.num_cpus,
+                    lay.torch_threads)
+    actor_args = (source.url, output.url, storage_options, settings, plan.fingerprint)
+    actor_kwargs = {"device": options.device, "batch_size": options.batch_size,
+                    "prefetch": options.prefetch, "torch_threads": lay.torch_threads}
+    actor_options = {"num_cpus": lay.num_cpus, "num_gpus": lay.num_gpus,
+                     "scheduling_strategy": "SPREAD"}
+    if options.actor_env:
+        actor_options["runtime_env"] = {"env_vars": dict(options.actor_env)}
+
+    def new_actor():
+        return EncoderActor.options(**actor_options).remote(*actor_args, **actor_kwargs)
+
+    actors = [new_actor() for _ in range(lay.count)]
+    queue = deque((shard, 1) for shard in pending)
+    inflight: dict = {}
+    free = list(range(len(actors)))
+    retried = 0
+    progress = _Progress(sum(len(s.images) for s in pending), options.progress,
+                         f"run {plan.run_id}: {lay.describe()}")
+    try:
+        while queue or inflight:
+            while free and queue:
+                i = free.pop()
+                shard, attempt = queue.popleft()
+                inflight[actors[i].process.remote(shard, plan.run_id)] = (i, shard, attempt)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i, shard, attempt = inflight.pop(ref)
+                try:
+                    result: ShardResult = ray.get(ref)
+                    progress.done(result)
+                except (RayActorError, RayTaskError) as exc:
+                    actors[i] = new_actor() if isinstance(exc, RayActorError) else actors[i]
+                    if attempt < options.max_attempts:
+                        retried += 1
+                        queue.append((shard, attempt + 1))
+                    else:
+                        progress.done(_give_up(output, plan, shard, attempt, exc))
+                free.append(i)
+    finally:
+        progress.close()
+        for a in actors:
+            ray.kill(a)
+        if started_ray:
+            ray.shutdown()
+    return retried
+
+
+def _give_up(output: Storage, plan: Plan, shard: Shard, attempts: int,
+             exc: Exception) -> ShardResult:
+    """After the last attempt: one error row per image, unless a late attempt committed."""
+    part = sink.part_key(plan.run_id, shard.id)
+    if not output.exists(part):
+        reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
+        rows = [{"source_key": im.key, "source_url": None, "source_bytes": im.size,
+                 "source_version": im.version, "run_id": plan.run_id, "shard_id": shard.id,
+                 "fingerprint": plan.fingerprint, "model_id": plan.settings["model"],
+                 "method": plan.settings["method"], "timestamp": sink.now(),
+                 "status": "error", "error_stage": "worker", "error": reason}
+                for im in shard.images]
+        output.write_atomic(part, sink.part_bytes(rows))
+    n = len(shard.images)
+    return ShardResult(shard.id, n, 0, n, 0.0)
+
+
+def _summarize(plan: Plan, output: Storage, resumed: bool, retried: int,
+               seconds: float) -> RunSummary:
+    ok = errors = 0
+    for shard in plan.shards:
+        key = sink.part_key(plan.run_id, shard.id)
+        status = sink.read_part(output.read_bytes(key), ["status"])["status"].to_pylist()
+        ok += status.count("ok")
+        errors += status.count("error")
+    return RunSummary(plan.run_id, ok + errors, ok, errors, plan.skipped, len(plan.shards),
+                      retried, seconds, resumed, output.url)
+
+
+class _Progress:
+    """Driver console progress: images/s, ETA and failures (tqdm)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled,
+                        dynamic_ncols=True)
+        self.failures = 0
+
+    def done(self, result: ShardResult) -> None:
+        self.failures += result.errors
+        self.bar.set_postfix(failures=self.failures, refresh=False)
+        self.bar.update(result.images)
+
+    def close(self) -> None:
+        self.bar.close()

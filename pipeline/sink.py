@@ -1,0 +1,79 @@
+"""Per-image metrics rows and the Parquet parts that hold them (schema in docs/pipeline.md).
+
+One row per input image per run. A shard's rows are written as one Parquet part,
+`metrics/run=<run_id>/shard-<shard_id>.parquet`, after all its bitstreams, in one atomic
+write: the part's existence is what marks the shard done.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("source_key", pa.string()),  # path relative to the input root
+    ("source_url", pa.string()),
+    ("source_bytes", pa.int64()),
+    ("source_version", pa.string()),  # ETag on object stores, mtime locally
+    ("source_format", pa.string()),
+    ("source_mode", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("bitstream_key", pa.string()),  # relative to the output root
+    ("bitstream_bytes", pa.int64()),
+    ("bpp", pa.float64()),  # from the bitstream's size
+    ("psnr", pa.float64()),  # RGB 8-bit, decoded vs source pixels
+    ("estimated_bits", pa.float64()),  # model's -log2 P(z_hat) - log2 P(y_hat | z_hat)
+    ("payload_bits", pa.int64()),
+    ("amortized_bpp", pa.float64()),  # model estimate before iterative inference
+    ("amortized_psnr", pa.float64()),
+    ("rd_loss", pa.float64()),
+    ("amortized_rd_loss", pa.float64()),
+    ("quality", pa.int32()),
+    ("lmbda", pa.float64()),
+    ("model_id", pa.string()),
+    ("method", pa.string()),
+    ("iterations", pa.int32()),
+    ("encode_seconds", pa.float64()),
+    ("device", pa.string()),
+    ("run_id", pa.string()),
+    ("shard_id", pa.string()),
+    ("fingerprint", pa.string()),
+    ("timestamp", pa.timestamp("us", tz="UTC")),
+    ("status", pa.string()),  # "ok" or "error"
+    ("error_stage", pa.string()),  # read | decode | encode | write (null when ok)
+    ("error", pa.string()),  # the reason, null when ok
+])
+
+
+def part_key(run_id: str, shard_id: str) -> str:
+    return f"metrics/run={run_id}/shard-{shard_id}.parquet"
+
+
+def bitstream_key(source_key: str) -> str:
+    return f"bitstreams/{source_key}.sga"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def empty_row() -> dict:
+    return dict.fromkeys(SCHEMA.names)
+
+
+def table_of(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{**empty_row(), **r} for r in rows], schema=SCHEMA)
+
+
+def part_bytes(rows: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table_of(rows), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_part(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(data), columns=columns)

@@ -1,0 +1,186 @@
+"""Encoding one shard: the work a Ray actor does, kept free of Ray so it can be tested alone.
+
+For each image: read bytes (retried by Storage) -> decode and apply the image policy ->
+batched inference by padded size -> bitstream written atomically -> one metrics row. Reads
+and image decoding run in a small thread pool ahead of the encoder, so storage latency
+overlaps compute. A bad image becomes an error row; the shard goes on. The shard's Parquet
+part is written last and atomically; if it already exists the shard was committed before
+(for example by an actor that died right after) and nothing is redone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codec.api import Codec, EncodeResult, padded_size
+from codec.errors import SgarcError
+from codec.images import PreparedImage, load_image
+from pipeline import sink
+from pipeline.plan import Shard
+from pipeline.settings import EncodeSettings
+from pipeline.storage import ObjectInfo, Storage, StorageError
+
+CRASH_MARKER_ENV = "SGARC_FAULT_CRASH_ON"  # fault injection for tests and chaos drills
+
+
+@dataclass
+class ShardResult:
+    shard_id: str
+    images: int
+    ok: int
+    errors: int
+    seconds: float
+    already_committed: bool = False
+
+
+class ShardEncoder:
+    """Loads the model once; encodes shards of one run."""
+
+    def __init__(self, input_url: str, output_url: str, storage_options: dict | None,
+                 settings: EncodeSettings, fingerprint: str, device: str | None = None,
+                 batch_size: int = 4, prefetch: int = 4, torch_threads: int | None = None
+                 ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.input = Storage(input_url, storage_options)
+        self.output = Storage(output_url, storage_options)
+        self.settings = settings
+        self.config = settings.inference()
+        self.fingerprint = fingerprint
+        self.codec = Codec(settings.model, device=device)
+        self.batch_size = batch_size
+        self.prefetch = prefetch
+
+    def process(self, shard: Shard, run_id: str,
+                progress: Callable[[int], None] | None = None) -> ShardResult:
+        t0 = time.perf_counter()
+        part = sink.part_key(run_id, shard.id)
+        if self.output.exists(part):
+            table = sink.read_part(self.output.read_bytes(part), ["status"])
+            errors = table["status"].to_pylist().count("error")
+            return ShardResult(shard.id, table.num_rows, table.num_rows - errors, errors,
+                               time.perf_counter() - t0, already_committed=True)
+        rows: list[dict] = []
+        base = {"run_id": run_id, "shard_id": shard.id, "fingerprint": self.fingerprint,
+                "model_id": self.codec.model_id, "quality": self.codec.lm.entry.quality,
+                "lmbda": self.codec.lm.entry.lmbda, "method": self.config.method,
+                "iterations": 0 if self.config.method == "amortized" else
+                self.config.iterations, "device": str(self.codec.device)}
+        buckets: dict[tuple[int, int], list[tuple[ObjectInfo, PreparedImage]]] = defaultdict(list)
+        for ref, prepared, failure in self._prepared(shard.images):
+            source = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
+                      "source_bytes": ref.size, "source_version": ref.version}
+            if failure is not None:
+                rows.append({**source, **failure, "status": "error", "timestamp": sink.now()})
+                _tick(progress)
+                continue
+            self._maybe_crash(ref.key)
+            bucket = buckets[padded_size(prepared)]
+            bucket.append((ref, prepared))
+            if len(bucket) >= self.batch_size:
+                rows += self._encode(bucket, base, progress)
+                bucket.clear()
+        for bucket in buckets.values():
+            if bucket:
+                rows += self._encode(bucket, base, progress)
+        self.output.write_atomic(part, sink.part_bytes(rows))
+        errors = sum(r["status"] == "error" for r in rows)
+        return ShardResult(shard.id, len(rows), len(rows) - errors, errors,
+                           time.perf_counter() - t0)
+
+    # -- reading ahead
+
+    def _prepared(self, refs: list[ObjectInfo]
+                  ) -> Iterator[tuple[ObjectInfo, PreparedImage | None, dict | None]]:
+        """Images in order, read and decoded up to `prefetch` ahead in threads."""
+        with ThreadPoolExecutor(max_workers=max(1, self.prefetch),
+                                thread_name_prefix="sgarc-read") as pool:
+            pending: list[tuple[ObjectInfo, Future]] = []
+            it = iter(refs)
+            for ref in it:
+                pending.append((ref, pool.submit(self._read_one, ref)))
+                if len(pending) >= self.prefetch:
+                    break
+            while pending:
+                ref, fut = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._read_one, nxt)))
+                yield (ref, *fut.result())
+
+    def _read_one(self, ref: ObjectInfo) -> tuple[PreparedImage | None, dict | None]:
+        try:
+            data = self.input.read_bytes(ref.key)
+        except StorageError as exc:
+            return None, {"error_stage": "read", "error": str(exc)}
+        try:
+            s = self.settings
+            image = load_image(data, alpha=s.alpha, depth=s.depth, max_pixels=s.max_pixels)
+        except SgarcError as exc:
+            return None, {"error_stage": "decode", "error": str(exc)}
+        except MemoryError:
+            return None, {"error_stage": "decode", "error": "out of memory decoding the image"}
+        return image, None
+
+    # -- encoding and writing
+
+    def _encode(self, bucket, base: dict, progress) -> list[dict]:
+        images = [p for _, p in bucket]
+        try:
+            results: list[EncodeResult | Exception] = list(
+                self.codec.encode_batch(images, self.config))
+        except Exception:  # isolate the image that fails: retry one by one
+            results = []
+            for im in images:
+                try:
+                    results.append(self.codec.encode(im, self.config))
+                except Exception as exc:  # any failure becomes an error row
+                    results.append(exc)
+        rows = []
+        for (ref, prepared), res in zip(bucket, results, strict=True):
+            rows.append(self._row(ref, prepared, res, base))
+            _tick(progress)
+        return rows
+
+    def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict) -> dict:
+        info = prepared.info
+        row = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
+               "source_bytes": ref.size, "source_version": ref.version,
+               "source_format": info.format, "source_mode": info.mode, "width": info.width,
+               "height": info.height, "timestamp": sink.now()}
+        if isinstance(res, Exception):
+            return {**row, "status": "error", "error_stage": "encode",
+                    "error": f"{type(res).__name__}: {res}"}
+        key = sink.bitstream_key(ref.key)
+        try:
+            self.output.write_atomic(key, res.data)
+        except StorageError as exc:
+            return {**row, "status": "error", "error_stage": "write", "error": str(exc)}
+        return {**row, "status": "ok", "bitstream_key": key, "bitstream_bytes": len(res.data),
+                "bpp": res.bpp, "psnr": res.psnr, "estimated_bits": res.estimated_bits,
+                "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
+                "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
+                "amortized_rd_loss": res.amortized_rd_loss, "encode_seconds": res.seconds}
+
+    def _maybe_crash(self, key: str) -> None:
+        """Fault injection: die once, hard, when reaching a key containing the marker."""
+        spec = os.environ.get(CRASH_MARKER_ENV)
+        if not spec:
+            return
+        needle, _, flag = spec.partition("@")
+        if needle in key and flag and not Path(flag).exists():
+            Path(flag).touch()
+            os._exit(17)
+
+
+def _tick(progress) -> None:
+    if progress is not None:
+        progress(1)
