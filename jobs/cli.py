@@ -98,6 +98,27 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    import json
+
+    from pipeline.run import RunOptions, run
+    from pipeline.settings import EncodeSettings
+
+    settings = EncodeSettings(model=args.model or args.quality, method=args.method,
+                              iterations=args.iterations, lr=args.lr, seed=args.seed,
+                              alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels)
+    try:
+        storage_options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as exc:
+        raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
+    options = RunOptions(shard_size=args.shard_size, actors=args.actors, address=args.address,
+                         device=args.device, run_id=args.run_id, manifest=args.manifest)
+    summary = run(args.input, args.output, settings, options, storage_options)
+    print(summary.line())
+    print(f"metrics: {summary.output_url.rstrip('/')}/metrics/run={summary.run_id}/")
+    return 0 if summary.errors == 0 else 1
+
+
 def cmd_demo(args) -> int:
     from jobs.demo import run_demo
     return run_demo(Path(args.out), iterations=args.iterations, quality=args.quality)
@@ -110,9 +131,33 @@ def _add_codec_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model id instead of a quality level")
 
 
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    from codec.inference import METHODS
+
+    p.add_argument("--method", "-m", default="sga", choices=METHODS,
+                   help="inference method (default: sga; the others are the paper's "
+                        "baseline and ablations)")
+    p.add_argument("--iterations", "-n", type=int, default=2000,
+                   help="iterations of iterative inference (default: 2000, the paper's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 5e-3; 1e-4 for ste)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic rounding")
+
+
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    from codec.images import DEFAULT_MAX_PIXELS
+
+    p.add_argument("--alpha", default="keep", choices=("keep", "flatten", "error"),
+                   help="alpha channel: keep it losslessly (default), flatten onto white, "
+                        "or refuse the image")
+    p.add_argument("--depth", default="error", choices=("error", "reduce"),
+                   help="16-bit images: refuse (default) or reduce to 8 bits")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"decompression-bomb limit (default: {DEFAULT_MAX_PIXELS})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from codec.images import DEFAULT_MAX_PIXELS
-    from codec.inference import METHODS
 
     parser = argparse.ArgumentParser(
         prog="sgarc", description="Recompress photos with a learned codec refined by "
@@ -124,23 +169,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     _add_codec_options(p)
-    p.add_argument("--method", "-m", default="sga", choices=METHODS,
-                   help="inference method (default: sga; the others are the paper's "
-                        "baseline and ablations)")
-    p.add_argument("--iterations", "-n", type=int, default=2000,
-                   help="iterations of iterative inference (default: 2000, the paper's)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 5e-3; 1e-4 for ste)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the stochastic rounding")
-    p.add_argument("--alpha", default="keep", choices=("keep", "flatten", "error"),
-                   help="alpha channel: keep it losslessly (default), flatten onto white, "
-                        "or refuse the image")
-    p.add_argument("--depth", default="error", choices=("error", "reduce"),
-                   help="16-bit images: refuse (default) or reduce to 8 bits")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"decompression-bomb limit (default: {DEFAULT_MAX_PIXELS})")
+    _add_inference_options(p)
+    _add_image_options(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser(
+        "run", help="recompress every image under INPUT into OUTPUT with Ray",
+        description="Encode every image under INPUT (a local folder or any fsspec URL: "
+        "s3://bucket/prefix, gs://..., memory://...) into OUTPUT: bitstreams at "
+        "OUTPUT/bitstreams/<key>.sga, per-image metrics as Parquet under OUTPUT/metrics/. "
+        "Images already done with the same settings are skipped; an interrupted run resumes "
+        "when started again. Exit status 1 when some images failed (see the error rows).")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("output", metavar="OUTPUT")
+    _add_codec_options(p)
+    _add_inference_options(p)
+    _add_image_options(p)
+    p.add_argument("--shard-size", type=int, default=16, help="images per shard (default 16)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: one per GPU, else sized to the CPUs)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: an in-process local Ray)")
+    p.add_argument("--device", default=None, help="torch device in actors (default: cuda "
+                   "when present)")
+    p.add_argument("--manifest", default=None,
+                   help="text file listing the keys to encode, one per line (under INPUT)")
+    p.add_argument("--run-id", default=None, help="resume (or name) this run")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                   "\"http://minio:9000\"}}' (never printed)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("decode", help="decode an .sga bitstream to an image",
                        description="Decode IN to OUT; the format follows OUT's extension "
