@@ -1,0 +1,568 @@
+"""Object storage through fsspec URLs: one small, retrying, picklable front for every backend.
+
+The pipeline reads images from and writes bitstreams and Parquet parts to "a storage root":
+a local directory (bare path or ``file://``), ``s3://``, ``gs://`` or ``memory://``. The
+same code path serves all of them (DESIGN.md, decision 7); what differs is handled here:
+
+* **Atomic writes** (decision 5). A job is resumable because "the part exists" means "the
+  part is complete". Locally we write a dot-prefixed ``.tmp`` file in the target's
+  directory, fsync it and ``os.replace`` it over the target, so readers see the old file or
+  the new one, never half of one; a crash leaves at most a temp file, which listings skip.
+  On object stores a single PUT (``pipe_file``) is atomic already.
+* **Retries.** Network stores fail transiently (connection resets, throttling, 5xx). Each
+  operation is retried with capped exponential backoff and jitter; permanent errors (a
+  missing object, a denied request, a bad argument) fail at once. Either way the caller
+  gets a :class:`StorageError` naming the operation and the URL, with the cause chained.
+  The SDK underneath (botocore, gcsfs) retries single requests too; these retries sit on
+  top and cover the whole operation.
+* **Fresh listings.** fsspec caches directory listings; a resumable job asks "does this
+  part exist?" after other workers wrote, so listings caches are off and invalidated.
+* **Pickling.** A :class:`Storage` travels to Ray actors: it holds only the URL and the
+  options and builds the filesystem lazily in each process.
+* **Secrets.** ``storage_options`` may hold credentials; they never appear in ``repr``
+  or in error messages.
+
+This module depends on fsspec only (no Ray, no codec).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import split_protocol
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+# How many object lookups list_manifest runs at once (network stores are latency bound).
+_MANIFEST_WORKERS = 16
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under a storage root.
+
+    ``key`` is relative to the root ('/'-separated, never starting with '/'). ``version``
+    changes when the object's content changes: the ETag on S3/GCS, the mtime locally, ""
+    where the store offers neither (memory://). Jobs record it to notice changed sources.
+    """
+
+    key: str
+    size: int
+    version: str
+
+
+class StorageError(Exception):
+    """A storage operation failed (after retries, if the failure looked transient).
+
+    ``op`` is the operation ("read", "write", "list", ...), ``target`` the URL it acted on
+    (credentials removed), ``attempts`` how many times it was tried, ``transient`` whether
+    the last failure looked transient (so a caller may retry later, e.g. the whole shard).
+    """
+
+    missing = False
+
+    def __init__(self, message: str, *, op: str = "", target: str = "", attempts: int = 0,
+                 transient: bool = False) -> None:
+        super().__init__(message)
+        self.op = op
+        self.target = target
+        self.attempts = attempts
+        self.transient = transient
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):  # noqa: N818 - reads as a noun
+    """The object (or bucket) does not exist. Also a FileNotFoundError, so ``except
+    FileNotFoundError`` keeps working; never retried."""
+
+    missing = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Error classification
+# ---------------------------------------------------------------------------------------------
+
+# Retrying cannot fix these: the object is not there, access is denied, the call is wrong.
+_PERMANENT_TYPES: tuple[type[BaseException], ...] = (
+    FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+    ValueError, TypeError, AttributeError, KeyError, ImportError, NotImplementedError,
+    AssertionError,
+)
+# OSError errnos that are permanent as well (s3fs maps S3 error codes onto errnos:
+# InvalidArgument -> EINVAL, EntityTooLarge -> EMSGSIZE, wrong region -> EREMCHG, ...).
+_PERMANENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "EEXIST", "EINVAL", "ENAMETOOLONG",
+        "EROFS", "ENOSYS", "EMSGSIZE", "EREMCHG",
+    ) if hasattr(errno, name)
+)
+# S3 error codes that mean "slow down / try again".
+_TRANSIENT_S3_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "SlowDown", "RequestLimitExceeded",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "Busy", "OperationAborted",
+})
+
+
+def _botocore_verdict(exc: BaseException) -> bool | None:
+    """True/False for botocore exceptions (transient?), None for anything else."""
+    bx = sys.modules.get("botocore.exceptions")
+    if bx is None:  # botocore not loaded: exc cannot be one of its exceptions
+        return None
+    if isinstance(exc, bx.ClientError):
+        response = getattr(exc, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT_S3_CODES or status == 429 or int(status) >= 500
+    if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | bx.IncompleteReadError):
+        return True
+    if isinstance(exc, bx.BotoCoreError):
+        # Credentials, parameter validation, configuration: retrying cannot help.
+        return False
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the operation that raised ``exc`` might succeed.
+
+    Permanent: missing objects, denied access, wrong arguments, programming errors.
+    Transient: everything else a network stack raises (OSError, timeouts, connection
+    errors, aiohttp client errors, S3 throttling and 5xx) - the failure modes of remote
+    stores are open-ended, so unknown errors get the benefit of the doubt.
+    """
+    verdict = _botocore_verdict(exc)
+    if verdict is not None:
+        return verdict
+    if isinstance(exc, _PERMANENT_TYPES):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+# ---------------------------------------------------------------------------------------------
+
+_SENSITIVE_NAME = re.compile(r"key|secret|token|passw|credential|auth|signature|sas|cert",
+                             re.IGNORECASE)
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def _secret_strings(options: Any, sensitive: bool = False) -> set[str]:
+    """String values in ``options`` held under a sensitive-looking name (at any depth)."""
+    found: set[str] = set()
+    if isinstance(options, dict):
+        for name, value in options.items():
+            found |= _secret_strings(value, sensitive or bool(_SENSITIVE_NAME.search(str(name))))
+    elif isinstance(options, list | tuple | set):
+        for value in options:
+            found |= _secret_strings(value, sensitive)
+    elif sensitive and isinstance(options, str) and len(options) >= 4:
+        found.add(options)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_temp_name(name: str) -> bool:
+    """A temp file of write_atomic (``.<name>.<random>.tmp``): never a real object."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _check_key(key: str, *, allow_empty: bool = False) -> str:
+    """Validate a key: relative, '/'-separated, no '.'/'..' segments (no escaping the root).
+
+    A trailing '/' is dropped ("parts/" names the prefix "parts")."""
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {type(key).__name__}")
+    if key.startswith("/") or "\\" in key or "://" in key:
+        raise ValueError(f"key must be relative to the storage root: {key!r}")
+    key = key.rstrip("/")
+    if not key:
+        if allow_empty:
+            return ""
+        raise ValueError("empty key")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"key has an empty, '.' or '..' segment: {key!r}")
+    return key
+
+
+class Storage:
+    """A root URL (file://, s3://, memory://, gs://, bare local path) plus fsspec options.
+
+    Keys are paths relative to the root. Every operation either succeeds or raises
+    :class:`StorageError` (:class:`StorageNotFound` for missing objects); transient
+    failures are retried ``retries`` times with exponential backoff (``backoff`` seconds,
+    doubling, capped at ``max_backoff``, with jitter). ``sleep`` is the pause function, a
+    seam for tests; it does not survive pickling (the copy uses ``time.sleep``).
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, retries: int = 4,
+                 backoff: float = 0.2, max_backoff: float = 5.0,
+                 sleep: Callable[[float], None] | None = None) -> None:
+        if retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError("retries, backoff and max_backoff must be >= 0")
+        url = os.fspath(url)
+        if "::" in url:
+            raise ValueError("chained fsspec URLs (a::b) are not supported as storage roots")
+        protocol, path = split_protocol(url)
+        if protocol is None or protocol == "local":
+            protocol = "file"
+            if "://" not in url:  # bare path: relative to the working directory
+                path = os.path.abspath(os.path.expanduser(path))
+        cls = fsspec.get_filesystem_class(protocol)
+        canonical = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
+        self.protocol: str = canonical
+        self.storage_options: dict = dict(storage_options or {})
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._sleep = sleep or time.sleep
+        root = cls._strip_protocol(url if protocol != "file" or "://" in url else path)
+        if root != "/" and root.endswith("/"):
+            root = root.rstrip("/")
+        if not root:
+            raise ValueError(f"storage root {url!r} names no bucket or directory")
+        self._root: str = root
+        self._prefix = root if root.endswith("/") else root + "/"
+        self.url: str = self._unstrip(root)
+        self._fs: Any = None
+        self._lock = threading.Lock()
+        self._secrets = _secret_strings(self.storage_options)
+
+    # -- construction, pickling -----------------------------------------------------------
+
+    def _unstrip(self, path: str) -> str:
+        return f"{self.protocol}://{path}"  # local and memory paths start with '/'
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, built on first use in each process."""
+        if self._fs is None:
+            with self._lock:
+                if self._fs is None:
+                    options = dict(self.storage_options)
+                    # Listings must see objects written since the last listing.
+                    options.setdefault("use_listings_cache", False)
+                    self._fs = fsspec.filesystem(self.protocol, **options)
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in ("_fs", "_lock", "_sleep"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fs = None
+        self._lock = threading.Lock()
+        self._sleep = time.sleep
+
+    def __repr__(self) -> str:
+        # Option names only: their values may be credentials.
+        return (f"Storage({self._redact(self.url)!r}, "
+                f"options=[{', '.join(sorted(map(str, self.storage_options)))}])")
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Storage) and self.url == other.url
+                and self.storage_options == other.storage_options)
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def child(self, *parts: str) -> Storage:
+        """A Storage rooted at a sub-prefix (e.g. ``out.child("parts")``), same options."""
+        key = _check_key("/".join(p.strip("/") for p in parts if p.strip("/")), allow_empty=True)
+        new = object.__new__(Storage)
+        new.__dict__.update(self.__dict__)  # shares options, filesystem and sleep hook
+        new._lock = threading.Lock()
+        new._root = self.full_path(key)
+        new._prefix = new._root if new._root.endswith("/") else new._root + "/"
+        new.url = new._unstrip(new._root)
+        return new
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def full_path(self, key: str) -> str:
+        """The path fsspec sees for ``key`` (e.g. ``bucket/prefix/key``)."""
+        key = _check_key(key, allow_empty=True)
+        return self._root if not key else self._prefix + key
+
+    def url_of(self, key: str) -> str:
+        """A URL for ``key`` that a user (or another Storage) can pass back."""
+        return self._unstrip(self.full_path(key))
+
+    def key_of(self, url_or_path: str) -> str:
+        """The key of a URL or fsspec path under this root; ValueError if outside it."""
+        protocol, _ = split_protocol(url_or_path)
+        if protocol is not None:
+            if protocol == "local":
+                protocol = "file"
+            cls = fsspec.get_filesystem_class(protocol)
+            names = (cls.protocol,) if isinstance(cls.protocol, str) else cls.protocol
+            path = cls._strip_protocol(url_or_path) if self.protocol in names else ""
+        else:
+            path = url_or_path
+        path = path.rstrip("/") if path != "/" else path
+        if not path.startswith(self._prefix):
+            raise ValueError(f"{self._redact(url_or_path)} is not under {self._redact(self.url)}")
+        return _check_key(path[len(self._prefix):])
+
+    def _redact(self, text: str) -> str:
+        text = _URL_USERINFO.sub(r"\1***@", text)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    # -- retry machinery ---------------------------------------------------------------------
+
+    def _call(self, op: str, target: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; retry transient failures; raise StorageError with a clean message."""
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                transient = is_transient(exc)
+                if transient and attempt < attempts:
+                    delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+                    self._sleep(delay * random.uniform(0.5, 1.0))
+                    continue
+                reason = self._redact(f"{type(exc).__name__}: {exc}")
+                where = self._redact(target)
+                if not transient:
+                    cls = StorageNotFound if isinstance(exc, FileNotFoundError) else StorageError
+                    message = f"{op} {where} failed: {reason}"
+                else:
+                    cls = StorageError
+                    message = f"{op} {where} failed after {attempt} attempts: {reason}"
+                raise cls(message, op=op, target=where, attempts=attempt,
+                          transient=transient) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- listing -----------------------------------------------------------------------------
+
+    def _find(self, path: str, recursive: bool) -> list[tuple[str, dict]]:
+        """(key, fsspec info) for files under ``path``; fresh, temp files/markers skipped."""
+
+        def run() -> dict:
+            fs = self.fs
+            fs.invalidate_cache(path)
+            return fs.find(path, maxdepth=None if recursive else 1, withdirs=False, detail=True)
+
+        found = self._call("list", self._unstrip(path), run)
+        entries = []
+        for name, info in found.items():
+            if info.get("type", "file") != "file" or name.endswith("/"):
+                continue  # directories and S3 "directory marker" objects ("prefix/")
+            if not name.startswith(self._prefix):
+                continue
+            key = name[len(self._prefix):]
+            if not key or _is_temp_name(key.rsplit("/", 1)[-1]):
+                continue
+            entries.append((key, info))
+        entries.sort(key=lambda entry: entry[0])
+        return entries
+
+    def _object_info(self, key: str, info: dict) -> ObjectInfo:
+        version = info.get("ETag") or info.get("etag") or ""
+        if version:
+            version = str(version).strip('"')
+        elif info.get("mtime") is not None:
+            version = str(info["mtime"])
+        return ObjectInfo(key=key, size=int(info.get("size") or 0), version=version)
+
+    def list_images(self, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                    recursive: bool = True) -> list[ObjectInfo]:
+        """Image files under the root, sorted by key (deterministic shards).
+
+        Extensions match case-insensitively (``IMG_1.JPG``). Hidden files and folders
+        (a segment starting with '.') are skipped: in a photo archive they are junk - macOS
+        ``._IMG.jpg`` resource forks, NAS thumbnail folders, our own temp files. A root that
+        does not exist lists as empty (object stores cannot tell it from an empty prefix);
+        a missing bucket raises StorageNotFound.
+        """
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        return [self._object_info(key, info) for key, info in self._find(self._root, recursive)
+                if key.lower().endswith(exts)
+                and not any(part.startswith(".") for part in key.split("/"))]
+
+    def list_keys(self, prefix: str = "", suffix: str = "") -> list[str]:
+        """Keys (relative to the root, sorted) of all files under the sub-prefix ``prefix``
+        whose names end with ``suffix``; temp files of unfinished writes are skipped."""
+        path = self.full_path(prefix)
+        return [key for key, _ in self._find(path, True) if key.endswith(suffix)]
+
+    def list_manifest(self, manifest_url_or_key: str) -> list[ObjectInfo]:
+        """Objects named by a manifest: a text file with one key per line.
+
+        A line is a key relative to the root, or a full URL (or, for local roots, an
+        absolute path) under the root; blank lines and lines starting with '#' are ignored.
+        The manifest itself is a key under the root or a URL anywhere (same options when
+        the protocol matches). Returns unique objects sorted by key. A line outside the root
+        raises StorageError; missing objects raise StorageNotFound naming up to 5 of them
+        (a manifest is an explicit promise, so a gap is an error, not a silent skip).
+        """
+        text = self._read_manifest(manifest_url_or_key).decode("utf-8-sig")
+        keys: set[str] = set()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                if "://" in line or (self.protocol == "file" and line.startswith("/")):
+                    keys.add(self.key_of(line))
+                else:
+                    keys.add(_check_key(line[2:] if line.startswith("./") else line))
+            except (TypeError, ValueError, ImportError) as exc:
+                where = self._redact(str(manifest_url_or_key))
+                raise StorageError(f"manifest {where} line {lineno}: {self._redact(str(exc))}",
+                                   op="manifest", target=where) from exc
+        ordered = sorted(keys)
+
+        def lookup(key: str) -> ObjectInfo | None:
+            try:
+                return self.info(key)
+            except StorageNotFound:
+                return None
+
+        with ThreadPoolExecutor(max_workers=min(_MANIFEST_WORKERS, max(1, len(ordered)))) as pool:
+            infos = list(pool.map(lookup, ordered))
+        missing = [key for key, info in zip(ordered, infos, strict=True) if info is None]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)"
+                                              if len(missing) > 5 else "")
+            where = self._redact(str(manifest_url_or_key))
+            raise StorageNotFound(f"manifest {where}: {len(missing)} missing object(s) under "
+                                  f"{self._redact(self.url)}: {shown}",
+                                  op="manifest", target=where)
+        return [info for info in infos if info is not None]
+
+    def _read_manifest(self, manifest_url_or_key: str) -> bytes:
+        if "://" not in manifest_url_or_key:
+            return self.read_bytes(manifest_url_or_key)
+        try:
+            return self.read_bytes(self.key_of(manifest_url_or_key))
+        except ValueError:
+            pass
+        parent, _, name = manifest_url_or_key.rstrip("/").rpartition("/")
+        protocol, _ = split_protocol(manifest_url_or_key)
+        same = protocol == self.protocol or (protocol == "local" and self.protocol == "file")
+        other = Storage(parent, self.storage_options if same else None, retries=self.retries,
+                        backoff=self.backoff, max_backoff=self.max_backoff, sleep=self._sleep)
+        return other.read_bytes(name)
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def info(self, key: str) -> ObjectInfo:
+        """Size and version of one object; StorageNotFound if absent, StorageError if a
+        directory."""
+        path = self.full_path(key)
+
+        def run() -> dict:
+            info = self.fs.info(path)
+            if info.get("type", "file") != "file":
+                raise IsADirectoryError(f"not an object: {path}")
+            return info
+
+        return self._object_info(_check_key(key), self._call("info", self._unstrip(path), run))
+
+    def exists(self, key: str) -> bool:
+        """Whether an object (a file, not a directory) exists at ``key``.
+
+        Unlike ``fs.exists``, network errors raise instead of reading as "absent": a job
+        must not conclude that a part is missing because the store was unreachable.
+        """
+        try:
+            self.info(key)
+        except StorageNotFound:
+            return False
+        except StorageError as exc:
+            if isinstance(exc.__cause__, IsADirectoryError):
+                return False
+            raise
+        return True
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object, retried on transient failures."""
+        path = self.full_path(_check_key(key))
+        return self._call("read", self._unstrip(path), lambda: self.fs.cat_file(path))
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` so that readers see the old object or the new one,
+        never a partial one: temp file + fsync + rename locally, one PUT (``pipe_file``)
+        elsewhere - atomic on object stores (s3, gs, memory), best effort on others.
+        Parent directories are created as needed."""
+        path = self.full_path(_check_key(key))
+        data = bytes(data)
+        if self.protocol == "file":
+            run: Callable[[], None] = lambda: _write_local_atomic(path, data)  # noqa: E731
+        else:
+            run = lambda: self.fs.pipe_file(path, data)  # noqa: E731
+        self._call("write", self._unstrip(path), run)
+
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key``; a missing object is fine (idempotent cleanup)."""
+        path = self.full_path(_check_key(key))
+
+        def run() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+        self._call("delete", self._unstrip(path), run)
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    """Temp file in the target's directory, fsync, rename; the temp file goes on failure.
+
+    The temp name is dot-prefixed and ends in ``.tmp`` so listings skip leftovers of a
+    crash; it is opened with O_EXCL and mode 0o666 (umask applies), so the final file gets
+    the same permissions as any other file the user creates.
+    """
+    directory, _, name = path.rpartition("/")
+    directory = directory or "/"
+    os.makedirs(directory, exist_ok=True)
+    temp = f"{directory.rstrip('/')}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    try:  # make the rename itself durable; not all filesystems allow fsync on directories
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
