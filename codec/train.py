@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print) -> MeanScaleHyperprior:
         opt.step()
         step += 1
         for k in acc:
-            acc[k] += float(terms[k])
+            acc[k] += terms[k].item()
         if step % cfg.log_every == 0:
             n = cfg.log_every
             psnr = -10 * math.log10(max(acc["mse"] / n, 1e-12))
