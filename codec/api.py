@@ -3,29 +3,41 @@
     codec = Codec(quality=3)                      # loads a shipped model once
     result = codec.encode(load_image("a.jpg"))    # InferenceConfig() = SGA, paper defaults
     decoded = decode(result.data)                 # any device, any thread count
+    decoded.save("a.png")                         # with its EXIF / ICC / XMP where PNG allows
 
 Encoding = inference (codec.inference) -> exact integer hyper-synthesis for the coding
 parameters (codec.frozen) -> entropy coding (codec.coding) -> bitstream (codec.bitstream)
--> verification: the stream is parsed and its latents decoded exactly as a decoder would,
-and must equal what was encoded, before a result is returned.
+-> verification: the stream is parsed and its latents (and metadata) decoded exactly as a
+decoder would, and must equal what was encoded, before a result is returned. The source's
+metadata (codec.metadata) rides along in the META section.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from codec import coding
 from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
-from codec.errors import BitstreamError, ModelError
+from codec.errors import BitstreamError, ImageError, ModelError
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
-from codec.images import DEFAULT_MAX_PIXELS, PreparedImage, output_pixels, pad_to_multiple
+from codec.images import (
+    DEFAULT_MAX_PIXELS,
+    PreparedImage,
+    output_format,
+    output_pixels,
+    pad_to_multiple,
+    save_image,
+)
 from codec.inference import InferenceConfig, infer
+from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
 from codec.registry import REGISTRY, LoadedModel, load
@@ -53,6 +65,7 @@ class EncodeResult:
     amortized_rd_loss: float
     seconds: float
     device: str
+    metadata_bytes: int = 0  # META payload (EXIF, ICC, XMP, provenance); part of `bits`
 
     @property
     def estimate_overhead(self) -> float:
@@ -71,10 +84,34 @@ class DecodedImage:
     rgb: np.ndarray  # uint8 (H, W, 3)
     alpha: np.ndarray | None  # uint8 (H, W)
     header: Header
+    metadata: Metadata | None = None  # None: the stream has none, or it was not read
 
     def to_pil(self):
         from codec.images import to_pil
         return to_pil(self.rgb, self.header.color, self.alpha)
+
+    def save(self, path: str | os.PathLike[str], format: str | None = None, *,
+             strip_metadata: bool = False, **params: Any) -> RestoreReport:
+        """Write the image atomically with its metadata where the format can carry it.
+
+        What went back and what was skipped (and why) is in the report; metadata never makes
+        a save fail: if Pillow refuses it, the pixels are written without it.
+        """
+        img = self.to_pil()
+        fmt = output_format(path, format)
+        if strip_metadata:
+            extra, report = {}, RestoreReport(stripped=True)
+        else:
+            extra, report = save_params(self.metadata, fmt, img.mode, self.header.orientation)
+        try:
+            save_image(img, path, fmt, **{**extra, **params})
+        except ImageError as exc:
+            if not extra:
+                raise
+            save_image(img, path, fmt, **params)
+            report = RestoreReport(skipped=[(name, f"refused by the {fmt} writer ({exc})")
+                                            for name in report.restored] + report.skipped)
+        return report
 
 
 def default_device() -> torch.device:
@@ -126,10 +163,15 @@ def _load_for(model_id: str, registry) -> LoadedModel:
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None = "cpu",
-           registry=REGISTRY) -> DecodedImage:
-    """Decode a stream to 8-bit pixels; corrupt input raises BitstreamError."""
+           registry=REGISTRY, read_metadata: bool = True) -> DecodedImage:
+    """Decode a stream to 8-bit pixels; corrupt input raises BitstreamError.
+
+    ``read_metadata=False`` leaves the META section unread (and unvalidated), so the pixels
+    of a stream whose metadata is corrupt can still be had.
+    """
     bs = parse(data, max_pixels)
     h = bs.header
+    meta = unpack(bs.sections["META"]) if read_metadata and "META" in bs.sections else None
     lm = _load_for(h.model_id, registry)
     _, k, mu = decode_latents(bs, lm)
     rgb = _synthesize(lm, mu + k, h.height, h.width, torch.device(device or "cpu"))
@@ -137,7 +179,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
     if "ALPH" in bs.sections:
         alpha = np.frombuffer(unpack_alpha(bs.sections["ALPH"], h.width, h.height),
                               np.uint8).reshape(h.height, h.width)
-    return DecodedImage(rgb, alpha, h)
+    return DecodedImage(rgb, alpha, h, meta)
 
 
 class Codec:
@@ -198,10 +240,12 @@ class Codec:
         }
         if im.alpha is not None:
             sections["ALPH"] = pack_alpha(np.ascontiguousarray(im.alpha).tobytes())
+        if im.metadata is not None and im.metadata.fields():
+            sections["META"] = im.metadata.pack()
         header = Header(lm.entry.id, info.width, info.height, info.color, info.orientation,
                         info.bit_depth)
         data = pack(Bitstream(header, sections))
-        self._verify(data, z_hat, k)
+        self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
 
         rgb = _synthesize(lm, mu[0] + k, info.height, info.width, self.device)
         amortized_mse = float(lat.start_terms["mse"][i])
@@ -217,14 +261,20 @@ class Codec:
             amortized_bpp=float(lat.start_terms["bpp"][i]),
             amortized_psnr=psnr_from_mse(amortized_mse),
             amortized_rd_loss=float(lat.start_loss[i]),
-            seconds=inference_seconds + time.perf_counter() - t0, device=str(self.device))
+            seconds=inference_seconds + time.perf_counter() - t0, device=str(self.device),
+            metadata_bytes=len(sections.get("META", b"")))
 
-    def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray) -> None:
-        """Decode the latents back as a decoder would; they must match exactly."""
-        z_dec, k_dec, _ = decode_latents(parse(data), self.lm)
+    def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray,
+                metadata: Metadata | None) -> None:
+        """Decode the latents (and metadata) back as a decoder would; they must match exactly."""
+        bs = parse(data)
+        z_dec, k_dec, _ = decode_latents(bs, self.lm)
         if not (np.array_equal(z_dec, z_hat) and np.array_equal(k_dec, k)):
             raise RuntimeError("internal error: the encoded stream does not decode to the "
                                "encoded latents; nothing was written")
+        if metadata is not None and unpack(bs.sections["META"]) != metadata:
+            raise RuntimeError("internal error: the encoded metadata does not read back as "
+                               "written; nothing was written")
 
     @torch.no_grad()
     def _estimated_bits(self, z_hat: np.ndarray, k: np.ndarray) -> float:

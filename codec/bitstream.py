@@ -26,7 +26,8 @@ PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total
 MAX_MODEL_ID = 64
 COLORS = ("RGB", "L")
 PAD_MODES = ("replicate",)
-SECTION_ORDER = ("ZLAT", "YLAT", "ALPH")  # z stream, y stream, optional lossless alpha
+# z stream, y stream, optional lossless alpha, optional metadata (codec.metadata)
+SECTION_ORDER = ("ZLAT", "YLAT", "ALPH", "META")
 REQUIRED_SECTIONS = ("ZLAT", "YLAT")
 
 _PREFIX = struct.Struct(">4sB")

@@ -34,9 +34,21 @@ Orientation
     The EXIF orientation tag (0x0112) is applied, as ``PIL.ImageOps.exif_transpose`` would,
     so pixels are stored upright; ``SourceInfo.orientation`` records the source's tag value.
     A missing, unreadable or out-of-range (not 1..8) tag counts as 1 and nothing is rotated.
-    ``width`` and ``height`` are those of the upright image. Other metadata (EXIF, ICC
-    profiles, XMP, text chunks) is neither applied nor carried: pixel values are coded as
-    stored (colour management is a later issue).
+    ``width`` and ``height`` are those of the upright image (the EXIF written back on
+    decode says orientation 1: see codec.metadata).
+
+Metadata policy (``metadata=``, ``name=``)
+    EXIF, the ICC profile and XMP are taken from the source byte for byte, with provenance
+    (format, file name, SHA-256 of the file's bytes), into ``PreparedImage.metadata``; the
+    encoder stores them in the bitstream. Details, limits and what is not carried are in
+    :mod:`codec.metadata`. No profile is applied: pixel values are coded as stored and the
+    profile goes back on decode. A field over its limit raises ImageError under ``"keep"``
+    (default) and is left out, recorded as dropped, under ``"drop-oversized"``; any other
+    value raises ValueError. PNG text or ICC chunks that inflate beyond what Pillow would
+    read (2 MiB while sgarc decodes) are found before Pillow sees the file: an XMP or ICC one
+    follows the same policy, other text chunks (not carried anyway) are skipped, so such a
+    file is never unreadable because of its metadata. ``name`` is the file name to record
+    (default: the path's base name; none for bytes).
 
 Modes (``SourceInfo.mode`` records Pillow's mode of the source)
     - ``RGB``: as is. ``RGBX``: the padding byte is dropped.
@@ -98,18 +110,29 @@ sizes that are multiples of its downsampling factor.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import secrets
+import struct
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from codec.errors import ImageError
+from codec.metadata import (
+    FIELD_LIMITS,
+    METADATA_POLICIES,
+    Metadata,
+    check_file_name,
+    extract,
+    oversized_message,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -118,6 +141,7 @@ __all__ = [
     "crop",
     "gray_from_rgb",
     "load_image",
+    "output_format",
     "output_pixels",
     "pad_to_multiple",
     "save_image",
@@ -172,6 +196,14 @@ _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
 }
 _EXIF_ORIENTATION = 0x0112
 
+# Pillow refuses a PNG whose iCCP / zTXt / compressed iTXt chunk inflates beyond
+# PngImagePlugin.MAX_TEXT_CHUNK (1 MiB by default). While sgarc decodes it is raised to the
+# largest metadata field limit, so that every profile sgarc can keep can be read; chunks above
+# it are found first by _png_oversized and never reach Pillow.
+_PNG_TEXT_LIMIT = max(FIELD_LIMITS.values())
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_XMP_KEYWORD = b"XML:com.adobe.xmp"
+
 _PILLOW_LOCK = threading.Lock()
 
 
@@ -196,6 +228,7 @@ class PreparedImage:
     rgb: np.ndarray  # uint8 (H, W, 3), upright
     alpha: np.ndarray | None  # uint8 (H, W) when kept, else None
     info: SourceInfo
+    metadata: Metadata | None = None  # EXIF, ICC, XMP and provenance (None: nothing known)
 
 
 # --------------------------------------------------------------------------- loading
@@ -207,22 +240,34 @@ def load_image(
     alpha: str = "keep",
     depth: str = "error",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    metadata: str = "keep",
+    name: str | None = None,
 ) -> PreparedImage:
     """Read an image file (path or bytes) into upright 8-bit RGB following the module policy.
 
-    Raises ImageError for anything the policy refuses (too large, unreadable, alpha or depth
-    that needs the caller's consent); ValueError for an unknown ``alpha`` / ``depth`` value.
+    Raises ImageError for anything the policy refuses (too large, unreadable, alpha, depth or
+    oversized metadata that needs the caller's consent); ValueError for an unknown ``alpha`` /
+    ``depth`` / ``metadata`` value. ``name`` is the file name recorded for provenance
+    (default: a path's base name).
     """
     if alpha not in ALPHA_POLICIES:
         raise ValueError(f"alpha must be one of {ALPHA_POLICIES}, not {alpha!r}")
     if depth not in DEPTH_POLICIES:
         raise ValueError(f"depth must be one of {DEPTH_POLICIES}, not {depth!r}")
+    if metadata not in METADATA_POLICIES:
+        raise ValueError(f"metadata must be one of {METADATA_POLICIES}, not {metadata!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, not {max_pixels!r}")
 
-    opener, name = _make_opener(source)
-    with _pillow_globals(), _open(opener, name) as (im, fp):
-        return _prepare(im, fp, opener, name, alpha=alpha, depth=depth, max_pixels=max_pixels)
+    opener, display = _make_opener(source)
+    if name is None and not isinstance(source, bytes | bytearray | memoryview):
+        name = os.path.basename(display) or None
+    if name is not None:
+        check_file_name(name)
+    with _pillow_globals(), _open(opener, display, metadata) as src:
+        return _prepare(src.im, src.fp, src.opener, display, alpha=alpha, depth=depth,
+                        max_pixels=max_pixels, metadata=metadata, record_name=name,
+                        sha256=src.sha256, dropped=src.dropped)
 
 
 def _make_opener(source: Any) -> tuple[Callable[[], IO[bytes]], str]:
@@ -242,18 +287,36 @@ def _make_opener(source: Any) -> tuple[Callable[[], IO[bytes]], str]:
 def _pillow_globals() -> Iterator[None]:
     """Make our max_pixels the only size limit and refuse truncated data; restore afterwards."""
     with _PILLOW_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES,
+                 PngImagePlugin.MAX_TEXT_CHUNK)
         Image.MAX_IMAGE_PIXELS = None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+        PngImagePlugin.MAX_TEXT_CHUNK = max(saved[2], _PNG_TEXT_LIMIT)
         try:
             yield
         finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+            (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES,
+             PngImagePlugin.MAX_TEXT_CHUNK) = saved
+
+
+@dataclass
+class _Source:
+    im: Image.Image
+    fp: IO[bytes]
+    opener: Callable[[], IO[bytes]]  # gives the bytes Pillow sees (oversized PNG chunks cut)
+    sha256: bytes  # of the original file bytes
+    dropped: tuple[str, ...]  # metadata fields cut before Pillow saw them
 
 
 @contextlib.contextmanager
-def _open(opener: Callable[[], IO[bytes]], name: str) -> Iterator[tuple[Image.Image, IO[bytes]]]:
-    """Open the source lazily (header only), converting every failure into ImageError."""
+def _open(
+    opener: Callable[[], IO[bytes]], name: str, metadata: str = "keep"
+) -> Iterator[_Source]:
+    """Open the source lazily (header only), converting every failure into ImageError.
+
+    Hashes the file's bytes first, and cuts PNG metadata chunks Pillow would refuse to
+    inflate (following the ``metadata`` policy for XMP and ICC ones).
+    """
     try:
         fp = opener()
     except OSError as e:
@@ -262,10 +325,28 @@ def _open(opener: Callable[[], IO[bytes]], name: str) -> Iterator[tuple[Image.Im
         try:
             empty = fp.seek(0, os.SEEK_END) == 0
             fp.seek(0)
+            sha256 = hashlib.file_digest(fp, "sha256").digest()
+            fp.seek(0)
+            oversized = _png_oversized(fp)
+            fp.seek(0)
         except OSError as e:
             raise ImageError(f"cannot read {name}: {e.strerror or e}") from e
         if empty:
             raise ImageError(f"cannot read {name}: file is empty (0 bytes)")
+        dropped: set[str] = set()
+        if oversized:
+            for _, _, field in oversized:
+                if field is not None and metadata == "keep":
+                    raise ImageError(oversized_message(name, field, None))
+                if field is not None:
+                    dropped.add(field)
+            try:
+                data = _cut(fp.read(), oversized)
+            except OSError as e:
+                raise ImageError(f"cannot read {name}: {e.strerror or e}") from e
+            fp.close()
+            fp = io.BytesIO(data)
+            opener = lambda: io.BytesIO(data)  # noqa: E731
         try:
             im = Image.open(fp)
         except UnidentifiedImageError as e:
@@ -278,9 +359,74 @@ def _open(opener: Callable[[], IO[bytes]], name: str) -> Iterator[tuple[Image.Im
         except Exception as e:
             raise ImageError(f"cannot read image header of {name}: {_describe(e)}") from e
         with im:
-            yield im, fp
+            yield _Source(im, fp, opener, sha256, tuple(sorted(dropped)))
     finally:
         fp.close()
+
+
+def _png_oversized(fp: IO[bytes]) -> list[tuple[int, int, str | None]]:
+    """PNG text / ICC chunks that inflate beyond _PNG_TEXT_LIMIT: (start, end, field).
+
+    ``field`` is "icc" or "xmp" for the chunks sgarc carries, None for other text. Returns []
+    for anything that is not a PNG, and stops quietly at a truncated chunk (Pillow reports it).
+    Only text and ICC chunks are read; the others are skipped over.
+    """
+    if fp.read(8) != _PNG_SIGNATURE:
+        return []
+    found: list[tuple[int, int, str | None]] = []
+    pos = 8
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        end = pos + 12 + length
+        if kind in (b"iCCP", b"iTXt", b"zTXt", b"tEXt"):
+            data = fp.read(length)
+            if len(data) < length:
+                break
+            over, field = _png_chunk_over_limit(kind, data)
+            if over:
+                found.append((pos, end, field))
+            fp.seek(4, os.SEEK_CUR)
+        else:
+            fp.seek(length + 4, os.SEEK_CUR)
+        if kind == b"IEND":
+            break
+        pos = end
+    return found
+
+
+def _png_chunk_over_limit(kind: bytes, data: bytes) -> tuple[bool, str | None]:
+    """(whether the chunk's text / profile exceeds the limit, the field it holds or None)."""
+    keyword, _, rest = data.partition(b"\0")
+    if kind == b"tEXt":
+        return len(rest) > _PNG_TEXT_LIMIT, None
+    if kind in (b"iCCP", b"zTXt"):
+        return _inflates_beyond(rest[1:], _PNG_TEXT_LIMIT), "icc" if kind == b"iCCP" else None
+    # iTXt: keyword \0 flag method language \0 translated keyword \0 text
+    if len(rest) < 2:
+        return False, None
+    flag, text = rest[0], rest[2:].split(b"\0", 2)[-1]
+    over = _inflates_beyond(text, _PNG_TEXT_LIMIT) if flag else len(text) > _PNG_TEXT_LIMIT
+    return over, "xmp" if keyword == _XMP_KEYWORD else None
+
+
+def _inflates_beyond(data: bytes, limit: int) -> bool:
+    try:
+        return len(zlib.decompressobj().decompress(data, limit + 1)) > limit
+    except zlib.error:
+        return False  # Pillow treats a corrupt profile or text as absent
+
+
+def _cut(data: bytes, spans: list[tuple[int, int, str | None]]) -> bytes:
+    """``data`` without the given byte spans (whole chunks)."""
+    parts, pos = [], 0
+    for start, end, _ in spans:
+        parts.append(data[pos:start])
+        pos = end
+    parts.append(data[pos:])
+    return b"".join(parts)
 
 
 def _describe(e: BaseException) -> str:
@@ -309,6 +455,10 @@ def _prepare(
     alpha: str,
     depth: str,
     max_pixels: int,
+    metadata: str = "keep",
+    record_name: str | None = None,
+    sha256: bytes | None = None,
+    dropped: tuple[str, ...] = (),
 ) -> PreparedImage:
     width, height = im.size
     pixels = width * height
@@ -347,6 +497,9 @@ def _prepare(
     tiles = list(getattr(im, "tile", None) or [])
     _pillow_call(name, "decode", im.load)
     orientation = _orientation(im)
+    # After load: a PNG's chunks after the image data (often eXIf) are read by load().
+    meta = extract(im, sha256=sha256, name=record_name, policy=metadata, dropped=dropped,
+                   display=name)
 
     color, planes, alpha_plane = None, None, None
     if hidden_16:
@@ -382,7 +535,7 @@ def _prepare(
         bit_depth=16 if high_depth else 8,
         has_alpha=alpha_plane is not None,
     )
-    return PreparedImage(rgb=rgb, alpha=alpha_plane, info=info)
+    return PreparedImage(rgb=rgb, alpha=alpha_plane, info=info, metadata=meta)
 
 
 # Pillow tiles are (codec_name, extents, offset, args); a NamedTuple in recent Pillow, a plain
@@ -603,6 +756,11 @@ def to_pil(rgb: np.ndarray, color: str = "RGB", alpha: np.ndarray | None = None)
     else:
         raise ValueError(f"color must be 'RGB' or 'L', not {color!r}")
     return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def output_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
+    """The Pillow format an output path gets: ``fmt`` if given, else from the extension."""
+    return _format_for(os.fspath(path), fmt)
 
 
 def _format_for(path: str, fmt: str | None) -> str:

@@ -42,33 +42,38 @@ def cmd_encode(args) -> int:
 
     cfg = _inference_config(args)
     image = load_image(Path(args.input), alpha=args.alpha, depth=args.depth,
-                       max_pixels=args.max_pixels)
+                       max_pixels=args.max_pixels, metadata=args.metadata)
     codec = Codec(args.model if args.model else args.quality, device=args.device)
     total = 0 if cfg.method == "amortized" else cfg.iterations
     with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
         result = codec.encode(image, cfg, progress=bar.update)
     _atomic_write_bytes(Path(args.output), result.data)
     print(f"{args.input} -> {args.output}: {result.summary()}")
+    meta = image.metadata
+    if meta is not None and (meta.kept or meta.dropped):
+        kept = ", ".join(f"{f} {len(getattr(meta, f))} B" for f in meta.kept) or "nothing"
+        dropped = f"; dropped (over the limit): {', '.join(meta.dropped)}" if meta.dropped else ""
+        print(f"metadata kept: {kept} ({result.metadata_bytes} B with provenance){dropped}")
     return 0
 
 
 def cmd_decode(args) -> int:
     from codec.api import decode
-    from codec.images import save_image
 
     t0 = time.perf_counter()
     decoded = decode(Path(args.input).read_bytes(), max_pixels=args.max_pixels,
-                     device=args.device)
-    save_image(decoded.to_pil(), Path(args.output))
+                     device=args.device, read_metadata=not args.strip_metadata)
+    report = decoded.save(Path(args.output), strip_metadata=args.strip_metadata)
     h = decoded.header
     print(f"{args.input} -> {args.output}: {h.width}x{h.height} {h.color}"
           f"{'+alpha' if decoded.alpha is not None else ''}, model {h.model_id}, "
-          f"{time.perf_counter() - t0:.2f} s")
+          f"{time.perf_counter() - t0:.2f} s; {report.summary()}")
     return 0
 
 
 def cmd_info(args) -> int:
     from codec.bitstream import parse
+    from codec.metadata import describe, unpack
 
     data = Path(args.input).read_bytes()
     bs = parse(data)
@@ -81,6 +86,12 @@ def cmd_info(args) -> int:
     print(f"orientation: source EXIF orientation {h.orientation} (pixels stored upright)")
     for tag, payload in bs.sections.items():
         print(f"section:     {tag} {len(payload)} bytes")
+    if "META" in bs.sections:
+        meta = unpack(bs.sections["META"])  # a corrupt record: one clear error, exit status 2
+        for label, text in describe(meta):
+            print(f"{label + ':':<12} {text}")
+    else:
+        print("metadata:    none")
     return 0
 
 
@@ -106,7 +117,8 @@ def cmd_run(args) -> int:
 
     settings = EncodeSettings(model=args.model or args.quality, method=args.method,
                               iterations=args.iterations, lr=args.lr, seed=args.seed,
-                              alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels)
+                              alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
+                              metadata=args.metadata)
     try:
         storage_options = json.loads(args.storage_options) if args.storage_options else None
     except json.JSONDecodeError as exc:
@@ -154,6 +166,10 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
                    help="16-bit images: refuse (default) or reduce to 8 bits")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"decompression-bomb limit (default: {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--metadata", default="keep", choices=("keep", "drop-oversized"),
+                   help="EXIF / ICC / XMP over sgarc's size limits: refuse the image "
+                        "(default: keep everything or nothing) or code it without the "
+                        "oversized field, recording the drop")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,15 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="decode an .sga bitstream to an image",
                        description="Decode IN to OUT; the format follows OUT's extension "
-                                   "(.png, .jpg, .webp, ...).")
+                                   "(.png, .jpg, .webp, ...). EXIF, ICC profile and XMP go "
+                                   "back into JPEG, PNG and WebP files (TIFF: the profile), "
+                                   "with the EXIF orientation set to 1 since pixels are "
+                                   "stored upright.")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse streams that describe larger images")
     p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")
+    p.add_argument("--strip-metadata", action="store_true",
+                   help="write the pixels only: no EXIF, ICC profile or XMP (the metadata "
+                        "section is not read)")
     p.set_defaults(func=cmd_decode)
 
-    p = sub.add_parser("info", help="show a bitstream's header fields")
+    p = sub.add_parser("info", help="show a bitstream's header fields and metadata")
     p.add_argument("input", metavar="FILE")
     p.set_defaults(func=cmd_info)
 

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 
 from codec.images import DEFAULT_MAX_PIXELS
 from codec.inference import InferenceConfig
+from codec.metadata import META_VERSION, METADATA_POLICIES
+
+_NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class EncodeSettings:
     alpha: str = "keep"
     depth: str = "error"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    metadata: str = "keep"  # oversized EXIF / ICC / XMP: refuse ("keep") or "drop-oversized"
 
     def inference(self) -> InferenceConfig:
         return InferenceConfig(method=self.method, iterations=self.iterations, lr=self.lr,
@@ -37,12 +41,25 @@ class EncodeSettings:
 
         entry = find(self.model)
         d = asdict(self)
+        # metadata_version: streams written before the META section existed carry no
+        # metadata, so they do not count as done by a run that keeps it.
         d.update(model=entry.id, model_sha256=entry.sha256, quality=entry.quality,
                  lmbda=entry.lmbda, iterations=0 if self.method == "amortized" else
-                 self.iterations)
+                 self.iterations, metadata_version=META_VERSION)
         self.inference()  # validates method and iterations
+        if self.metadata not in METADATA_POLICIES:
+            raise ValueError(f"metadata must be one of {METADATA_POLICIES}, not "
+                             f"{self.metadata!r}")
         return d
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        """Hash of the settings that change an encoded image's bytes.
+
+        The metadata policy is left out on purpose: it only decides whether an image with
+        oversized metadata is refused or coded without that field, and every image coded
+        under both policies gets the same bytes. So rerunning with
+        ``metadata="drop-oversized"`` redoes only the images the first run refused.
+        """
+        settings = {k: v for k, v in self.resolved().items() if k not in _NOT_FINGERPRINTED}
+        canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -22,6 +22,9 @@ SCHEMA = pa.schema([
     ("source_mode", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
+    ("metadata_bytes", pa.int64()),  # META payload kept (EXIF, ICC, XMP, provenance); 0: none
+    ("has_icc", pa.bool_()),  # the source carried an ICC profile
+    ("metadata_dropped", pa.string()),  # fields not kept (drop-oversized), e.g. "xmp"
     ("bitstream_key", pa.string()),  # relative to the output root
     ("bitstream_bytes", pa.int64()),
     ("bpp", pa.float64()),  # from the bitstream's size

@@ -11,6 +11,7 @@ part is written last and atomically; if it already exists the shard was committe
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -123,7 +124,8 @@ class ShardEncoder:
             return None, {"error_stage": "read", "error": str(exc)}
         try:
             s = self.settings
-            image = load_image(data, alpha=s.alpha, depth=s.depth, max_pixels=s.max_pixels)
+            image = load_image(data, alpha=s.alpha, depth=s.depth, max_pixels=s.max_pixels,
+                               metadata=s.metadata, name=posixpath.basename(ref.key))
         except SgarcError as exc:
             return None, {"error_stage": "decode", "error": str(exc)}
         except MemoryError:
@@ -155,7 +157,7 @@ class ShardEncoder:
         row = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
                "source_bytes": ref.size, "source_version": ref.version,
                "source_format": info.format, "source_mode": info.mode, "width": info.width,
-               "height": info.height, "timestamp": sink.now()}
+               "height": info.height, "timestamp": sink.now(), **_metadata_columns(prepared)}
         if isinstance(res, Exception):
             return {**row, "status": "error", "error_stage": "encode",
                     "error": f"{type(res).__name__}: {res}"}
@@ -179,6 +181,16 @@ class ShardEncoder:
         if needle in key and flag and not Path(flag).exists():
             Path(flag).touch()
             os._exit(17)
+
+
+def _metadata_columns(prepared: PreparedImage) -> dict:
+    """metadata_bytes (what the META section holds), has_icc, metadata_dropped."""
+    meta = prepared.metadata
+    if meta is None:
+        return {"metadata_bytes": 0, "has_icc": False, "metadata_dropped": None}
+    return {"metadata_bytes": meta.packed_size() if meta.fields() else 0,
+            "has_icc": meta.icc is not None or "icc" in meta.dropped,
+            "metadata_dropped": ",".join(meta.dropped) or None}
 
 
 def _tick(progress) -> None:

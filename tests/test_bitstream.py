@@ -133,7 +133,7 @@ def test_round_trip(stream, tiny_registry):
     bs = parse(stream)
     assert pack(bs) == stream
     assert bs.header == Header(TINY_ID, WIDTH, HEIGHT)
-    assert list(bs.sections) == ["ZLAT", "YLAT"]
+    assert list(bs.sections) == ["ZLAT", "YLAT", "META"]  # provenance of the PNG source
     decoded = decode(stream, registry=tiny_registry)
     assert decoded.rgb.shape == (HEIGHT, WIDTH, 3) and decoded.rgb.dtype == np.uint8
     assert decoded.alpha is None
@@ -144,7 +144,7 @@ def test_round_trip(stream, tiny_registry):
 def test_round_trip_with_alpha(stream, tiny_registry, alpha_plane):
     data = repack(stream, ALPH=pack_alpha(alpha_plane.tobytes()))
     assert pack(parse(data)) == data
-    assert list(parse(data).sections) == ["ZLAT", "YLAT", "ALPH"]
+    assert list(parse(data).sections) == ["ZLAT", "YLAT", "ALPH", "META"]
     decoded = decode(data, registry=tiny_registry)
     assert np.array_equal(decoded.alpha, alpha_plane)
     assert np.array_equal(decoded.rgb, decode(stream, registry=tiny_registry).rgb)
@@ -287,6 +287,11 @@ def test_sections_out_of_order(stream, tiny_registry):
     rejects(raw_stream([(b"YLAT", y), (b"ZLAT", z)]), tiny_registry, "out of order")
     alph = pack_alpha(bytes(WIDTH * HEIGHT))
     rejects(raw_stream([(b"ZLAT", z), (b"ALPH", alph), (b"YLAT", y)]), tiny_registry,
+            "out of order")
+    meta = bs.sections["META"]
+    rejects(raw_stream([(b"ZLAT", z), (b"YLAT", y), (b"META", meta), (b"ALPH", alph)]),
+            tiny_registry, "out of order")
+    rejects(raw_stream([(b"ZLAT", z), (b"META", meta), (b"YLAT", y)]), tiny_registry,
             "out of order")
 
 
