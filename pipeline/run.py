@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -106,6 +107,9 @@ def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSetting
 def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
              settings: EncodeSettings, options: RunOptions, storage_options) -> int:
     started_ray = not ray.is_initialized()
+    if not started_ray and options.address:
+        warnings.warn(f"Ray is already initialized in this process; using that cluster, "
+                      f"not address={options.address!r}", stacklevel=3)
     if started_ray:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -148,7 +152,7 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
                         retried += 1
                         queue.append((shard, attempt + 1))
                     else:
-                        progress.done(_give_up(output, plan, shard, attempt, exc))
+                        progress.done(_give_up(source, output, plan, shard, attempt, exc))
                 free.append(i)
     finally:
         progress.close()
@@ -159,18 +163,20 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
     return retried
 
 
-def _give_up(output: Storage, plan: Plan, shard: Shard, attempts: int,
+def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempts: int,
              exc: Exception) -> ShardResult:
     """After the last attempt: one error row per image, unless a late attempt committed."""
     part = sink.part_key(plan.run_id, shard.id)
     if not output.exists(part):
         reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
-        rows = [{"source_key": im.key, "source_url": None, "source_bytes": im.size,
-                 "source_version": im.version, "run_id": plan.run_id, "shard_id": shard.id,
-                 "fingerprint": plan.fingerprint, "model_id": plan.settings["model"],
-                 "method": plan.settings["method"], "timestamp": sink.now(),
-                 "status": "error", "error_stage": "worker", "error": reason}
-                for im in shard.images]
+        s = plan.settings
+        rows = [{"source_key": im.key, "source_url": source.url_of(im.key),
+                 "source_bytes": im.size, "source_version": im.version,
+                 "run_id": plan.run_id, "shard_id": shard.id, "fingerprint": plan.fingerprint,
+                 "model_id": s["model"], "quality": s["quality"], "lmbda": s["lmbda"],
+                 "method": s["method"], "iterations": s["iterations"],
+                 "timestamp": sink.now(), "status": "error", "error_stage": "worker",
+                 "error": reason} for im in shard.images]
         output.write_atomic(part, sink.part_bytes(rows))
     n = len(shard.images)
     return ShardResult(shard.id, n, 0, n, 0.0)

@@ -27,6 +27,7 @@ SCHEMA = pa.schema([
     ("metadata_dropped", pa.string()),  # fields not kept (drop-oversized), e.g. "xmp"
     ("bitstream_key", pa.string()),  # relative to the output root
     ("bitstream_bytes", pa.int64()),
+    ("bitstream_sha256", pa.string()),  # which bytes this row describes (the key is reused)
     ("bpp", pa.float64()),  # from the bitstream's size
     ("psnr", pa.float64()),  # RGB 8-bit, decoded vs source pixels
     ("estimated_bits", pa.float64()),  # model's -log2 P(z_hat) - log2 P(y_hat | z_hat)

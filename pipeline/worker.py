@@ -10,6 +10,7 @@ part is written last and atomically; if it already exists the shard was committe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import time
@@ -167,6 +168,7 @@ class ShardEncoder:
         except StorageError as exc:
             return {**row, "status": "error", "error_stage": "write", "error": str(exc)}
         return {**row, "status": "ok", "bitstream_key": key, "bitstream_bytes": len(res.data),
+                "bitstream_sha256": hashlib.sha256(res.data).hexdigest(),
                 "bpp": res.bpp, "psnr": res.psnr, "estimated_bits": res.estimated_bits,
                 "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
                 "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
