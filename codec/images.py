@@ -113,7 +113,6 @@ import contextlib
 import hashlib
 import io
 import os
-import secrets
 import struct
 import threading
 import zlib
@@ -125,6 +124,7 @@ import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from codec.errors import ImageError
+from codec.files import atomic_file
 from codec.metadata import (
     FIELD_LIMITS,
     METADATA_POLICIES,
@@ -790,39 +790,15 @@ def save_image(
     """
     path = os.fspath(path)
     fmt = _format_for(path, format)
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+    with atomic_file(path) as f:
         try:
-            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a plain open()
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                img.save(f, format=fmt, **params)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                if isinstance(e, OSError) and e.errno is not None:
-                    raise  # a real I/O failure (disk full, ...), not an encoder refusal
-                raise ImageError(
-                    f"cannot write a mode {img.mode} image as {fmt}: {_describe(e)}"
-                ) from e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            img.save(f, format=fmt, **params)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # a real I/O failure (disk full, ...), not an encoder refusal
+            raise ImageError(
+                f"cannot write a mode {img.mode} image as {fmt}: {_describe(e)}"
+            ) from e
 
 
 # --------------------------------------------------------------------------- padding

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from codec.errors import ModelError
+from codec.files import atomic_write
 from codec.frozen import CodingTables, freeze
 from codec.model import MeanScaleHyperprior
 
@@ -126,18 +126,13 @@ def export_model(model: MeanScaleHyperprior, model_id: str, quality: int, lmbda:
     torch.save({"state_dict": sd, "tables": tables.state_dict()}, buf)
     registry.parent.mkdir(parents=True, exist_ok=True)
     path = registry.parent / f"{model_id}.pt"
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     entry = ModelEntry(model_id, quality, lmbda, model.N, model.M, steps, data, path.name,
                        hashlib.sha256(buf.getvalue()).hexdigest(), note)
     others = [e for e in entries(registry) if e.id != model_id and e.quality != quality]
     models = sorted([*others, entry], key=lambda e: e.quality)
-    _atomic_write(registry, (json.dumps({"models": [asdict(e) for e in models]}, indent=2)
+    atomic_write(registry, (json.dumps({"models": [asdict(e) for e in models]}, indent=2)
                              + "\n").encode())
     load.cache_clear()
     return entry
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

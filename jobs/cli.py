@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from codec.errors import SgarcError
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from codec.files import atomic_write
 
 
 def _inference_config(args):
@@ -47,7 +34,7 @@ def cmd_encode(args) -> int:
     total = 0 if cfg.method == "amortized" else cfg.iterations
     with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
         result = codec.encode(image, cfg, progress=bar.update)
-    _atomic_write_bytes(Path(args.output), result.data)
+    atomic_write(Path(args.output), result.data)
     print(f"{args.input} -> {args.output}: {result.summary()}")
     meta = image.metadata
     if meta is not None and (meta.kept or meta.dropped):

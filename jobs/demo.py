@@ -32,9 +32,9 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
     from tqdm import tqdm
 
     from codec.api import Codec, decode
+    from codec.files import atomic_write
     from codec.images import load_image, save_image
     from codec.inference import InferenceConfig
-    from jobs.cli import _atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     codec = Codec(quality)
@@ -48,7 +48,7 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
             with tqdm(total=n, desc=f"{method} {name}", leave=False, disable=n == 0) as bar:
                 result = codec.encode(image, cfg, progress=bar.update)
             stream = out / f"{name}.{method}.sga"
-            _atomic_write_bytes(stream, result.data)
+            atomic_write(stream, result.data)
             t0 = time.perf_counter()
             decoded = decode(stream.read_bytes())
             decode_s = time.perf_counter() - t0

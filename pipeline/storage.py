@@ -35,7 +35,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
+
+from codec.files import atomic_write, is_temp_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -183,11 +184,6 @@ def _secret_strings(options: Any, sensitive: bool = False) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_temp_name(name: str) -> bool:
-    """A temp file of write_atomic (``.<name>.<random>.tmp``): never a real object."""
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _check_key(key: str, *, allow_empty: bool = False) -> str:
@@ -380,7 +376,7 @@ class Storage:
             if not name.startswith(self._prefix):
                 continue
             key = name[len(self._prefix):]
-            if not key or _is_temp_name(key.rsplit("/", 1)[-1]):
+            if not key or is_temp_name(key.rsplit("/", 1)[-1]):
                 continue
             entries.append((key, info))
         entries.sort(key=lambda entry: entry[0])
@@ -518,7 +514,7 @@ class Storage:
         path = self.full_path(_check_key(key))
         data = bytes(data)
         if self.protocol == "file":
-            run: Callable[[], None] = lambda: _write_local_atomic(path, data)  # noqa: E731
+            run: Callable[[], None] = lambda: atomic_write(path, data)  # noqa: E731
         else:
             run = lambda: self.fs.pipe_file(path, data)  # noqa: E731
         self._call("write", self._unstrip(path), run)
@@ -532,37 +528,3 @@ class Storage:
                 self.fs.rm_file(path)
 
         self._call("delete", self._unstrip(path), run)
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Temp file in the target's directory, fsync, rename; the temp file goes on failure.
-
-    The temp name is dot-prefixed and ends in ``.tmp`` so listings skip leftovers of a
-    crash; it is opened with O_EXCL and mode 0o666 (umask applies), so the final file gets
-    the same permissions as any other file the user creates.
-    """
-    directory, _, name = path.rpartition("/")
-    directory = directory or "/"
-    os.makedirs(directory, exist_ok=True)
-    temp = f"{directory.rstrip('/')}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    try:  # make the rename itself durable; not all filesystems allow fsync on directories
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
