@@ -48,7 +48,8 @@ class ShardEncoder:
 
     def __init__(self, input_url: str, output_url: str, storage_options: dict | None,
                  settings: EncodeSettings, fingerprint: str, device: str | None = None,
-                 batch_size: int = 4, prefetch: int = 4, torch_threads: int | None = None
+                 batch_size: int | None = None, prefetch: int = 4,
+                 torch_threads: int | None = None
                  ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -58,7 +59,7 @@ class ShardEncoder:
         self.config = settings.inference()
         self.fingerprint = fingerprint
         self.codec = Codec(settings.model, device=device)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (8 if self.codec.device.type == "cuda" else 1)
         self.prefetch = prefetch
 
     def process(self, shard: Shard, run_id: str,
