@@ -7,5 +7,11 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+log=.venv/setup.log
+# Quiet on success; the whole pip log on failure.
+if ! { .venv/bin/python -m pip install "torch==2.13.0" &&
+       .venv/bin/python -m pip install -e ".[dev]"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup failed; log: $log" >&2
+    exit 1
+fi
