@@ -28,10 +28,13 @@ DONE_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint", "
 class Shard:
     id: str
     images: list[ObjectInfo]
+    # Refinement runs: the RD loss of each image's stored encoding; a new encoding replaces
+    # the stored bitstream only when its RD loss is lower.
+    baseline: dict[str, float] | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> Shard:
-        return cls(d["id"], [ObjectInfo(**i) for i in d["images"]])
+        return cls(d["id"], [ObjectInfo(**i) for i in d["images"]], d.get("baseline"))
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Plan:
     shards: list[Shard]
     skipped: int = 0  # images already done by earlier runs
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    mode: str = "encode"  # "encode": new and changed images; "refine": see make_refine_plan
 
     @property
     def num_images(self) -> int:
@@ -104,7 +108,58 @@ def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, setting
                 skipped=len(images) - len(todo))
 
 
-def unfinished_plan(output: Storage, input_url: str, fingerprint: str) -> Plan | None:
+REFINE_COLUMNS = ["source_key", "source_bytes", "source_version", "model_id", "method",
+                  "iterations", "status", "rd_loss", "timestamp", "replaced"]
+
+
+def _metric_rows(output: Storage, columns: list[str]) -> list[dict]:
+    rows = []
+    for key in output.list_keys("metrics", ".parquet"):
+        table = sink.read_part(output.read_bytes(key))
+        present = [c for c in columns if c in table.column_names]  # older parts: fewer
+        rows += table.select(present).to_pylist()
+    return rows
+
+
+def make_refine_plan(images: list[ObjectInfo], input_url: str, output: Storage,
+                     settings: dict, fingerprint: str, shard_size: int,
+                     max_images: int | None = None, run_id: str | None = None) -> Plan:
+    """Images whose stored encoding is below the target (method, iterations) of `settings`.
+
+    Only images with a stored encoding of the same source bytes and model qualify (new or
+    changed images belong to a coverage run). An image is done once any run reached the
+    target for it, whether or not that run replaced the bitstream. Candidates with the
+    highest stored RD loss come first (most to gain), up to `max_images`.
+    """
+    current = {(im.key, im.size, im.version): im for im in images}
+    stored: dict[tuple, dict] = {}
+    reached: set[tuple] = set()
+    for row in _metric_rows(output, REFINE_COLUMNS):
+        ident = (row["source_key"], row["source_bytes"], row["source_version"])
+        if (row["status"] != "ok" or ident not in current
+                or row["model_id"] != settings["model"]):
+            continue
+        if (row["method"] == settings["method"]
+                and (row["iterations"] or 0) >= settings["iterations"]):
+            reached.add(ident)
+        written = row.get("replaced") is not False  # this row's bitstream was stored
+        if written and (ident not in stored or row["timestamp"] > stored[ident]["timestamp"]):
+            stored[ident] = row
+    todo = sorted((ident for ident in stored if ident not in reached),
+                  key=lambda i: (-(stored[i]["rd_loss"] or 0.0), i[0]))
+    if max_images is not None:
+        todo = todo[:max_images]
+    shards = []
+    for start in range(0, len(todo), shard_size):
+        chunk = [current[i] for i in todo[start:start + shard_size]]
+        baseline = {current[i].key: stored[i]["rd_loss"] for i in todo[start:start + shard_size]}
+        shards.append(Shard(shard_id("refine:" + fingerprint, chunk), chunk, baseline))
+    return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
+                skipped=len(images) - len(todo), mode="refine")
+
+
+def unfinished_plan(output: Storage, input_url: str, fingerprint: str,
+                    mode: str = "encode") -> Plan | None:
     """The newest stored plan of this input and fingerprint whose run has no summary yet."""
     candidates = []
     for key in output.list_keys("_jobs", "plan.json"):
@@ -112,6 +167,6 @@ def unfinished_plan(output: Storage, input_url: str, fingerprint: str) -> Plan |
         if output.exists(summary_key(run_id)):
             continue
         plan = Plan.from_json(output.read_bytes(key))
-        if plan.input_url == input_url and plan.fingerprint == fingerprint:
+        if (plan.input_url, plan.fingerprint, plan.mode) == (input_url, fingerprint, mode):
             candidates.append(plan)
     return max(candidates, key=lambda p: p.created) if candidates else None

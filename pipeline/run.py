@@ -16,6 +16,7 @@ import json
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -26,7 +27,7 @@ from pipeline import sink
 from pipeline.actors import EncoderActor, layout
 from pipeline.plan import Plan, Shard
 from pipeline.settings import EncodeSettings
-from pipeline.storage import Storage
+from pipeline.storage import ObjectInfo, Storage
 from pipeline.worker import ShardResult
 
 
@@ -44,6 +45,8 @@ class RunOptions:
     manifest: str | None = None  # list of keys instead of a listing of the input
     progress: bool = True
     actor_env: dict[str, str] = field(default_factory=dict)  # env vars for actor processes
+    # Filters the listing (extensions, include/exclude patterns, sizes) before planning.
+    image_filter: Callable[[list[ObjectInfo]], list[ObjectInfo]] | None = None
 
 
 @dataclass
@@ -58,21 +61,40 @@ class RunSummary:
     seconds: float
     resumed: bool
     output_url: str
+    mode: str = "encode"
+    replaced: int = 0  # refinement runs: bitstreams replaced by a better encoding
 
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
-        return (f"run {self.run_id}: {self.images} images ({self.ok} ok, {self.errors} "
-                f"errors), {self.skipped} skipped as done, {self.shards} shards, "
+        refined = f", {self.replaced} replaced" if self.mode == "refine" else ""
+        return (f"{self.mode} run {self.run_id}: {self.images} images ({self.ok} ok"
+                f"{refined}, {self.errors} errors), {self.skipped} skipped, {self.shards} shards, "
                 f"{self.seconds:.1f} s ({rate:.2f} images/s){' [resumed]' if self.resumed else ''}")
 
 
 def run(input_url: str, output_url: str, settings: EncodeSettings,
         options: RunOptions | None = None, storage_options: dict | None = None) -> RunSummary:
+    """Encode new and changed images (a coverage run)."""
+    return _run(input_url, output_url, settings, options, storage_options, "encode", None)
+
+
+def refine(input_url: str, output_url: str, settings: EncodeSettings,
+           options: RunOptions | None = None, storage_options: dict | None = None,
+           max_images: int | None = None) -> RunSummary:
+    """Re-encode with `settings` (typically SGA) the images whose stored encoding is below
+    them, replacing a bitstream only when the RD loss improved. Metrics keep both runs."""
+    return _run(input_url, output_url, settings, options, storage_options, "refine",
+                max_images)
+
+
+def _run(input_url: str, output_url: str, settings: EncodeSettings,
+         options: RunOptions | None, storage_options: dict | None, mode: str,
+         max_images: int | None) -> RunSummary:
     options = options or RunOptions()
     t0 = time.perf_counter()
     source = Storage(input_url, storage_options)
     output = Storage(output_url, storage_options)
-    plan, resumed = _load_or_make_plan(source, output, settings, options)
+    plan, resumed = _load_or_make_plan(source, output, settings, options, mode, max_images)
     pending = [s for s in plan.shards
                if not output.exists(sink.part_key(plan.run_id, s.id))]
     retried = 0
@@ -85,22 +107,31 @@ def run(input_url: str, output_url: str, settings: EncodeSettings,
 
 
 def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSettings,
-                       options: RunOptions) -> tuple[Plan, bool]:
+                       options: RunOptions, mode: str = "encode",
+                       max_images: int | None = None) -> tuple[Plan, bool]:
     fingerprint = settings.fingerprint()
     if options.run_id and output.exists(planning.plan_key(options.run_id)):
         plan = Plan.from_json(output.read_bytes(planning.plan_key(options.run_id)))
-        if plan.fingerprint != fingerprint:
-            raise ValueError(f"run {options.run_id} was planned with other settings "
-                             f"(fingerprint {plan.fingerprint}, now {fingerprint})")
+        if (plan.fingerprint, plan.mode) != (fingerprint, mode):
+            raise ValueError(f"run {options.run_id} was planned with other settings (a "
+                             f"{plan.mode} run, fingerprint {plan.fingerprint}; now a {mode} "
+                             f"run, fingerprint {fingerprint})")
         return plan, True
     if options.run_id is None:
-        plan = planning.unfinished_plan(output, source.url, fingerprint)
+        plan = planning.unfinished_plan(output, source.url, fingerprint, mode)
         if plan is not None:
             return plan, True
     images = (source.list_manifest(options.manifest) if options.manifest
               else source.list_images())
-    plan = planning.make_plan(images, source.url, output, settings.resolved(), fingerprint,
-                              options.shard_size, options.run_id)
+    if options.image_filter is not None:
+        images = options.image_filter(images)
+    if mode == "refine":
+        plan = planning.make_refine_plan(images, source.url, output, settings.resolved(),
+                                         fingerprint, options.shard_size, max_images,
+                                         options.run_id)
+    else:
+        plan = planning.make_plan(images, source.url, output, settings.resolved(),
+                                  fingerprint, options.shard_size, options.run_id)
     output.write_atomic(planning.plan_key(plan.run_id), plan.to_json())
     return plan, False
 
@@ -185,14 +216,16 @@ def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempt
 
 def _summarize(plan: Plan, output: Storage, resumed: bool, retried: int,
                seconds: float) -> RunSummary:
-    ok = errors = 0
+    ok = errors = replaced = 0
     for shard in plan.shards:
-        key = sink.part_key(plan.run_id, shard.id)
-        status = sink.read_part(output.read_bytes(key), ["status"])["status"].to_pylist()
+        table = sink.read_part(output.read_bytes(sink.part_key(plan.run_id, shard.id)))
+        status = table["status"].to_pylist()
         ok += status.count("ok")
         errors += status.count("error")
+        if "replaced" in table.column_names:
+            replaced += table["replaced"].to_pylist().count(True)
     return RunSummary(plan.run_id, ok + errors, ok, errors, plan.skipped, len(plan.shards),
-                      retried, seconds, resumed, output.url)
+                      retried, seconds, resumed, output.url, plan.mode, replaced)
 
 
 class _Progress:

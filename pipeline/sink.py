@@ -35,6 +35,8 @@ SCHEMA = pa.schema([
     ("amortized_bpp", pa.float64()),  # model estimate before iterative inference
     ("amortized_psnr", pa.float64()),
     ("rd_loss", pa.float64()),
+    ("previous_rd_loss", pa.float64()),  # refinement runs: RD loss of the stored encoding
+    ("replaced", pa.bool_()),  # refinement runs: whether this encoding replaced it
     ("amortized_rd_loss", pa.float64()),
     ("quality", pa.int32()),
     ("lmbda", pa.float64()),

@@ -89,11 +89,11 @@ class ShardEncoder:
             bucket = buckets[padded_size(prepared)]
             bucket.append((ref, prepared))
             if len(bucket) >= self.batch_size:
-                rows += self._encode(bucket, base, progress)
+                rows += self._encode(bucket, base, progress, shard.baseline)
                 bucket.clear()
         for bucket in buckets.values():
             if bucket:
-                rows += self._encode(bucket, base, progress)
+                rows += self._encode(bucket, base, progress, shard.baseline)
         self.output.write_atomic(part, sink.part_bytes(rows))
         errors = sum(r["status"] == "error" for r in rows)
         return ShardResult(shard.id, len(rows), len(rows) - errors, errors,
@@ -136,7 +136,8 @@ class ShardEncoder:
 
     # -- encoding and writing
 
-    def _encode(self, bucket, base: dict, progress) -> list[dict]:
+    def _encode(self, bucket, base: dict, progress, baseline: dict[str, float] | None
+                ) -> list[dict]:
         images = [p for _, p in bucket]
         try:
             results: list[EncodeResult | Exception] = list(
@@ -150,11 +151,12 @@ class ShardEncoder:
                     results.append(exc)
         rows = []
         for (ref, prepared), res in zip(bucket, results, strict=True):
-            rows.append(self._row(ref, prepared, res, base))
+            rows.append(self._row(ref, prepared, res, base, (baseline or {}).get(ref.key)))
             _tick(progress)
         return rows
 
-    def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict) -> dict:
+    def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict,
+             previous_rd_loss: float | None = None) -> dict:
         info = prepared.info
         row = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
                "source_bytes": ref.size, "source_version": ref.version,
@@ -164,10 +166,17 @@ class ShardEncoder:
             return {**row, "status": "error", "error_stage": "encode",
                     "error": f"{type(res).__name__}: {res}"}
         key = sink.bitstream_key(ref.key)
-        try:
-            self.output.write_atomic(key, res.data)
-        except StorageError as exc:
-            return {**row, "status": "error", "error_stage": "write", "error": str(exc)}
+        replaced = None
+        if previous_rd_loss is not None:  # refinement: keep the stored stream unless beaten
+            replaced = res.rd_loss < previous_rd_loss
+            row.update(previous_rd_loss=previous_rd_loss, replaced=replaced)
+        if replaced is not False:
+            try:
+                self.output.write_atomic(key, res.data)
+            except StorageError as exc:
+                return {**row, "status": "error", "error_stage": "write", "error": str(exc)}
+        else:
+            key = None  # the attempt is recorded, the stored stream stays
         return {**row, "status": "ok", "bitstream_key": key, "bitstream_bytes": len(res.data),
                 "bitstream_sha256": hashlib.sha256(res.data).hexdigest(),
                 "bpp": res.bpp, "psnr": res.psnr, "estimated_bits": res.estimated_bits,
