@@ -96,10 +96,10 @@ def cmd_models(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, mode: str = "encode") -> int:
     import json
 
-    from pipeline.run import RunOptions, run
+    from pipeline.run import RunOptions, refine, run
     from pipeline.settings import EncodeSettings
 
     settings = EncodeSettings(model=args.model or args.quality, method=args.method,
@@ -112,10 +112,18 @@ def cmd_run(args) -> int:
         raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
     options = RunOptions(shard_size=args.shard_size, actors=args.actors, address=args.address,
                          device=args.device, run_id=args.run_id, manifest=args.manifest)
-    summary = run(args.input, args.output, settings, options, storage_options)
+    if mode == "refine":
+        summary = refine(args.input, args.output, settings, options, storage_options,
+                         max_images=args.max_images)
+    else:
+        summary = run(args.input, args.output, settings, options, storage_options)
     print(summary.line())
     print(f"metrics: {summary.output_url.rstrip('/')}/metrics/run={summary.run_id}/")
     return 0 if summary.errors == 0 else 1
+
+
+def cmd_refine(args) -> int:
+    return cmd_run(args, mode="refine")
 
 
 def cmd_demo(args) -> int:
@@ -203,6 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
                    "\"http://minio:9000\"}}' (never printed)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "refine", help="re-encode with SGA the images whose stored encoding is below target",
+        description="A refinement run: re-encode, with the given method and iterations, the "
+        "images under INPUT whose stored encoding in OUTPUT (same source bytes and model) is "
+        "below that target, highest RD loss first; a bitstream is replaced only when the RD "
+        "loss improves. New or changed images are left to `sgarc run`.")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("output", metavar="OUTPUT")
+    _add_codec_options(p)
+    _add_inference_options(p)
+    _add_image_options(p)
+    p.add_argument("--shard-size", type=int, default=16, help="images per shard (default 16)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: one per GPU, else sized to the CPUs)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: an in-process local Ray)")
+    p.add_argument("--device", default=None, help="torch device in actors (default: cuda "
+                   "when present)")
+    p.add_argument("--manifest", default=None,
+                   help="text file listing the keys to encode, one per line (under INPUT)")
+    p.add_argument("--run-id", default=None, help="resume (or name) this run")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                   "\"http://minio:9000\"}}' (never printed)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="refine at most this many images in this run")
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("decode", help="decode an .sga bitstream to an image",
                        description="Decode IN to OUT; the format follows OUT's extension "
