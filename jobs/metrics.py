@@ -1,0 +1,518 @@
+"""`sgarc metrics`: SQL over a run's Parquet metrics with DuckDB, local or on object stores.
+
+    con = connect("archive/")                                     # or s3://bucket/archive
+    run_summaries(con)                                            # one dict per run
+    worst_images(con, by="psnr", n=10); failures(con)
+    query(con, "SELECT method, avg(bpp) FROM metrics WHERE status = 'ok' GROUP BY ALL")
+
+``metrics`` holds every row of every part ``<out>/metrics/run=<id>/*.parquet``
+(schema in docs/pipeline.md), plus two columns: ``run``, the run id taken from the part's
+``run=<id>`` folder (it equals the ``run_id`` column the files hold), and ``part``, the
+part's path. Parts are read by name (``union_by_name``): a part written before a column
+existed (``metadata_bytes``, ``has_icc``, ``bitstream_sha256``, ...) reads as NULL there,
+and a column of the current schema that no part has yet is still in the view, all NULL, so
+queries need not care which sgarc version wrote which part. ``run`` comes from the part's
+path rather than DuckDB's hive partitioning so that ``key=value`` folders above the output
+(``/data/year=2024/archive``) never turn into columns that shadow real ones.
+
+Object stores go through the same fsspec filesystem the pipeline uses, registered with
+DuckDB (``register_filesystem``): no DuckDB extension is installed or loaded, nothing is
+fetched from the network but the parts. Extension auto-install and auto-load are off.
+Locally ``metrics`` is a view (each query reads the parts it needs); on object stores it is
+an in-memory table read once at connect, since every query would list and open every part
+again, a round trip each.
+
+Per-run summary (:func:`run_summaries`), over the rows of one ``run``; "ok rows" are those
+with ``status = 'ok'``:
+
+===================  ==========================================================================
+``first``/``last``   earliest and latest ``timestamp`` (UTC)
+``images``           rows (one per input image); ``ok``; ``failures`` (``status <> 'ok'``)
+``bytes_in``         sum of ``source_bytes`` over ok rows (failed images have no output)
+``bytes_out``        sum of ``bitstream_bytes`` over ok rows
+``savings_pct``      100 × (1 − bytes_out / bytes_in); negative when the streams are larger
+``mean_bpp``         mean ``bpp`` over ok rows (per image, not weighted by pixels)
+``mean_psnr``        mean ``psnr`` (dB) over ok rows
+``refined``          ok rows refined by iterative inference: ``iterations > 0`` and
+                     ``amortized_rd_loss > 0`` (SGA and the paper's ablations)
+``rd_gain_pct``      100 × mean over refined rows of
+                     (``amortized_rd_loss`` − ``rd_loss``) / ``amortized_rd_loss``: the relative
+                     drop of the true RD loss from the amortized start (what SGA optimizes)
+``bpp_saved``        mean over refined rows of ``amortized_bpp`` − ``estimated_bits`` / pixels:
+                     the model's estimated rate of the amortized start minus that of the
+                     refined latents (both model estimates over the image's pixels, so no
+                     container or header bytes skew it)
+``psnr_gain_db``     mean over refined rows of ``psnr`` − ``amortized_psnr``; ``psnr`` is
+                     measured on the decoded 8-bit output, ``amortized_psnr`` on the float
+                     reconstruction of the amortized start, so rounding adds a little noise
+``encode_seconds``   sum of ``encode_seconds`` over ok rows; ``mean_encode_seconds`` its mean
+``methods``          the inference methods of the run's rows, sorted
+===================  ==========================================================================
+
+Means and gains are None where no row qualifies (a run of failures, an amortized run).
+Refinement runs (which keep the stored stream unless a new encoding beats it) count every
+encoding they made, whether or not it replaced the stored stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from codec.errors import SgarcError
+from pipeline import sink
+from pipeline.storage import Storage, StorageError
+
+WORST_BY = ("psnr", "bpp", "savings")
+_GLOB_CHARS = re.compile(r"([*?\[])")
+_URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+class MetricsError(SgarcError):
+    """No metrics where asked, an unknown run, an unreadable part, an SQL error."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Connecting
+# ---------------------------------------------------------------------------------------------
+
+
+def display_url(url: str) -> str:
+    """``url`` without user info (``s3://key:secret@bucket`` -> ``s3://***@bucket``)."""
+    return _URL_USERINFO.sub(r"\1***@", str(url))
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_integer(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    return "VARCHAR"
+
+
+def _literal_glob(path: str) -> str:
+    """``path`` as a glob pattern matching itself only (``[`` -> ``[[]``, ...)."""
+    return _GLOB_CHARS.sub(r"[\1]", path)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def connect(output_url: str, storage_options: dict | None = None, *,
+            run: str | None = None, cache: bool | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with ``metrics`` over the output's parts.
+
+    ``run`` limits ``metrics`` to that run's parts (only they are read). ``cache``: read the
+    parts once into an in-memory table instead of a view that reads them at each query;
+    the default caches on object stores, where every query would otherwise list and open
+    every part again (a round trip each), and reads local parts lazily. Raises
+    :class:`MetricsError` when there are no parts (or none of ``run``) or they cannot be read.
+    """
+    shown = display_url(output_url)
+    try:
+        storage = Storage(output_url, storage_options)
+    except (ValueError, ImportError) as exc:
+        raise MetricsError(f"cannot open {shown}: {exc}") from None
+    if run is not None and (not run or "/" in run or run in (".", "..")):
+        raise MetricsError(f"not a run id: {run!r}")
+    con = duckdb.connect(config={"autoinstall_known_extensions": False,
+                                 "autoload_known_extensions": False})
+    try:
+        con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
+        if storage.protocol == "file":
+            base = storage.full_path("metrics")
+        else:
+            con.register_filesystem(storage.fs)
+            base = storage.url_of("metrics")
+        # Literal names: escape glob characters in the root (fsspec and DuckDB both glob).
+        folder = "run=*" if run is None else "run=" + _literal_glob(run)
+        pattern = f"{_literal_glob(base)}/{folder}/*.parquet"
+        source = (f"read_parquet({_literal(pattern)}, union_by_name = true, "
+                  "hive_partitioning = false, filename = true)")
+        try:
+            present = {name for name, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        except duckdb.IOException as exc:
+            if "No files found" not in str(exc):
+                raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
+            if run is None:
+                raise MetricsError(f"no metrics under {shown}: run `sgarc run` first") from None
+            raise MetricsError(_unknown_run(storage, run, shown)) from None
+        except duckdb.Error as exc:
+            raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
+        missing = [f"CAST(NULL AS {_duck_type(f.type)}) AS {_ident(f.name)}"
+                   for f in sink.SCHEMA if f.name not in present]
+        columns = ", ".join(["* EXCLUDE (filename)", *missing,
+                             r"regexp_extract(filename, '/run=([^/]+)/[^/]+$', 1) AS run",
+                             "filename AS part"])
+        if cache is None:
+            cache = storage.protocol != "file"
+        try:
+            con.execute(f"CREATE {'TABLE' if cache else 'VIEW'} metrics AS "
+                        f"SELECT {columns} FROM {source}")
+        except duckdb.Error as exc:
+            raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _unknown_run(storage: Storage, run: str, shown: str) -> str:
+    try:
+        keys = storage.list_keys("metrics", ".parquet")
+    except StorageError:
+        keys = []
+    runs = sorted({m.group(1) for k in keys if (m := re.match(r"metrics/run=([^/]+)/", k))})
+    if not runs:
+        return f"no metrics under {shown}: run `sgarc run` first"
+    listed = ", ".join(runs[-10:]) + (f" (and {len(runs) - 10} earlier)" if len(runs) > 10 else "")
+    return f"no run {run} under {shown}; runs there: {listed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None
+          ) -> list[dict]:
+    # Through Arrow: timestamps with time zone come back as datetimes without pytz.
+    return con.sql(sql, params=params).to_arrow_table().to_pylist()
+
+
+_SUMMARY_SQL = """
+WITH m AS (SELECT *, status = 'ok' AS is_ok,
+                  status = 'ok' AND iterations > 0 AND amortized_rd_loss > 0 AS is_refined
+           FROM metrics WHERE $run IS NULL OR run = $run)
+SELECT run,
+       min(timestamp) AS first,
+       max(timestamp) AS last,
+       count(*) AS images,
+       count(*) FILTER (WHERE is_ok) AS ok,
+       count(*) FILTER (WHERE NOT is_ok OR is_ok IS NULL) AS failures,
+       CAST(coalesce(sum(source_bytes) FILTER (WHERE is_ok), 0) AS BIGINT) AS bytes_in,
+       CAST(coalesce(sum(bitstream_bytes) FILTER (WHERE is_ok), 0) AS BIGINT) AS bytes_out,
+       avg(bpp) FILTER (WHERE is_ok) AS mean_bpp,
+       avg(psnr) FILTER (WHERE is_ok) AS mean_psnr,
+       count(*) FILTER (WHERE is_refined) AS refined,
+       100 * avg((amortized_rd_loss - rd_loss) / amortized_rd_loss) FILTER (WHERE is_refined)
+           AS rd_gain_pct,
+       avg(amortized_bpp - estimated_bits / (CAST(width AS DOUBLE) * height))
+           FILTER (WHERE is_refined AND width > 0 AND height > 0) AS bpp_saved,
+       avg(psnr - amortized_psnr) FILTER (WHERE is_refined) AS psnr_gain_db,
+       sum(encode_seconds) FILTER (WHERE is_ok) AS encode_seconds,
+       avg(encode_seconds) FILTER (WHERE is_ok) AS mean_encode_seconds,
+       list_sort(list(DISTINCT method) FILTER (WHERE method IS NOT NULL)) AS methods
+FROM m GROUP BY run ORDER BY first, run
+"""
+
+
+def run_summaries(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
+    """One dict per run, oldest first; fields defined in the module docstring."""
+    rows = _rows(con, _SUMMARY_SQL, {"run": run})
+    keys = ("run", "first", "last", "images", "ok", "failures", "bytes_in", "bytes_out",
+            "savings_pct", "mean_bpp", "mean_psnr", "refined", "rd_gain_pct", "bpp_saved",
+            "psnr_gain_db", "encode_seconds", "mean_encode_seconds", "methods")
+    out = []
+    for r in rows:
+        r["savings_pct"] = (100.0 * (1.0 - r["bytes_out"] / r["bytes_in"])
+                            if r["bytes_in"] else None)
+        r["methods"] = r["methods"] or []
+        out.append({k: r[k] for k in keys})
+    return out
+
+
+def runs(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Run ids, oldest first."""
+    return [r["run"] for r in _rows(con, "SELECT run FROM metrics GROUP BY run "
+                                         "ORDER BY min(timestamp), run")]
+
+
+_WORST_ORDER = {
+    "psnr": "psnr ASC NULLS LAST",
+    "bpp": "bpp DESC NULLS LAST",
+    "savings": "savings_pct ASC NULLS LAST",
+}
+
+
+def worst_images(con: duckdb.DuckDBPyConnection, run: str | None = None, by: str = "psnr",
+                 n: int = 10) -> list[dict]:
+    """The ``n`` worst ok rows: lowest PSNR (``by="psnr"``), highest bpp (``"bpp"``) or
+    lowest savings, 100 × (1 − bitstream_bytes / source_bytes) (``"savings"``; negative
+    when the stream is larger than its source). Ties break by run and key."""
+    if by not in _WORST_ORDER:
+        raise MetricsError(f"worst images by {by!r}: choose one of {', '.join(WORST_BY)}")
+    sql = f"""
+        SELECT run, source_key, width, height, source_bytes, bitstream_bytes,
+               CASE WHEN source_bytes > 0
+                    THEN 100 * (1 - CAST(bitstream_bytes AS DOUBLE) / source_bytes) END
+                   AS savings_pct,
+               bpp, psnr, method, iterations
+        FROM metrics
+        WHERE status = 'ok' AND ($run IS NULL OR run = $run)
+        ORDER BY {_WORST_ORDER[by]}, run, source_key
+        LIMIT $n"""
+    return _rows(con, sql, {"run": run, "n": max(0, int(n))})
+
+
+def failures(con: duckdb.DuckDBPyConnection, run: str | None = None,
+             n: int | None = None) -> list[dict]:
+    """Error rows, newest first: run, key, error_stage, error, timestamp, and
+    ``fixed_later``: whether a later run encoded the same source URL successfully."""
+    sql = """
+        SELECT m.run, m.source_key, m.error_stage, m.error, m.timestamp,
+               EXISTS (SELECT 1 FROM metrics l WHERE l.source_url = m.source_url
+                       AND l.status = 'ok' AND l.timestamp > m.timestamp) AS fixed_later
+        FROM metrics m
+        WHERE m.status IS DISTINCT FROM 'ok' AND ($run IS NULL OR m.run = $run)
+        ORDER BY m.timestamp DESC, m.run, m.source_key
+        LIMIT $n"""
+    return _rows(con, sql, {"run": run, "n": n})
+
+
+def count_failures(con: duckdb.DuckDBPyConnection, run: str | None = None) -> int:
+    return _rows(con, "SELECT count(*) AS n FROM metrics WHERE status IS DISTINCT FROM 'ok' "
+                      "AND ($run IS NULL OR run = $run)", {"run": run})[0]["n"]
+
+
+def query(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of arbitrary SQL against the ``metrics`` view; the result of
+    the last statement; ([], []) for statements without one. SQL errors: MetricsError."""
+    try:
+        rel = con.sql(sql)
+        if rel is None:
+            return [], []
+        table = rel.to_arrow_table()
+    except duckdb.Error as exc:
+        raise MetricsError(f"SQL: {exc}") from None
+    columns = list(rel.columns)
+    data = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    return columns, list(zip(*data, strict=True)) if data else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_time(ts: datetime | None) -> str:
+    return "-" if ts is None else ts.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt(value: Any, spec: str = "", unit: str = "") -> str:
+    """A cell: '-' for None/NaN, ``spec`` for numbers, str() for the rest."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int | float) and not isinstance(value, bool) and spec:
+        return f"{value:{spec}}{unit}"
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return f"{value}{unit}"
+
+
+def summary_cells(s: dict) -> list[str]:
+    return [s["run"], format_time(s["first"]), str(s["images"]), str(s["ok"]),
+            str(s["failures"]), format_bytes(s["bytes_in"]), format_bytes(s["bytes_out"]),
+            fmt(s["savings_pct"], ".1f", "%"), fmt(s["mean_bpp"], ".3f"),
+            fmt(s["mean_psnr"], ".2f"), fmt(s["encode_seconds"], ".1f"),
+            fmt(s["mean_encode_seconds"], ".2f"), ",".join(s["methods"])]
+
+
+SUMMARY_HEADER = ["run", "started (UTC)", "images", "ok", "failed", "in", "out", "savings",
+                  "bpp", "PSNR dB", "encode s", "s/image", "methods"]
+GAIN_HEADER = ["run", "refined", "RD gain", "bpp saved", "PSNR gain dB"]
+WORST_HEADER = ["run", "key", "size", "in", "out", "savings", "bpp", "PSNR dB", "method"]
+FAILURE_HEADER = ["run", "key", "stage", "error", "fixed later"]
+
+
+def gain_cells(s: dict) -> list[str]:
+    return [s["run"], str(s["refined"]), fmt(s["rd_gain_pct"], ".2f", "%"),
+            fmt(s["bpp_saved"], ".4f"), fmt(s["psnr_gain_db"], "+.2f")]
+
+
+def worst_cells(r: dict) -> list[str]:
+    size = f"{r['width']}x{r['height']}" if r["width"] is not None else "-"
+    return [r["run"], r["source_key"], size, format_bytes(r["source_bytes"]),
+            format_bytes(r["bitstream_bytes"]), fmt(r["savings_pct"], ".1f", "%"),
+            fmt(r["bpp"], ".3f"), fmt(r["psnr"], ".2f"), fmt(r["method"])]
+
+
+def failure_cells(r: dict) -> list[str]:
+    return [r["run"], r["source_key"], fmt(r["error_stage"]), fmt(r["error"]),
+            "yes" if r["fixed_later"] else "no"]
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line per row: newlines and tabs in errors
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                 max_width: int = 60) -> str:
+    """An aligned plain-text table: numbers right-aligned, text left-aligned."""
+    cells = [[_clip(c if isinstance(c, str) else _sql_cell(c), max_width) for c in row]
+             for row in rows]
+    head = [_clip(str(h), max_width) for h in header]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(head)]
+    numeric = [bool(cells) and all(_looks_numeric(r[i]) for r in cells)
+               for i in range(len(head))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+_NUMERIC = re.compile(r"^[-+]?(\d[\d.,]*(e[-+]?\d+)?)( ?(%|B|KiB|MiB|GiB|TiB))?$|^-$")
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(_NUMERIC.match(text))
+
+
+def _sql_cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    return str(value)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: datetimes in ISO 8601, NaN/inf as null, Decimal as float."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetricsError(f"--storage-options is not valid JSON: {exc.msg}") from None
+    if not isinstance(options, dict):
+        raise MetricsError("--storage-options must be a JSON object")
+    return options
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``sgarc metrics`` to a subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "metrics", help="summarize a pipeline output's metrics, or query them with SQL",
+        description="Per-run summary of the Parquet metrics under OUTPUT (a folder or an "
+        "fsspec URL such as s3://bucket/archive): images, failures, bytes in and out, "
+        "savings, mean bpp and PSNR, SGA's gain over the amortized encoder, encode time; "
+        "then the worst images and the failures. --sql runs any DuckDB SQL against the "
+        "view `metrics` (one row per image per run, docs/pipeline.md, plus `run` and "
+        "`part`).")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("--run", metavar="ID", default=None, help="only this run")
+    p.add_argument("--sql", metavar="SQL", default=None,
+                   help="print the result of this SQL over the view `metrics` instead")
+    p.add_argument("--worst", metavar="N", type=int, default=10,
+                   help="worst images (and failures) to list (default 10; 0: none)")
+    p.add_argument("--by", choices=WORST_BY, default="psnr",
+                   help="worst by lowest PSNR (default), highest bpp or lowest savings")
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options for OUTPUT (never printed)")
+    p.set_defaults(func=cmd_metrics)
+    return p
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options)
+    if args.worst < 0:
+        raise MetricsError("--worst must be >= 0")
+    con = connect(args.output, options, run=args.run)
+    try:
+        if args.sql is not None:
+            columns, rows = query(con, args.sql)
+            if args.json:
+                print(json.dumps({"columns": columns, "rows": jsonable(rows)}, indent=1))
+            elif columns:
+                print(format_table(columns, rows, max_width=80))
+                print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+            return 0
+        summaries = run_summaries(con)
+        worst = worst_images(con, by=args.by, n=args.worst) if args.worst else []
+        failed = failures(con, n=args.worst) if args.worst else []
+        total_failed = sum(s["failures"] for s in summaries)
+    finally:
+        con.close()
+    if args.json:
+        print(json.dumps(jsonable({"output": display_url(args.output), "runs": summaries,
+                                   "worst": worst, "worst_by": args.by, "failures": failed,
+                                   "failures_total": total_failed}), indent=1))
+        return 0
+    images = sum(s["images"] for s in summaries)
+    print(f"metrics under {display_url(args.output)}: {len(summaries)} run"
+          f"{'s' if len(summaries) != 1 else ''}, {images} rows\n")
+    print(format_table(SUMMARY_HEADER, [summary_cells(s) for s in summaries]))
+    refined = [s for s in summaries if s["refined"]]
+    if refined:
+        print("\nrefinement vs the amortized start (refined images only)")
+        print(format_table(GAIN_HEADER, [gain_cells(s) for s in refined]))
+    if worst:
+        print(f"\nworst {len(worst)} by {args.by}")
+        print(format_table(WORST_HEADER, [worst_cells(r) for r in worst]))
+    if failed:
+        more = f", newest {len(failed)} shown" if total_failed > len(failed) else ""
+        print(f"\nfailures: {total_failed}{more}")
+        print(format_table(FAILURE_HEADER, [failure_cells(r) for r in failed], max_width=100))
+    return 0

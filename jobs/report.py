@@ -1,0 +1,476 @@
+"""`sgarc report`: one self-contained HTML page about a pipeline output's metrics.
+
+    write_report("archive/", "report.html")             # or s3://bucket/archive
+
+The page holds the per-run summary and the refinement gains (definitions in
+:mod:`jobs.metrics`), three plots - bpp against PSNR per image (coloured by method when
+there are several, else by run), the histogram of per-image savings
+1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings
+across runs - then the worst images and the failures. Plots are inline SVG drawn here
+(no plotting library, no JavaScript, no external CSS, fonts or CDN), so the file opens
+anywhere, offline, and can be mailed or archived as is. Every string from the data is
+HTML-escaped. The markup is well-formed XML (XHTML polyglot), so tests and tools can parse
+it strictly.
+
+Scale: the scatter shows at most ``MAX_POINTS`` images (a deterministic sample, stated on
+the page); the histogram and the tables are aggregated by DuckDB over all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from codec.files import atomic_write
+from jobs.metrics import (
+    FAILURE_HEADER,
+    GAIN_HEADER,
+    SUMMARY_HEADER,
+    WORST_HEADER,
+    MetricsError,
+    connect,
+    count_failures,
+    display_url,
+    failure_cells,
+    failures,
+    gain_cells,
+    parse_storage_options,
+    run_summaries,
+    summary_cells,
+    worst_cells,
+    worst_images,
+)
+
+MAX_POINTS = 5000
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> list[dict]:
+    return con.sql(sql, params=params).to_arrow_table().to_pylist()
+
+
+def scatter_points(con: duckdb.DuckDBPyConnection, limit: int = MAX_POINTS
+                   ) -> tuple[list[dict], int]:
+    """(points, total): bpp, psnr, method, run, key of ok rows; a deterministic sample of
+    ``limit`` of them (by a hash of run and key) when there are more."""
+    total = _rows(con, "SELECT count(*) AS n FROM metrics WHERE status = 'ok' "
+                       "AND bpp IS NOT NULL AND psnr IS NOT NULL")[0]["n"]
+    points = _rows(con, """
+        SELECT bpp, psnr, method, run, source_key FROM metrics
+        WHERE status = 'ok' AND bpp IS NOT NULL AND psnr IS NOT NULL
+        ORDER BY hash(run, source_key), run, source_key LIMIT $n""", {"n": limit})
+    return points, total
+
+
+def savings_histogram(con: duckdb.DuckDBPyConnection) -> dict:
+    """Per-image savings 1 − out/in of ok rows in fixed-width bins over [lo, hi).
+
+    The range covers the data rounded out to the bin width, floored at −100%: images whose
+    stream is more than twice their source land in the first bin (``clipped`` counts them).
+    """
+    expr = "1 - CAST(bitstream_bytes AS DOUBLE) / source_bytes"
+    where = "status = 'ok' AND source_bytes > 0 AND bitstream_bytes IS NOT NULL"
+    stats = _rows(con, f"SELECT count(*) AS n, min({expr}) AS lo, max({expr}) AS hi, "
+                       f"count(*) FILTER (WHERE {expr} < -1) AS clipped "
+                       f"FROM metrics WHERE {where}")[0]
+    if not stats["n"]:
+        return {"n": 0, "lo": 0.0, "width": 0.05, "counts": [], "clipped": 0}
+    lo, hi = max(-1.0, stats["lo"]), stats["hi"]
+    width = _nice_step(max(hi - lo, 1e-9) / 25)
+    start = math.floor(lo / width) * width
+    bins = max(1, math.floor((hi - start) / width) + 1)
+    got = _rows(con, f"""
+        SELECT least(greatest(CAST(floor(({expr} - $start) / $width) AS BIGINT), 0), $last)
+               AS bin, count(*) AS n
+        FROM metrics WHERE {where} GROUP BY bin""",
+                {"start": start, "width": width, "last": bins - 1})
+    counts = [0] * bins
+    for r in got:
+        counts[r["bin"]] += r["n"]
+    return {"n": stats["n"], "lo": start, "width": width, "counts": counts,
+            "clipped": stats["clipped"]}
+
+
+def collect(con: duckdb.DuckDBPyConnection, worst: int = 20) -> dict:
+    points, total = scatter_points(con)
+    return {
+        "summaries": run_summaries(con),
+        "points": points,
+        "points_total": total,
+        "histogram": savings_histogram(con),
+        "worst": worst_images(con, by="psnr", n=worst),
+        "failures": failures(con, n=worst),
+        "failures_total": count_failures(con),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _nice_step(raw: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 × 10^k that is >= raw."""
+    if raw <= 0 or not math.isfinite(raw):
+        return 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * mag >= raw * (1 - 1e-9):
+            return m * mag
+    return 10 * mag  # pragma: no cover
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[float]]:
+    """A range rounded out to nice steps around [lo, hi], and its ticks."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    step = _nice_step((hi - lo) / n)
+    start, stop = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    count = round((stop - start) / step)
+    return start, stop, [start + i * step for i in range(count + 1)]
+
+
+def _padded(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[tuple[float, str]]]:
+    """Axis limits around [lo, hi] with a 5% margin (points never sit on the frame) and
+    the labelled nice ticks inside them."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi - lo < 1e-12:
+        pad = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    margin = (hi - lo) * 0.05
+    lo, hi = lo - margin, hi + margin
+    _, _, ticks = _ticks(lo, hi, n)
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    return lo, hi, [(t, _tick_label(t, step)) for t in ticks if lo <= t <= hi]
+
+
+def _tick_label(value: float, step: float) -> str:
+    """``value`` with as many decimals as the tick step needs (0.25 -> 2, 5 -> 0)."""
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    if abs(step * 10 ** decimals - round(step * 10 ** decimals)) > 1e-6:
+        decimals += 1
+    text = f"{value:.{decimals}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+class _Plot:
+    """A rectangle of data coordinates mapped onto an SVG canvas, with axes."""
+
+    def __init__(self, xlim: tuple[float, float], ylim: tuple[float, float], *,
+                 width: int = 640, height: int = 360, left: int = 60, right: int = 20,
+                 top: int = 20, bottom: int = 50, xoff: int = 0) -> None:
+        self.x0, self.x1 = xlim
+        self.y0, self.y1 = ylim
+        self.width, self.height = width, height
+        self.left, self.right, self.top, self.bottom = left + xoff, right, top, bottom
+        self.xoff = xoff
+        self.inner_w = width - left - right
+        self.inner_h = height - top - bottom
+
+    def sx(self, x: float) -> float:
+        span = (self.x1 - self.x0) or 1.0
+        return self.left + (x - self.x0) / span * self.inner_w
+
+    def sy(self, y: float) -> float:
+        span = (self.y1 - self.y0) or 1.0
+        return self.top + self.inner_h - (y - self.y0) / span * self.inner_h
+
+    def axes(self, xticks: Sequence[tuple[float, str]], yticks: Sequence[tuple[float, str]],
+             xlabel: str, ylabel: str) -> list[str]:
+        left, top, w, h = self.left, self.top, self.inner_w, self.inner_h
+        out = [f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>']
+        for x, label in xticks:
+            px = self.sx(x)
+            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + h}" '
+                       'class="grid"/>')
+            out.append(f'<text x="{px:.1f}" y="{top + h + 16}" class="tick" '
+                       f'text-anchor="middle">{esc(label)}</text>')
+        for y, label in yticks:
+            py = self.sy(y)
+            out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + w}" y2="{py:.1f}" '
+                       'class="grid"/>')
+            out.append(f'<text x="{left - 6}" y="{py + 4:.1f}" class="tick" '
+                       f'text-anchor="end">{esc(label)}</text>')
+        out.append(f'<text x="{left + w / 2:.1f}" y="{top + h + 38}" class="label" '
+                   f'text-anchor="middle">{esc(xlabel)}</text>')
+        cy = top + h / 2
+        out.append(f'<text x="{self.xoff + 14}" y="{cy:.1f}" class="label" text-anchor="middle" '
+                   f'transform="rotate(-90 {self.xoff + 14} {cy:.1f})">{esc(ylabel)}</text>')
+        return out
+
+
+def _svg(width: int, height: int, body: list[str], label: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(label)}">'
+            + "".join(body) + "</svg>")
+
+
+def _empty_svg(label: str, message: str) -> str:
+    return _svg(640, 120, ['<rect x="0" y="0" width="640" height="120" class="frame"/>',
+                           f'<text x="320" y="64" class="label" text-anchor="middle">'
+                           f'{esc(message)}</text>'], label)
+
+
+def scatter_svg(points: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+    """bpp (x) against PSNR (y); (svg, legend entries (name, colour))."""
+    label = "bpp against PSNR, one point per image"
+    if not points:
+        return _empty_svg(label, "no encoded images"), []
+    methods = sorted({str(p["method"]) for p in points})
+    by = "method" if len(methods) > 1 else "run"
+    groups = methods if by == "method" else sorted({str(p["run"]) for p in points})
+    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    x0, x1, xt = _padded(min(p["bpp"] for p in points), max(p["bpp"] for p in points), 6)
+    y0, y1, yt = _padded(min(p["psnr"] for p in points), max(p["psnr"] for p in points))
+    plot = _Plot((x0, x1), (y0, y1))
+    body = plot.axes(xt, yt, "bits per pixel (bitstream size)", "PSNR (dB)")
+    for p in points:
+        tip = f"{p['source_key']} ({p['run']}, {p['method']}): {p['bpp']:.3f} bpp, " \
+              f"{p['psnr']:.2f} dB"
+        body.append(f'<circle cx="{plot.sx(p["bpp"]):.1f}" cy="{plot.sy(p["psnr"]):.1f}" '
+                    f'r="3" fill="{colour[str(p[by])]}" class="pt"><title>{esc(tip)}</title>'
+                    "</circle>")
+    return _svg(plot.width, plot.height, body, label), [(f"{by} {g}", colour[g]) for g in groups]
+
+
+def histogram_svg(hist: dict) -> str:
+    label = "histogram of per-image savings"
+    counts = hist["counts"]
+    if not counts:
+        return _empty_svg(label, "no encoded images")
+    lo, width = hist["lo"], hist["width"]
+    hi = lo + width * len(counts)
+    _, ytop, yt = _ticks(0, max(*counts, 5))  # whole-number ticks for counts
+    xs = _ticks(lo * 100, hi * 100, 6)[2]
+    plot = _Plot((lo * 100, hi * 100), (0, ytop))
+    ystep = yt[1] - yt[0] if len(yt) > 1 else 1
+    body = plot.axes([(t, _tick_label(t, xs[1] - xs[0] if len(xs) > 1 else 1))
+                      for t in xs if lo * 100 - 1e-9 <= t <= hi * 100 + 1e-9],
+                     [(t, _tick_label(t, ystep)) for t in yt],
+                     "savings per image, 1 − bitstream / source (%)", "images")
+    for i, n in enumerate(counts):
+        if not n:
+            continue
+        a, b = (lo + i * width) * 100, (lo + (i + 1) * width) * 100
+        x, y = plot.sx(a), plot.sy(n)
+        tip = f"{a:.1f}% to {b:.1f}%: {n} image{'s' if n != 1 else ''}"
+        body.append(f'<rect x="{x + 0.5:.1f}" y="{y:.1f}" width="{max(plot.sx(b) - x - 1, 1):.1f}"'
+                    f' height="{plot.sy(0) - y:.1f}" class="bar"><title>{esc(tip)}</title>'
+                    "</rect>")
+    return _svg(plot.width, plot.height, body, label)
+
+
+def _run_label(summary: dict, date_only: bool) -> str:
+    first = summary["first"]
+    if first is None:
+        return summary["run"][:12]
+    return first.strftime("%Y-%m-%d" if date_only else "%m-%d %H:%M")
+
+
+def trend_svg(summaries: list[dict]) -> str:
+    """Mean bpp, mean PSNR and savings % per run (oldest first), three panels."""
+    label = "trend across runs: mean bpp, mean PSNR, savings"
+    if not summaries:
+        return _empty_svg(label, "no runs")
+    panels = (("mean_bpp", "mean bpp", "{:.3f}"), ("mean_psnr", "mean PSNR (dB)", "{:.2f}"),
+              ("savings_pct", "savings (%)", "{:.1f}"))
+    n = len(summaries)
+    every = max(1, math.ceil(n / 6))
+    days = [s["first"].date() for s in summaries if s["first"] is not None]
+    date_only = len(set(days)) == len(days)  # one run a day or fewer: dates say enough
+    body: list[str] = []
+    panel_w = 320
+    for k, (field, name, spec) in enumerate(panels):
+        values = [(i, s[field]) for i, s in enumerate(summaries) if s[field] is not None]
+        ys = [v for _, v in values] or [0.0]
+        y0, y1, yt = _padded(min(ys), max(ys), 4)
+        plot = _Plot((-0.5, n - 0.5), (y0, y1), width=panel_w, height=280, left=56,
+                     right=12, bottom=56, xoff=k * panel_w)
+        xt = [(i, _run_label(summaries[i], date_only)) for i in range(0, n, every)]
+        body += plot.axes(xt, yt, "run start (UTC)", name)
+        if len(values) > 1:
+            path = " ".join(f"{'M' if j == 0 else 'L'}{plot.sx(i):.1f},{plot.sy(v):.1f}"
+                            for j, (i, v) in enumerate(values))
+            body.append(f'<path d="{path}" class="line" stroke="{PALETTE[k]}"/>')
+        for i, v in values:
+            tip = f"run {summaries[i]['run']}: {name} {spec.format(v)}"
+            body.append(f'<circle cx="{plot.sx(i):.1f}" cy="{plot.sy(v):.1f}" r="4" '
+                        f'fill="{PALETTE[k]}"><title>{esc(tip)}</title></circle>')
+    return _svg(panel_w * len(panels), 280, body, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Page
+# ---------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; }
+table { border-collapse: collapse; margin: 8px 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 10px; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.key { max-width: 420px; overflow-wrap: anywhere; }
+td.err { max-width: 560px; overflow-wrap: anywhere; font-family: monospace; font-size: 12px; }
+figure { margin: 12px 0 24px; } figcaption { color: #555; font-size: 13px; }
+svg { max-width: 100%; height: auto; }
+svg .frame { fill: none; stroke: #999; }
+svg .grid { stroke: #eee; }
+svg .tick { font-size: 11px; fill: #555; }
+svg .label { font-size: 12px; fill: #333; }
+svg .pt { fill-opacity: 0.65; }
+svg .bar { fill: #1f77b4; }
+svg .line { fill: none; stroke-width: 2; }
+.legend span { display: inline-block; margin-right: 14px; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; }
+.note { color: #555; font-size: 13px; }
+"""
+
+_NUMERIC_COLUMNS = {"images", "ok", "failed", "in", "out", "savings", "bpp", "PSNR dB",
+                    "encode s", "s/image", "refined", "RD gain", "bpp saved", "PSNR gain dB",
+                    "size"}
+
+
+def _table(header: Sequence[str], rows: list[list[str]], classes: dict[str, str] | None = None
+           ) -> str:
+    classes = dict(classes or {})
+    for h in header:
+        if h in _NUMERIC_COLUMNS:
+            classes.setdefault(h, "num")
+    head = "".join(f'<th class="{classes[h]}">{esc(h)}</th>' if h in classes
+                   else f"<th>{esc(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="{classes[h]}">{esc(c)}</td>' if h in classes
+                        else f"<td>{esc(c)}</td>" for h, c in zip(header, row, strict=True))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render(data: dict, source: str, generated: datetime | None = None) -> str:
+    """The page as a string (well-formed XHTML; every data string escaped)."""
+    generated = generated or datetime.now(UTC)
+    summaries = data["summaries"]
+    images = sum(s["images"] for s in summaries)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8"/>',
+        f"<title>sgarc report: {esc(source)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>sgarc metrics: {esc(source)}</h1>",
+        f'<p class="note">{len(summaries)} run{"s" if len(summaries) != 1 else ""}, '
+        f"{images} rows; generated {esc(generated.strftime('%Y-%m-%d %H:%M:%S'))} UTC.</p>",
+        '<h2 id="runs">Runs</h2>',
+        _table(SUMMARY_HEADER, [summary_cells(s) for s in summaries]),
+    ]
+    refined = [s for s in summaries if s["refined"]]
+    if refined:
+        parts += ["<h2>Refinement against the amortized start</h2>",
+                  '<p class="note">Refined images only (iterations &gt; 0). RD gain: mean '
+                  "relative drop of the true RD loss; bpp saved: the model's estimated rate "
+                  "of the amortized start minus that of the refined latents; PSNR gain: "
+                  "decoded PSNR minus the amortized start's.</p>",
+                  _table(GAIN_HEADER, [gain_cells(s) for s in refined])]
+    scatter, legend = scatter_svg(data["points"])
+    shown = len(data["points"])
+    sample = (f" A deterministic sample of {shown} of {data['points_total']} images."
+              if data["points_total"] > shown else "")
+    legend_html = "".join(f'<span><span class="swatch" style="background: {c}"></span>'
+                          f"{esc(name)}</span>" for name, c in legend)
+    hist = data["histogram"]
+    clipped = (f" {hist['clipped']} image(s) below −100% are counted in the first bin."
+               if hist["clipped"] else "")
+    parts += [
+        '<h2>Plots</h2>',
+        f'<figure id="scatter">{scatter}<figcaption>bpp against PSNR, one point per encoded '
+        f"image.{esc(sample)}</figcaption>"
+        f'<div class="legend">{legend_html}</div></figure>',
+        f'<figure id="savings">{histogram_svg(hist)}<figcaption>Savings per image, '
+        f"1 − bitstream bytes / source bytes, {hist['n']} images, bins of "
+        f"{hist['width'] * 100:g}%.{esc(clipped)}</figcaption></figure>",
+        f'<figure id="trend">{trend_svg(summaries)}<figcaption>Mean bpp, mean PSNR and '
+        "savings per run, oldest first.</figcaption></figure>",
+    ]
+    if data["worst"]:
+        parts += [f"<h2>Worst {len(data['worst'])} images by PSNR</h2>",
+                  _table(WORST_HEADER, [worst_cells(r) for r in data["worst"]],
+                         {"key": "key"})]
+    total = data["failures_total"]
+    parts.append(f"<h2>Failures ({total})</h2>")
+    if data["failures"]:
+        if total > len(data["failures"]):
+            parts.append(f'<p class="note">The newest {len(data["failures"])} shown; '
+                         "<code>sgarc metrics OUTPUT --sql</code> lists them all.</p>")
+        parts.append(_table(FAILURE_HEADER, [failure_cells(r) for r in data["failures"]],
+                            {"key": "key", "error": "err"}))
+    else:
+        parts.append('<p class="note">None.</p>')
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(output_url: str, html_path: str | Path, storage_options: dict | None = None,
+                 run: str | None = None, *, worst: int = 20) -> Path:
+    """Write the report of ``output_url``'s metrics (or of one ``run``) to the local file
+    ``html_path``, atomically; returns its path. MetricsError when there are no metrics."""
+    con = connect(output_url, storage_options, run=run)
+    try:
+        data = collect(con, worst=worst)
+    finally:
+        con.close()
+    source = display_url(output_url) + (f" (run {run})" if run else "")
+    path = Path(html_path)
+    atomic_write(path, render(data, source).encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``sgarc report`` to a subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "report", help="write an HTML page with tables and plots of OUTPUT's metrics",
+        description="Write one self-contained HTML file (no scripts, nothing fetched) with "
+        "the per-run summary, bpp against PSNR, the savings histogram, the trend across runs, "
+        "the worst images and the failures of the metrics under OUTPUT.")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("-o", "--out", default="report.html", metavar="HTML",
+                   help="the file to write (default: report.html)")
+    p.add_argument("--run", metavar="ID", default=None, help="only this run")
+    p.add_argument("--worst", metavar="N", type=int, default=20,
+                   help="worst images and failures to list (default 20)")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options for OUTPUT (never printed)")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.worst < 0:
+        raise MetricsError("--worst must be >= 0")
+    path = write_report(args.output, args.out, parse_storage_options(args.storage_options),
+                        args.run, worst=args.worst)
+    print(f"report: {path}")
+    return 0
