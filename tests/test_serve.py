@@ -1,0 +1,658 @@
+"""Decode on demand (jobs/serve.py): the service, real HTTP on loopback, S3, the CLI.
+
+The archive is built once per module: a few tiny images encoded with the shipped default
+model (amortized, so it takes well under a second), written as ``bitstreams/<key>.sga``,
+plus corrupt streams and a file outside ``bitstreams/`` that traversal would reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from codec.api import Codec, decode
+from codec.images import DEFAULT_MAX_PIXELS, load_image
+from codec.inference import InferenceConfig
+from jobs import serve
+from jobs.serve import (
+    BadKey,
+    BadRequest,
+    ByteLRU,
+    DecodeService,
+    NotFound,
+    fetch_decode,
+    make_server,
+    negotiate,
+    validate_key,
+)
+from pipeline.storage import Storage, StorageError
+from tests.conftest import smooth_image
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = "red.png"
+PHOTO = "2024/img 1.jpg"  # a space and a folder; JPEG with EXIF and an ICC profile
+ODD = "Ferien/Strand ä #1 100%.png"  # non-ASCII, '#', '%'; RGBA
+CORRUPT = "broken.jpg"  # a real stream with one byte flipped (checksum fails)
+GARBAGE = "garbage.png"  # not a stream at all
+SIZES = {PLAIN: (64, 48), PHOTO: (56, 40), ODD: (32, 32)}  # (width, height)
+CAMERA = "sgarc test camera"
+
+
+@functools.cache
+def _icc() -> bytes:
+    """An sRGB profile (made once: its header carries the creation time)."""
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _sources(tmp: Path) -> dict[str, Path]:
+    paths = {}
+    for key, (w, h) in SIZES.items():
+        path = tmp / "src" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb = smooth_image(h, w, seed=len(key))
+        if key == PHOTO:
+            exif = Image.Exif()
+            exif[0x010F] = CAMERA  # Make
+            exif[0x0132] = "2024:05:06 07:08:09"  # DateTime
+            Image.fromarray(rgb).save(path, "JPEG", quality=95, exif=exif.tobytes(),
+                                      icc_profile=_icc())
+        elif key == ODD:
+            alpha = np.tile(np.linspace(0, 255, w, dtype=np.uint8), (h, 1))
+            Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path, "PNG")
+        else:
+            Image.fromarray(rgb).save(path, "PNG")
+        paths[key] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> dict:
+    """{"root": archive dir, "streams": {key: .sga bytes}}."""
+    tmp = tmp_path_factory.mktemp("archive")
+    root = tmp / "archive"
+    codec = Codec(device="cpu")
+    streams = {}
+    for key, path in _sources(tmp).items():
+        result = codec.encode(load_image(path), InferenceConfig(method="amortized"))
+        streams[key] = result.data
+    good = bytearray(streams[PLAIN])
+    good[len(good) // 2] ^= 0x55
+    streams[CORRUPT] = bytes(good)
+    streams[GARBAGE] = b"hello, not a stream"
+    for key, data in streams.items():
+        target = root / "bitstreams" / (key + ".sga")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    (root / "secret.sga").write_bytes(streams[PLAIN])  # outside bitstreams/
+    (tmp / "outside.sga").write_bytes(streams[PLAIN])  # outside the archive
+    return {"root": root, "streams": streams}
+
+
+class CountingStorage(Storage):
+    """Counts reads (a cache hit must not read storage)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[str] = []
+
+    def read_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return super().read_bytes(key)
+
+
+@contextlib.contextmanager
+def serving(service: DecodeService):
+    """A server for ``service`` on a free loopback port, in a thread; yields (host, port)."""
+    server = make_server(service, "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(archive):
+    """The shared server: (host, port) and its service."""
+    service = DecodeService(archive["root"])
+    with serving(service) as address:
+        yield address, service
+
+
+def request(address, path: str, method: str = "GET", headers: dict | None = None,
+            body: bytes | None = None):
+    """(status, headers, body) of one request; ``path`` is sent as is (no normalization)."""
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def image_path(key: str, query: str = "") -> str:
+    return "/images/" + quote(key) + (f"?{query}" if query else "")
+
+
+def open_image(body: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(body))
+    im.load()
+    return im
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["a.jpg", PHOTO, ODD, "x/y/z.png", "%2e%2e", "..a", "a..",
+                                 ".hidden/a.jpg", "a" * serve.MAX_KEY_BYTES])
+def test_valid_keys(key):
+    assert validate_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["", "/etc/passwd", "../x", "a/../../x", "a/./b", "a//b", "a/",
+                                 "..", ".", "a\\..\\b", "a\x00b", "a\nb", "a\x7fb",
+                                 "é" * 501, "\udcff"])
+def test_bad_keys(key):
+    with pytest.raises(BadKey):
+        validate_key(key)
+
+
+@pytest.mark.parametrize(("accept", "fmt"), [
+    (None, "png"), ("", "png"), ("*/*", "png"), ("image/webp", "webp"),
+    ("image/jpeg", "jpeg"), ("image/jpeg;q=0.5, image/webp;q=0.9", "webp"),
+    ("image/avif,image/webp,image/apng,image/*,*/*;q=0.8", "png"),  # a browser's <img>
+    ("image/png;q=0, image/*", "webp"), ("text/html", "png"), ("image/webp;q=0.2, */*", "png"),
+    ("image/webp;q=x, image/jpeg", "jpeg"),
+])
+def test_negotiate(accept, fmt):
+    assert negotiate(accept) == fmt
+
+
+def test_byte_lru_evicts_least_recent_and_expires():
+    now = [0.0]
+    lru = ByteLRU(100, ttl=10, max_item_bytes=50, clock=lambda: now[0])
+    assert lru.put("a", "A", 40) and lru.put("b", "B", 40)
+    assert lru.get("a") == "A"  # a is now the most recent
+    assert lru.put("c", "C", 40)  # over 100: b goes
+    assert lru.get("b") is None and lru.get("a") == "A" and lru.get("c") == "C"
+    assert not lru.put("big", "X", 51)  # over the item limit: not kept
+    now[0] = 11
+    assert lru.get("a") is None and len(lru) == 1 and lru.bytes == 40
+    assert ByteLRU(0).put("a", "A", 1) is False
+    assert not ByteLRU(100).put("a", "A", 26)  # by default, an item gets a quarter at most
+
+
+def test_default_max_pixels_matches_the_codec():
+    assert serve.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
+
+
+# ---------------------------------------------------------------------------------------------
+# Over HTTP
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", [PLAIN, PHOTO, ODD])
+def test_png_by_default(server, archive, key):
+    address, _ = server
+    status, headers, body = request(address, image_path(key))
+    assert status == 200, body
+    assert headers["content-type"] == "image/png"
+    assert int(headers["content-length"]) == len(body)
+    im = open_image(body)
+    assert im.format == "PNG" and im.size == SIZES[key]
+    assert im.mode == ("RGBA" if key == ODD else "RGB")
+    expected = decode(archive["streams"][key]).to_pil()
+    assert np.array_equal(np.asarray(im), np.asarray(expected))  # lossless, exact
+    assert headers["etag"].startswith('W/"') and "max-age" in headers["cache-control"]
+    assert headers["vary"] == "Accept" and headers["x-content-type-options"] == "nosniff"
+
+
+def test_jpeg_and_webp_on_request(server):
+    address, _ = server
+    for key, query, headers, fmt, mime in [
+        (PHOTO, "format=jpeg", {}, "JPEG", "image/jpeg"),
+        (PHOTO, "format=jpg&quality=50", {}, "JPEG", "image/jpeg"),
+        (PHOTO, "format=WebP", {}, "WEBP", "image/webp"),
+        (PHOTO, "", {"Accept": "image/webp"}, "WEBP", "image/webp"),
+        (PHOTO, "", {"Accept": "image/jpeg, image/png;q=0.5"}, "JPEG", "image/jpeg"),
+        (PHOTO, "format=png", {"Accept": "image/jpeg"}, "PNG", "image/png"),  # query wins
+        (ODD, "format=jpeg", {}, "JPEG", "image/jpeg"),  # alpha composited onto white
+        (ODD, "format=webp", {}, "WEBP", "image/webp"),
+    ]:
+        status, got, body = request(address, image_path(key, query), headers=headers)
+        assert status == 200, (key, query, body)
+        assert got["content-type"] == mime
+        im = open_image(body)
+        assert im.format == fmt and im.size == SIZES[key]
+    low = request(address, image_path(PHOTO, "format=jpeg&quality=5"))[2]
+    high = request(address, image_path(PHOTO, "format=jpeg&quality=95"))[2]
+    assert len(low) < len(high)
+    assert open_image(request(address, image_path(ODD, "format=webp"))[2]).mode == "RGBA"
+
+
+def test_metadata_restored_unless_stripped(server):
+    address, _ = server
+    for query in ("", "format=jpeg", "format=webp"):
+        status, headers, body = request(address, image_path(PHOTO, query))
+        assert status == 200
+        im = open_image(body)
+        assert im.info.get("icc_profile") == _icc(), query
+        assert im.getexif().get(0x010F) == CAMERA, query
+        assert "exif" in headers["x-sgarc-metadata"] and "icc" in headers["x-sgarc-metadata"]
+        status, headers, body = request(address, image_path(PHOTO, query + "&strip=1"))
+        assert status == 200
+        im = open_image(body)
+        assert not im.info.get("icc_profile") and not im.getexif(), query
+        assert headers["x-sgarc-metadata"] == "metadata: stripped"
+
+
+def test_not_found_is_404_json(server):
+    address, _ = server
+    for path in (image_path("nope.jpg"), image_path("2024"), image_path("2024/img 1.jpg.sga"),
+                 "/images/%252e%252e%252fsecret"):  # double-encoded: decoded once, a literal
+        status, headers, body = request(address, path)
+        assert status == 404, (path, body)
+        assert headers["content-type"].startswith("application/json")
+        payload = json.loads(body)
+        assert payload["error"] == "not_found" and payload["status"] == 404
+    status, _, body = request(address, "/nowhere")
+    assert status == 404 and json.loads(body)["error"] == "not_found"
+
+
+@pytest.mark.parametrize("path", [
+    "/images/../../etc/passwd",
+    "/images/../secret",
+    "/images/../../outside",
+    "/images/%2e%2e%2fsecret",
+    "/images/%2e%2e%2f%2e%2e%2foutside",
+    "/images/2024/%2E%2E/%2E%2E/secret",
+    "/images/..%2F..%2Fetc%2Fpasswd",
+    "/images//etc/passwd",
+    "/images/%2Fetc%2Fpasswd",
+    "/images/a%00b.jpg",
+    "/images/red.png%00",
+    "/images/..%5csecret",
+    "/images/2024\\img 1.jpg".replace(" ", "%20"),
+    "/images/a%0Ab",
+    "/images/%ff%fe",
+    "/images/",
+    "/images",
+    "/images/" + "a" * (serve.MAX_KEY_BYTES + 1),
+    "/images/2024/",
+    "/images/./red.png",
+])
+def test_malformed_and_escaping_keys_are_400(server, path):
+    address, _ = server
+    status, _, body = request(address, path)
+    assert status == 400, body
+    payload = json.loads(body)
+    assert payload["error"] == "bad_key" and payload["message"]
+
+
+def test_raw_utf8_in_the_request_line(server):
+    """Clients that send the key's UTF-8 bytes unencoded (not RFC 3986, but common)."""
+    import socket
+
+    address, _ = server
+    with socket.create_connection(address, timeout=30) as sock:
+        target = "/images/" + ODD.replace(" ", "%20").replace("#", "%23").replace("%.", "%25.")
+        sock.sendall(b"GET " + target.encode("utf-8") + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Connection: close\r\n\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert open_image(body).size == SIZES[ODD]
+
+
+def test_bad_parameters_are_400(server):
+    address, _ = server
+    for query in ("format=gif", "format=jpeg&quality=0", "format=webp&quality=101",
+                  "format=jpeg&quality=high", "strip=maybe"):
+        status, _, body = request(address, image_path(PLAIN, query))
+        assert status == 400, query
+        assert json.loads(body)["error"] == "bad_request"
+
+
+def test_corrupt_stream_is_422(server):
+    address, _ = server
+    for key in (CORRUPT, GARBAGE):
+        for query in ("", "strip=1"):
+            status, _, body = request(address, image_path(key, query))
+            assert status == 422, (key, body)
+            payload = json.loads(body)
+            assert payload["error"] == "corrupt_stream" and key in payload["message"]
+
+
+def test_healthz(server):
+    address, service = server
+    status, headers, body = request(address, "/healthz")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    payload = json.loads(body)
+    assert payload["status"] == "ok"
+    assert payload["archive"] == service.archive and payload["archive"].startswith("file://")
+    assert Codec(device="cpu").model_id in payload["models"]
+    assert {"entries", "bytes", "hits", "misses", "decodes"} <= set(payload["cache"])
+    status, headers, body = request(address, "/healthz", "HEAD")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+
+
+def test_methods(server):
+    address, _ = server
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        status, headers, body = request(address, image_path(PLAIN), method, body=b"x=1")
+        assert status == 405, method
+        assert headers["allow"] == "GET, HEAD"
+        assert json.loads(body)["error"] == "method_not_allowed"
+    assert request(address, "/healthz", "POST")[0] == 405
+    assert request(address, image_path(PLAIN), "BREW")[0] == 501  # unknown to HTTP itself
+    status, headers, body = request(address, image_path(PLAIN), "HEAD")
+    get = request(address, image_path(PLAIN))
+    assert status == 200 and body == b""
+    assert headers["content-length"] == str(len(get[2])) and headers["etag"] == get[1]["etag"]
+
+
+def test_conditional_get(server):
+    address, _ = server
+    status, headers, _ = request(address, image_path(PHOTO, "format=webp"))
+    assert status == 200
+    status, h304, body = request(address, image_path(PHOTO, "format=webp"),
+                                 headers={"If-None-Match": headers["etag"]})
+    assert status == 304 and body == b"" and h304["etag"] == headers["etag"]
+    other = request(address, image_path(PHOTO, "format=png"))[1]["etag"]
+    assert other != headers["etag"]  # the ETag names the representation too
+    assert request(address, image_path(PHOTO, "format=webp"),
+                   headers={"If-None-Match": other})[0] == 200
+
+
+def test_keep_alive_serves_several_requests(server):
+    address, _ = server
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        for path in (image_path(PLAIN), "/healthz", image_path("missing"), image_path(PLAIN)):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status in (200, 404)
+    finally:
+        conn.close()
+
+
+def test_cache_hit_does_not_read_storage(archive, tmp_path):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(archive["root"], root)
+    storage = CountingStorage(str(root))
+    service = DecodeService(storage)
+    with serving(service) as address:
+        first = request(address, image_path(PHOTO))
+        assert first[0] == 200 and first[1]["x-cache"] == "miss"
+        (root / "bitstreams" / (PHOTO + ".sga")).unlink()  # only the cache has it now
+        second = request(address, image_path(PHOTO))
+        assert second[0] == 200 and second[1]["x-cache"] == "hit" and second[2] == first[2]
+        assert len(storage.reads) == 1
+        # another representation is another decode, and the stream is gone now
+        assert request(address, image_path(PHOTO, "format=webp"))[0] == 404
+        service.clear_cache()
+        assert request(address, image_path(PHOTO))[0] == 404
+    assert service.health()["cache"]["hits"] >= 1
+
+
+def test_concurrent_requests(archive):
+    storage = CountingStorage(str(archive["root"]))
+    service = DecodeService(storage)
+    with serving(service) as address, ThreadPoolExecutor(16) as pool:
+        same = list(pool.map(lambda _: request(address, image_path(PHOTO)), range(16)))
+        assert [s for s, _, _ in same] == [200] * 16
+        assert len({body for _, _, body in same}) == 1  # identical bytes
+        assert len(storage.reads) == 1  # single flight: one read, one decode
+        assert service.decodes == 1
+        assert {h["x-cache"] for _, h, _ in same} <= {"miss", "coalesced", "hit"}
+
+        paths = [image_path(key, query) for key in (PLAIN, PHOTO, ODD)
+                 for query in ("format=png", "format=webp", "strip=1")]
+        mixed = list(pool.map(lambda p: (p, request(address, p)), paths * 2))
+        by_path: dict[str, set] = {}
+        for path, (status, _, body) in mixed:
+            assert status == 200, path
+            by_path.setdefault(path, set()).add(body)
+        assert all(len(bodies) == 1 for bodies in by_path.values())
+
+
+def test_storage_failure_is_503(archive):
+    class Down(Storage):
+        def read_bytes(self, key: str) -> bytes:
+            raise StorageError("read failed after 5 attempts: ConnectionError: down",
+                               op="read", target=key, attempts=5, transient=True)
+
+    with serving(DecodeService(Down(str(archive["root"])))) as address:
+        status, headers, body = request(address, image_path(PLAIN))
+    assert status == 503 and headers["retry-after"]
+    payload = json.loads(body)
+    assert payload["error"] == "storage_unavailable" and "down" not in payload["message"]
+
+
+def test_service_api(archive):
+    service = DecodeService(archive["root"], cache_bytes=0)
+    body, content_type = service.get(PHOTO, "jpeg", quality=80, strip_metadata=True)
+    assert content_type == "image/jpeg" and open_image(body).size == SIZES[PHOTO]
+    with pytest.raises(NotFound):
+        service.get("missing.jpg")
+    with pytest.raises(BadKey):
+        service.get("../secret")
+    with pytest.raises(BadRequest):
+        service.get(PLAIN, "gif")
+    with pytest.raises(serve.CorruptStream):
+        service.get(CORRUPT)
+    assert service.render(PLAIN).cache == "miss" and service.render(PLAIN).cache == "miss"
+
+
+# ---------------------------------------------------------------------------------------------
+# fetch_decode and S3
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fetch_decode_local(archive, tmp_path):
+    url = str(archive["root"] / "bitstreams" / (PHOTO + ".sga"))
+    out = tmp_path / "out" / "photo.png"
+    report = fetch_decode(url, out)
+    assert set(report.restored) >= {"exif", "icc"}
+    im = open_image(out.read_bytes())
+    assert im.size == SIZES[PHOTO] and im.getexif().get(0x010F) == CAMERA
+    report = fetch_decode("file://" + url, tmp_path / "photo.webp", strip_metadata=True)
+    assert report.stripped and not open_image((tmp_path / "photo.webp").read_bytes()).getexif()
+    with pytest.raises(NotFound):
+        fetch_decode(str(archive["root"] / "nope.sga"), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from tests.s3server import s3_server
+
+    with s3_server() as running:
+        yield running
+
+
+def test_s3_fetch_decode_and_serve(s3, archive, tmp_path):
+    bucket = s3.create_bucket()
+    client = s3.client()
+    for key in (PHOTO, ODD, CORRUPT):
+        client.put_object(Bucket=bucket, Key=f"archive/bitstreams/{key}.sga",
+                          Body=archive["streams"][key])
+    options = s3.storage_options()
+
+    out = tmp_path / "photo.jpg"
+    report = fetch_decode(f"s3://{bucket}/archive/bitstreams/{PHOTO}.sga", out, options)
+    assert "exif" in report.restored
+    assert open_image(out.read_bytes()).getexif().get(0x010F) == CAMERA
+    with pytest.raises(NotFound):
+        fetch_decode(f"s3://{bucket}/archive/bitstreams/missing.sga", tmp_path / "m.png",
+                     options)
+
+    service = DecodeService(f"s3://{bucket}/archive", options)
+    with serving(service) as address:
+        status, _, body = request(address, image_path(PHOTO))
+        assert status == 200 and open_image(body).size == SIZES[PHOTO]
+        status, _, body = request(address, image_path(ODD, "format=webp"))
+        assert status == 200 and open_image(body).mode == "RGBA"
+        assert request(address, image_path("missing.jpg"))[0] == 404
+        assert request(address, image_path(CORRUPT))[0] == 422
+        assert request(address, "/images/..%2F..%2Fother-bucket%2Fx")[0] == 400
+        status, _, body = request(address, "/healthz")
+        assert status == 200
+        assert json.loads(body)["archive"] == f"s3://{bucket}/archive"
+        assert options["secret"] not in body.decode() and options["key"] not in body.decode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_register_adds_the_serve_command():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sgarc")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve.register(sub)
+    args = parser.parse_args(["serve", "--archive", "s3://b/a", "--port", "0", "--cache-mb",
+                              "16", "--storage-options", '{"anon": true}', "--ray-serve",
+                              "--replicas", "auto"])
+    assert args.func is serve.cmd_serve and args.archive == "s3://b/a" and args.port == 0
+    assert args.cache_mb == 16 and args.ray_serve and args.replicas == "auto"
+    bad = parser.parse_args(["serve", "--archive", "x", "--storage-options", "{nope"])
+    with pytest.raises(serve.SgarcError, match="not valid JSON"):
+        serve.cmd_serve(bad)
+
+
+def test_run_server_prints_its_url_and_stops_on_ctrl_c(archive):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.serve", "--archive", str(archive["root"]), "--port", "0",
+         "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() else "")
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        status, _, body = request(("127.0.0.1", port), "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        assert request(("127.0.0.1", port), image_path(PLAIN))[0] == 200
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "stopped" in out and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Serve
+# ---------------------------------------------------------------------------------------------
+
+
+def _starlette_request(method: str, raw_path: bytes, query: bytes = b"",
+                       headers: list[tuple[bytes, bytes]] | None = None,
+                       root_path: str = ""):
+    from urllib.parse import unquote_to_bytes
+
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": method, "path":
+                    unquote_to_bytes(raw_path).decode("utf-8", "replace"),
+                    "raw_path": raw_path, "root_path": root_path, "query_string": query,
+                    "headers": headers or [], "http_version": "1.1", "scheme": "http",
+                    "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)})
+
+
+def test_ray_serve_ingress_without_a_cluster(archive):
+    """The deployment class's Starlette adapter, called directly (no Ray runtime)."""
+    import asyncio
+
+    pytest.importorskip("starlette")
+    ingress = serve.DecodeDeployment(str(archive["root"]))
+
+    def call(*args, **kwargs):
+        return asyncio.run(ingress(_starlette_request(*args, **kwargs)))
+
+    resp = call("GET", b"/images/" + quote(PHOTO).encode(), b"format=webp")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/webp"
+    assert open_image(resp.body).size == SIZES[PHOTO]
+    resp = call("GET", b"/sgarc/images/" + quote(PLAIN).encode(),
+                headers=[(b"accept", b"image/jpeg")], root_path="/sgarc")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    head = call("HEAD", b"/images/" + quote(PLAIN).encode())
+    assert head.status_code == 200 and head.body == b"" and int(head.headers["content-length"])
+    assert call("GET", b"/images/%2e%2e%2fsecret").status_code == 400
+    assert call("GET", b"/images/nope").status_code == 404
+    assert call("GET", b"/images/" + quote(CORRUPT).encode()).status_code == 422
+    assert call("POST", b"/images/x").status_code == 405
+    assert call("GET", b"/healthz").status_code == 200
+
+
+def test_ray_serve_end_to_end(archive):
+    """A real local Ray with Serve's HTTP proxy (~16 s on 2 cores); skipped without the
+    serve extra."""
+    pytest.importorskip("ray.serve")
+    import ray
+    from ray import serve as ray_serve
+
+    from tests.s3server import free_port
+
+    port = free_port()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray_serve.run(serve.serve_deployment(str(archive["root"]), num_cpus=0.5),
+                      name="sgarc-test", route_prefix="/")
+        address = ("127.0.0.1", port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # serve.run returns once ready; be patient anyway
+            with contextlib.suppress(OSError):
+                if request(address, "/healthz")[0] == 200:
+                    break
+            time.sleep(0.2)
+        status, headers, body = request(address, image_path(PHOTO))
+        assert status == 200 and headers["content-type"] == "image/png"
+        assert open_image(body).size == SIZES[PHOTO]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: request(address, image_path(ODD)), range(8)))
+        assert {s for s, _, _ in results} == {200} and len({b for _, _, b in results}) == 1
+        assert request(address, "/images/..%2Fsecret")[0] == 400
+        assert request(address, image_path("missing"))[0] == 404
+        assert request(address, image_path(CORRUPT))[0] == 422
+    finally:
+        ray_serve.shutdown()
+        if started:
+            ray.shutdown()
