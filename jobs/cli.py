@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
+    from jobs import metrics, report
+
+    metrics.register(sub)
+    report.register(sub)
+
     p = sub.add_parser("demo", help="encode and decode a few sample photos (the README's demo)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--iterations", "-n", type=int, default=100,
