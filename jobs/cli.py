@@ -44,13 +44,35 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _storage_options(args) -> dict | None:
+    import json
+
+    if not getattr(args, "storage_options", None):
+        return None
+    try:
+        return json.loads(args.storage_options)
+    except json.JSONDecodeError as exc:
+        raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
+
+
+def _read_input(args) -> bytes:
+    """A local path, or any fsspec URL (s3://..., gs://...) read with retries."""
+    from jobs.serve import read_url
+
+    return read_url(args.input, _storage_options(args))
+
+
 def cmd_decode(args) -> int:
     from codec.api import decode
 
+    output = args.output_opt or args.output
+    if not output:
+        raise SgarcError("no output file: give OUT or -o OUT (e.g. -o photo.png)")
     t0 = time.perf_counter()
-    decoded = decode(Path(args.input).read_bytes(), max_pixels=args.max_pixels,
+    decoded = decode(_read_input(args), max_pixels=args.max_pixels,
                      device=args.device, read_metadata=not args.strip_metadata)
-    report = decoded.save(Path(args.output), strip_metadata=args.strip_metadata)
+    args.output = output
+    report = decoded.save(Path(output), strip_metadata=args.strip_metadata)
     h = decoded.header
     print(f"{args.input} -> {args.output}: {h.width}x{h.height} {h.color}"
           f"{'+alpha' if decoded.alpha is not None else ''}, model {h.model_id}, "
@@ -62,7 +84,7 @@ def cmd_info(args) -> int:
     from codec.bitstream import parse
     from codec.metadata import describe, unpack
 
-    data = Path(args.input).read_bytes()
+    data = _read_input(args)
     bs = parse(data)
     h = bs.header
     print(f"file:        {args.input} ({len(data)} bytes, "
@@ -97,7 +119,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_run(args, mode: str = "encode") -> int:
-    import json
 
     from pipeline.run import RunOptions, refine, run
     from pipeline.settings import EncodeSettings
@@ -106,10 +127,7 @@ def cmd_run(args, mode: str = "encode") -> int:
                               iterations=args.iterations, lr=args.lr, seed=args.seed,
                               alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
                               metadata=args.metadata)
-    try:
-        storage_options = json.loads(args.storage_options) if args.storage_options else None
-    except json.JSONDecodeError as exc:
-        raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
+    storage_options = _storage_options(args)
     options = RunOptions(shard_size=args.shard_size, actors=args.actors, address=args.address,
                          device=args.device, run_id=args.run_id, manifest=args.manifest)
     if mode == "refine":
@@ -241,13 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("decode", help="decode an .sga bitstream to an image",
-                       description="Decode IN to OUT; the format follows OUT's extension "
+                       description="Decode IN (a local path or any fsspec URL, e.g. "
+                                   "s3://bucket/archive/bitstreams/a.jpg.sga) to OUT; the "
+                                   "format follows OUT's extension "
                                    "(.png, .jpg, .webp, ...). EXIF, ICC profile and XMP go "
                                    "back into JPEG, PNG and WebP files (TIFF: the profile), "
                                    "with the EXIF orientation set to 1 since pixels are "
                                    "stored upright.")
     p.add_argument("input", metavar="IN")
-    p.add_argument("output", metavar="OUT")
+    p.add_argument("output", metavar="OUT", nargs="?")
+    p.add_argument("-o", "--output", dest="output_opt", metavar="OUT", default=None,
+                   help="output file (instead of the positional OUT)")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options for a URL input (never printed)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse streams that describe larger images")
     p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")
@@ -257,16 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("info", help="show a bitstream's header fields and metadata")
-    p.add_argument("input", metavar="FILE")
+    p.add_argument("input", metavar="FILE", help="a local path or any fsspec URL")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options for a URL (never printed)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
-    from jobs import metrics, report
+    from jobs import metrics, report, serve
 
     metrics.register(sub)
     report.register(sub)
+    serve.register(sub)
 
     p = sub.add_parser("demo", help="encode and decode a few sample photos (the README's demo)")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

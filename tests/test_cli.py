@@ -29,6 +29,9 @@ def test_encode_info_decode(photo, tmp_path, capsys):
     assert "90x70" in info and "model:" in info
     assert main(["decode", str(stream), str(out)]) == 0
     assert np.asarray(Image.open(out)).shape == (70, 90, 3)
+    webp = tmp_path / "back.webp"  # any fsspec URL, and -o
+    assert main(["decode", stream.as_uri(), "-o", str(webp)]) == 0
+    assert Image.open(webp).size == (90, 70)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
