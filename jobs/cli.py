@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
-    from jobs import metrics, report, serve
+    from jobs import metrics, report, schedule, serve, submit
 
+    submit.register(sub)
+    schedule.register(sub)
     metrics.register(sub)
     report.register(sub)
     serve.register(sub)
