@@ -2,8 +2,9 @@
 
 The photos are scikit-image's bundled sample images (no download). Each is encoded with the
 amortized encoder and with SGA, written as .sga, decoded back to PNG and summarized. Then
-the same photos, as a folder, go through the recompression pipeline (local Ray, local
-directories, Parquet metrics) the way an archive would.
+the same photos, as a folder, go through a job spec the way an archive would: the pipeline
+(local Ray, local directories, Parquet metrics) encodes them with the amortized encoder,
+a refinement pass re-encodes them with SGA, and the metrics summary is printed.
 """
 
 from __future__ import annotations
@@ -62,37 +63,49 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
     for name, method, r in rows:
         print(f"{name:<10} {method:<10} {len(photos[name]):>9} {len(r.data):>10} {r.bpp:>7.4f} "
               f"{r.psnr:>7.2f} {r.seconds:>7.2f}")
-    archive = _pipeline_demo(out, photos, quality)
-    print(f"\nnext: sgarc info {out}/astronaut-sga.sga; "
-          f"sgarc decode {out}/coffee-sga.sga coffee.png; "
-          f"sgarc run {out}/photos {archive} -m amortized  (a rerun skips what is done)")
+    archive = _job_demo(out, photos, quality, max(1, iterations // 2))
+    print(f"""
+next:
+  sgarc info {out}/astronaut-sga.sga
+  sgarc decode {archive}/bitstreams/coffee.png.sga -o coffee.png
+  sgarc serve --archive {archive}      # then GET http://127.0.0.1:8080/images/coffee.png
+  sgarc report {archive} -o report.html
+  sgarc submit {out}/job.toml           # again: nothing new, so nothing is redone""")
     return 0
 
 
-def _pipeline_demo(out: Path, photos: dict[str, bytes], quality: int | None) -> Path:
-    """`sgarc run` on the photos as a folder: amortized, local Ray, Parquet metrics."""
-    import pyarrow.dataset as ds
-
+def _job_demo(out: Path, photos: dict[str, bytes], quality: int | None,
+              refine_iterations: int) -> Path:
+    """A job spec over the photos as a folder: amortized coverage, then SGA refinement."""
     from codec.files import atomic_write
-    from pipeline.run import RunOptions, run
-    from pipeline.settings import EncodeSettings
+    from jobs.cli import main
 
     folder, archive = out / "photos", out / "archive"
     for name, png in photos.items():
         path = folder / f"{name}.png"
         if not path.exists() or path.read_bytes() != png:  # keep mtimes: reruns skip
             atomic_write(path, png)
-    print(f"\npipeline: sgarc run {folder} {archive} -m amortized")
-    summary = run(str(folder), str(archive), EncodeSettings(model=quality, method="amortized"),
-                  RunOptions(shard_size=2))
-    print(summary.line())
-    table = ds.dataset(archive / "metrics", format="parquet", partitioning="hive").to_table(
-        columns=["source_key", "source_bytes", "bitstream_bytes", "bpp", "psnr", "status"],
-        filter=ds.field("run_id") == summary.run_id)
-    if not table.num_rows:
-        print("  nothing new: every photo was done by an earlier run with these settings")
-    for row in sorted(table.to_pylist(), key=lambda r: r["source_key"]):
-        print(f"  {row['source_key']:<14} {row['status']:<5} {row['source_bytes']:>8} B -> "
-              f"{row['bitstream_bytes'] or 0:>6} B  {row['bpp'] or 0:.4f} bpp  "
-              f"{row['psnr'] or 0:.2f} dB")
+    quality_line = f"quality = {quality}\n" if quality is not None else ""
+    spec = out / "job.toml"
+    atomic_write(spec, f"""# sgarc demo: coverage with the amortized encoder, then SGA refinement
+[job]
+name = "demo"
+input = "photos"
+output = "archive"
+
+[encode]
+{quality_line}method = "amortized"
+
+[run]
+shard_size = 2
+
+[refine]
+enabled = true
+method = "sga"
+iterations = {refine_iterations}
+""".encode())
+    print(f"\njob: sgarc submit {spec}")
+    main(["submit", str(spec)])
+    print(f"\nmetrics: sgarc metrics {archive}")
+    main(["metrics", str(archive), "--worst", "3"])
     return archive
