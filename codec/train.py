@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,23 +83,43 @@ class CropSampler:
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def train(cfg: TrainConfig, checkpoint: Path, log=print) -> MeanScaleHyperprior:
-    """Train (or resume from `checkpoint`) and return the float model."""
+def train(cfg: TrainConfig, checkpoint: Path, log=print,
+          on_record: Callable[[dict], None] | None = None) -> MeanScaleHyperprior:
+    """Train (or resume from `checkpoint`) and return the float model.
+
+    Every `log_every` steps the means over those steps go to `log` as a line and, as a dict
+    (step, loss, bpp, mse, psnr, lr, seconds_per_step), to `on_record`. A checkpoint holds
+    the model, the optimizer, the step and the random states (torch and crop sampler), so
+    a resumed run draws the same crops and noise as one that was never stopped. Resuming
+    with a different N, M or lambda than the checkpoint's is refused (ValueError).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = MeanScaleHyperprior(cfg.N, cfg.M).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
+    step, state = 0, None
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
+        saved = state.get("config", {})
+        changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("N", "M", "lmbda")
+                   if k in saved and saved[k] != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"checkpoint {checkpoint} was trained with other settings "
+                             f"({', '.join(changed)}); use another checkpoint path")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         log(f"resumed from {checkpoint} at step {step}")
     sampler = CropSampler(image_files(cfg.data), cfg.crop, cfg.seed + step)
+    if state is not None and "rng" in state:
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        sampler.rng.bit_generator.state = state["rng"]["sampler"]
     log(f"training on {len(sampler.images)} images, device {device}, config {asdict(cfg)}")
     model.train()
-    t0, acc = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    t0, acc, n = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
     while step < cfg.steps:
         lr = cfg.lr * (0.1 if step >= cfg.lr_drop_at * cfg.steps else 1.0)
         for g in opt.param_groups:
@@ -110,18 +130,24 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print) -> MeanScaleHyperprior:
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
+        step, n = step + 1, n + 1
         for k in acc:
             acc[k] += terms[k].item()
-        if step % cfg.log_every == 0:
-            n = cfg.log_every
+        if step % cfg.log_every == 0 or step == cfg.steps:
             psnr = -10 * math.log10(max(acc["mse"] / n, 1e-12))
+            seconds = (time.time() - t0) / n
             log(f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} "
-                f"psnr {psnr:.2f} lr {lr:g} {(time.time() - t0) / n:.3f}s/step")
-            t0, acc = time.time(), dict.fromkeys(acc, 0.0)
+                f"psnr {psnr:.2f} lr {lr:g} {seconds:.3f}s/step")
+            if on_record is not None:
+                on_record({"step": step, "loss": acc["loss"] / n, "bpp": acc["bpp"] / n,
+                           "mse": acc["mse"] / n, "psnr": psnr, "lr": lr,
+                           "seconds_per_step": seconds})
+            t0, acc, n = time.time(), dict.fromkeys(acc, 0.0), 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tmp = checkpoint.with_suffix(".tmp")
+            rng = {"torch": torch.get_rng_state(), "sampler": sampler.rng.bit_generator.state,
+                   "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "config": asdict(cfg)}, tmp)
+                        "step": step, "config": asdict(cfg), "rng": rng}, tmp)
             tmp.replace(checkpoint)
     return model

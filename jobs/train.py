@@ -1,0 +1,206 @@
+"""`sgarc train`: train a Mean-Scale Hyperprior and, optionally, export it into the registry.
+
+    sgarc train --data ../shared/data/bsds500/train --data ../shared/data/wikipedia-photos/train \\
+        --checkpoint runs/q4.ckpt --lmbda 0.013 --N 128 --M 192 --steps 200000 \\
+        --export msh-q4 --quality 4
+
+The loss is R + λ·255²·MSE (R in bits per pixel, MSE on [0, 1] pixels) with the uniform-noise
+relaxation, on random square crops with random flips (codec.train). Train only on the
+``train`` folders of the shared data (``../shared/data/*/train``): the ``val`` folders are
+what ``sgarc eval`` and docs/results.md measure on.
+
+* ``--checkpoint PATH``: written every ``--checkpoint-every`` steps and at the end, with the
+  model, the optimizer, the step and the random states. Rerunning the same command resumes
+  where the last checkpoint left off (a run that finished does nothing more; a larger
+  ``--steps`` continues it). N, M and λ must match the checkpoint's.
+* Log: progress on stderr, and one JSON object per ``--log-every`` steps (step, loss, bpp,
+  mse, psnr, lr, seconds_per_step, time) in ``<checkpoint stem>.log.jsonl`` beside the
+  checkpoint. On resume, records after the checkpoint's step (from a run that was stopped
+  between checkpoints) are dropped, so each step is logged once.
+* CUDA is used when present.
+* ``--export ID --quality Q``: when training has reached ``--steps``, freeze the model into
+  the registry (fp16 weights, coding tables, sha256; codec.registry.export_model). An
+  existing entry with the same id *or* the same quality level is replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from codec.errors import SgarcError
+
+
+def log_path(checkpoint: Path) -> Path:
+    """The JSONL training log beside a checkpoint: runs/q4.ckpt -> runs/q4.log.jsonl."""
+    return checkpoint.with_name(f"{checkpoint.stem}.log.jsonl")
+
+
+def _checkpoint_step(checkpoint: Path) -> int | None:
+    if not checkpoint.exists():
+        return None
+    import torch
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+
+
+def _prepare_log(path: Path, resume_step: int | None) -> None:
+    """Start a fresh log, or keep only the records up to the step a run resumes from."""
+    if resume_step is None or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= resume_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _config(args):
+    from codec.train import TrainConfig
+    return TrainConfig(data=list(args.data), lmbda=args.lmbda, N=args.N, M=args.M,
+                       steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                       lr=args.lr, lr_drop_at=args.lr_drop_at, seed=args.seed,
+                       log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from codec.model import DOWNSAMPLE
+    from codec.registry import REGISTRY, export_model
+    from codec.train import image_files, train
+
+    if args.crop < DOWNSAMPLE or args.crop % DOWNSAMPLE:
+        raise SgarcError(f"--crop must be a multiple of {DOWNSAMPLE} (the model's total "
+                         f"downsampling), not {args.crop}")
+    if (args.export is None) != (args.quality is None):
+        raise SgarcError("--export ID and --quality Q go together")
+    for folder in args.data:
+        if not Path(folder).is_dir():
+            raise SgarcError(f"--data {folder}: not a folder")
+    if not image_files(args.data):
+        raise SgarcError(f"no images under {', '.join(args.data)}")
+    if any(Path(folder).name == "val" for folder in args.data):
+        print("sgarc train: warning: training on a 'val' folder; sgarc eval measures on "
+              "those", file=sys.stderr)
+    cfg = _config(args)
+    checkpoint = Path(args.checkpoint)
+    log_file = log_path(checkpoint)
+    start = _checkpoint_step(checkpoint)
+    _prepare_log(log_file, start)
+
+    bar = tqdm(total=cfg.steps, initial=min(start or 0, cfg.steps), desc="train", unit="step",
+               dynamic_ncols=True, disable=args.quiet, file=sys.stderr)
+
+    def log(line: str) -> None:
+        if args.quiet:
+            print(line, file=sys.stderr)
+        else:
+            bar.write(line, file=sys.stderr)
+
+    def on_record(record: dict) -> None:
+        record = {**record, "time": round(time.time(), 3)}
+        with log_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.update(record["step"] - bar.n)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", bpp=f"{record['bpp']:.3f}",
+                        psnr=f"{record['psnr']:.2f}")
+
+    try:
+        model = train(cfg, checkpoint, log=log, on_record=on_record)
+    except ValueError as exc:  # mismatched checkpoint, no image large enough for the crop
+        raise SgarcError(str(exc)) from None
+    finally:
+        bar.close()
+    steps = max(start or 0, cfg.steps)  # a checkpoint past --steps is not trained back
+    print(f"checkpoint {checkpoint} at step {steps}; log {log_file}")
+    if args.export is not None:
+        registry = Path(args.registry) if args.registry else REGISTRY
+        data = args.export_data or " + ".join(_data_name(d) for d in args.data)
+        entry = export_model(model, args.export, args.quality, cfg.lmbda, steps,
+                             f"{data}, {cfg.crop}px crops", note=args.note, registry=registry,
+                             half=True)
+        print(f"exported {entry.id} (quality {entry.quality}, λ {entry.lmbda}, N {entry.N}, "
+              f"M {entry.M}, {entry.steps} steps) to {registry.parent / entry.file}, "
+              f"sha256 {entry.sha256[:12]}…")
+    return 0
+
+
+def _data_name(folder: str) -> str:
+    """bsds500/train for ../shared/data/bsds500/train: the set and split, not the machine."""
+    parts = Path(folder).resolve().parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else folder
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add `sgarc train` to the CLI's subparsers."""
+    from codec.train import TrainConfig
+
+    d = TrainConfig(data=[])
+    p = subparsers.add_parser(
+        "train", help="train a model (resumable) and optionally export it into the registry",
+        description="Train a Mean-Scale Hyperprior on random crops (with flips) of the images "
+        "in the --data folders, minimizing R + λ·255²·MSE. Train only on the shared data's "
+        "train folders (../shared/data/*/train); the val folders are for sgarc eval. "
+        "Rerunning with the same --checkpoint resumes. Uses CUDA when present.")
+    p.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="image folder (repeatable), searched recursively")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file; resumed from when it exists. The JSONL log goes "
+                        "beside it (<stem>.log.jsonl)")
+    p.add_argument("--lmbda", type=float, default=d.lmbda,
+                   help=f"rate-distortion trade-off λ (default {d.lmbda})")
+    p.add_argument("--N", type=int, default=d.N, help=f"channels of z and the transforms "
+                   f"(default {d.N})")
+    p.add_argument("--M", type=int, default=d.M, help=f"channels of y (default {d.M})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"total steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"crops per step (default {d.batch_size})")
+    p.add_argument("--crop", type=int, default=d.crop,
+                   help=f"crop size in pixels, a multiple of 64 (default {d.crop}); smaller "
+                        "images are skipped")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--lr-drop-at", type=float, default=d.lr_drop_at,
+                   help=f"fraction of --steps after which lr drops 10x (default {d.lr_drop_at})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help=f"steps per log record (default {d.log_every})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--export", default=None, metavar="ID",
+                   help="when done, export the model under this id into the registry (fp16)")
+    p.add_argument("--quality", "-q", type=int, default=None,
+                   help="quality level of the exported model (with --export); replaces an "
+                        "entry with the same level")
+    p.add_argument("--registry", default=None, metavar="JSON",
+                   help="registry to export into (default: the shipped codec/weights/"
+                        "registry.json)")
+    p.add_argument("--export-data", default=None, metavar="TEXT",
+                   help="the registry's description of the training data (default: the "
+                        "--data folders' set/split names)")
+    p.add_argument("--note", default="", help="note stored in the registry entry")
+    p.add_argument("--quiet", action="store_true", help="log lines only, no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sgarc")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except SgarcError as exc:
+        print(f"sgarc train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`sgarc train`: the loss goes down, checkpoints resume exactly, export lands in a registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.api import Codec, decode
+from codec.images import load_image
+from codec.inference import InferenceConfig
+from codec.registry import entries, load
+from codec.train import TrainConfig, train
+from jobs.train import log_path, main, register
+from tests.conftest import smooth_image
+
+TINY = ["--N", "8", "--M", "8", "--crop", "64", "--batch-size", "2", "--lr", "1e-3",
+        "--lmbda", "0.01", "--log-every", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    for i in range(8):
+        Image.fromarray(smooth_image(96, 96, seed=i)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_register_adds_the_train_command():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--data", "d", "--checkpoint", "c.ckpt"])
+    assert args.func.__name__ == "cmd_train" and args.data == ["d"] and args.steps > 0
+
+
+def test_loss_goes_down(data, tmp_path):
+    records = []
+    cfg = TrainConfig(data=[str(data)], lmbda=0.01, N=8, M=8, steps=40, batch_size=2, crop=64,
+                      lr=1e-3, log_every=1, checkpoint_every=100)
+    train(cfg, tmp_path / "run.ckpt", log=lambda _: None, on_record=records.append)
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert all(np.isfinite(losses))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_continues_at_the_saved_step_exactly(data, tmp_path, capsys):
+    common = ["--data", str(data), *TINY, "--checkpoint-every", "3"]
+    straight = tmp_path / "straight.ckpt"
+    assert main([*common, "--checkpoint", str(straight), "--steps", "10"]) == 0
+
+    ckpt = tmp_path / "resumed.ckpt"
+    assert main([*common, "--checkpoint", str(ckpt), "--steps", "6"]) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    with log_path(ckpt).open("a") as f:  # a record written after the last checkpoint
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
+    capsys.readouterr()
+    assert main([*common, "--checkpoint", str(ckpt), "--steps", "10"]) == 0
+    assert f"resumed from {ckpt} at step 6" in capsys.readouterr().err
+
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 10
+    steps = [json.loads(line)["step"] for line in log_path(ckpt).read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    ref = torch.load(straight, weights_only=True)["model"]
+    for k, v in state["model"].items():  # crops, noise and Adam state all carried over
+        assert torch.equal(v, ref[k]), k
+
+
+def test_resume_with_other_model_settings_is_refused(data, tmp_path, capsys):
+    ckpt = tmp_path / "c.ckpt"
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "2"]) == 0
+    args = ["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "4", "--M", "16"]
+    assert main(args) == 2
+    assert "other settings (M 8 -> 16)" in capsys.readouterr().err
+
+
+def test_bad_options_are_clear_errors(data, tmp_path, capsys):
+    ckpt = str(tmp_path / "c.ckpt")
+    assert main(["--data", str(data), "--checkpoint", ckpt, "--crop", "32"]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert main(["--data", str(data), *TINY, "--checkpoint", ckpt, "--export", "x"]) == 2
+    assert "go together" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path / "nope"), "--checkpoint", ckpt]) == 2
+
+
+def test_export_into_a_registry(data, tmp_path):
+    registry = tmp_path / "weights" / "registry.json"
+    ckpt = tmp_path / "c.ckpt"
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "5",
+                 "--export", "tiny-trained", "--quality", "2", "--registry", str(registry),
+                 "--note", "test"]) == 0
+    (entry,) = entries(registry)
+    assert (entry.id, entry.quality, entry.lmbda, entry.N, entry.M, entry.steps) == \
+        ("tiny-trained", 2, 0.01, 8, 8, 5)
+    assert entry.note == "test" and "64px crops" in entry.data
+    lm = load("tiny-trained", registry)  # sha256 verified on load
+    state = torch.load(registry.parent / entry.file, weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+
+    image = load_image(data / "0.png")
+    result = Codec(2, device="cpu", registry=registry).encode(
+        image, InferenceConfig(method="amortized"))
+    assert result.model_id == lm.entry.id
+    assert decode(result.data, registry=registry).rgb.shape == (96, 96, 3)
+
+    # a finished run exports again without training further
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "5",
+                 "--export", "tiny-trained", "--quality", "2", "--registry", str(registry)]) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
