@@ -48,7 +48,7 @@ def test_refinement_replaces_only_improved_streams_and_is_idempotent(ray_session
     assert coverage.ok == 3
     before = {p.name: p.read_bytes() for p in (out / "bitstreams").iterdir()}
 
-    target = EncodeSettings(method="sga", iterations=30)
+    target = EncodeSettings(method="sga", iterations=12)
     first = refine(str(src), str(out), target, RunOptions(shard_size=2, **QUIET),
                    max_images=2)
     assert (first.mode, first.images, first.ok) == ("refine", 2, 2)
