@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the shipped models")
     p.set_defaults(func=cmd_models)
 
-    from jobs import metrics, report, schedule, serve, submit
+    from jobs import evaluate, metrics, report, schedule, serve, submit, train
 
+    train.register(sub)
+    evaluate.register(sub)
     submit.register(sub)
     schedule.register(sub)
     metrics.register(sub)
