@@ -185,6 +185,28 @@ def _add_image_options(p: argparse.ArgumentParser) -> None:
                         "oversized field, recording the drop")
 
 
+def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """INPUT, OUTPUT and the options of a pipeline run (`run` and `refine`)."""
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("output", metavar="OUTPUT")
+    _add_codec_options(p)
+    _add_inference_options(p)
+    _add_image_options(p)
+    p.add_argument("--shard-size", type=int, default=16, help="images per shard (default 16)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: one per GPU, else sized to the CPUs)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: an in-process local Ray)")
+    p.add_argument("--device", default=None, help="torch device in actors (default: cuda "
+                   "when present)")
+    p.add_argument("--manifest", default=None,
+                   help="text file listing the keys to encode, one per line (under INPUT)")
+    p.add_argument("--run-id", default=None, help="resume (or name) this run")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                   "\"http://minio:9000\"}}' (never printed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from codec.images import DEFAULT_MAX_PIXELS
 
@@ -210,24 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT/bitstreams/<key>.sga, per-image metrics as Parquet under OUTPUT/metrics/. "
         "Images already done with the same settings are skipped; an interrupted run resumes "
         "when started again. Exit status 1 when some images failed (see the error rows).")
-    p.add_argument("input", metavar="INPUT")
-    p.add_argument("output", metavar="OUTPUT")
-    _add_codec_options(p)
-    _add_inference_options(p)
-    _add_image_options(p)
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard (default 16)")
-    p.add_argument("--actors", type=int, default=None,
-                   help="encoder actors (default: one per GPU, else sized to the CPUs)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: an in-process local Ray)")
-    p.add_argument("--device", default=None, help="torch device in actors (default: cuda "
-                   "when present)")
-    p.add_argument("--manifest", default=None,
-                   help="text file listing the keys to encode, one per line (under INPUT)")
-    p.add_argument("--run-id", default=None, help="resume (or name) this run")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
-                   "\"http://minio:9000\"}}' (never printed)")
+    _add_pipeline_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -236,24 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "images under INPUT whose stored encoding in OUTPUT (same source bytes and model) is "
         "below that target, highest RD loss first; a bitstream is replaced only when the RD "
         "loss improves. New or changed images are left to `sgarc run`.")
-    p.add_argument("input", metavar="INPUT")
-    p.add_argument("output", metavar="OUTPUT")
-    _add_codec_options(p)
-    _add_inference_options(p)
-    _add_image_options(p)
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard (default 16)")
-    p.add_argument("--actors", type=int, default=None,
-                   help="encoder actors (default: one per GPU, else sized to the CPUs)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: an in-process local Ray)")
-    p.add_argument("--device", default=None, help="torch device in actors (default: cuda "
-                   "when present)")
-    p.add_argument("--manifest", default=None,
-                   help="text file listing the keys to encode, one per line (under INPUT)")
-    p.add_argument("--run-id", default=None, help="resume (or name) this run")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
-                   "\"http://minio:9000\"}}' (never printed)")
+    _add_pipeline_options(p)
     p.add_argument("--max-images", type=int, default=None,
                    help="refine at most this many images in this run")
     p.set_defaults(func=cmd_refine)
