@@ -363,8 +363,17 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    from PIL import Image
+
+    from codec.files import atomic_write
+    with Image.open(buf) as im:  # a 256-colour palette keeps the file small (~30 KB)
+        small = io.BytesIO()
+        im.convert("RGB").quantize(256, Image.Quantize.FASTOCTREE).save(small, "PNG",
+                                                                        optimize=True)
+    atomic_write(path, small.getvalue())
 
 
 def _table(curves: dict[str, dict], cmp: dict) -> list[str]:
