@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,28 @@ from codec.model import MeanScaleHyperprior
 from codec.registry import export_model
 
 TINY_ID = "tiny-test"
+RAY_ARGS = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+            "configure_logging": False}
+
+
+@pytest.fixture(scope="session")
+def _ray_shutdown_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_shutdown_at_end) -> None:
+    """An in-process Ray shared by the whole session, started on demand (a test that needs
+    its own cluster may have shut the shared one down). Fractional CPUs: 2 on any machine."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**RAY_ARGS)
 
 
 @pytest.fixture(scope="session")

@@ -418,18 +418,6 @@ def test_report_is_written_atomically(local_out, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
 
 def test_real_pipeline_output(tmp_path, local_ray):
     from pipeline.run import RunOptions, run

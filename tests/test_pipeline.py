@@ -49,8 +49,6 @@ from pipeline.worker import CRASH_MARKER_ENV
 skdata = pytest.importorskip("skimage.data")
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY_ARGS = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
-            "configure_logging": False}
 FAST = EncodeSettings(method="amortized")
 # Two one-thread actors: on a busy 2-core machine one actor with two torch threads (the
 # default layout) is several times slower than two actors with one thread each.
@@ -58,29 +56,7 @@ QUIET = {"progress": False, "actors": 2}
 ODD_KEY = "Ferien 2019/Strand ä #1 [a] 100%.png"  # spaces, non-ASCII, URL and glob characters
 
 
-# ---------------------------------------------------------------------------------------------
-# Ray: one local instance for the session, (re)started on demand
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """A function that makes sure the shared local Ray is up (the cluster test stops it)."""
-    started = []
-
-    def ensure() -> None:
-        if not ray.is_initialized():
-            ray.init(**RAY_ARGS)
-            started.append(True)
-
-    yield ensure
-    if started and ray.is_initialized():
-        ray.shutdown()
-
-
-@pytest.fixture
-def local_ray(ray_session):
-    ray_session()
+# Ray: the session's local instance comes from conftest's `local_ray` (started on demand).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,25 +17,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 QUIET = {"progress": False, "actors": 1}
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield
-    if started:
-        ray.shutdown()
-
 
 def rows(out, run_id):
     table = ds.dataset(out / "metrics", format="parquet", partitioning="hive").to_table()
     return [r for r in table.to_pylist() if r["run_id"] == run_id]
 
 
-def test_refinement_replaces_only_improved_streams_and_is_idempotent(ray_session, tmp_path):
+def test_refinement_replaces_only_improved_streams_and_is_idempotent(local_ray, tmp_path):
     skimage = pytest.importorskip("skimage")
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -72,7 +60,7 @@ def test_refinement_replaces_only_improved_streams_and_is_idempotent(ray_session
     assert len(rows(out, coverage.run_id)) == 3
 
 
-def test_refinement_ignores_images_never_encoded(ray_session, tmp_path):
+def test_refinement_ignores_images_never_encoded(local_ray, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(src / "new.png")

@@ -246,18 +246,6 @@ def test_filter_images():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    yield
-    if started and ray.is_initialized():
-        ray.shutdown()
-
 
 def make_photos(folder: Path, n: int = 3, size: int = 48) -> None:
     folder.mkdir(parents=True, exist_ok=True)
