@@ -65,7 +65,7 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
               f"{r.psnr:>7.2f} {r.seconds:>7.2f}")
     archive = _job_demo(out, photos, quality, max(1, iterations // 2))
     print(f"""
-next:
+next (after `. .venv/bin/activate`):
   sgarc info {out}/astronaut-sga.sga
   sgarc decode {archive}/bitstreams/coffee.png.sga -o coffee.png
   sgarc serve --archive {archive}      # then GET http://127.0.0.1:8080/images/coffee.png
