@@ -9,6 +9,7 @@ from pathlib import Path
 
 from codec.errors import SgarcError
 from codec.files import atomic_write
+from jobs.options import parse_storage_options
 
 
 def _inference_config(args):
@@ -45,14 +46,7 @@ def cmd_encode(args) -> int:
 
 
 def _storage_options(args) -> dict | None:
-    import json
-
-    if not getattr(args, "storage_options", None):
-        return None
-    try:
-        return json.loads(args.storage_options)
-    except json.JSONDecodeError as exc:
-        raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
+    return parse_storage_options(getattr(args, "storage_options", None))
 
 
 def _read_input(args) -> bytes:

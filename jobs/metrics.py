@@ -69,6 +69,7 @@ import duckdb
 import pyarrow as pa
 
 from codec.errors import SgarcError
+from jobs.options import parse_storage_options as _parse_storage_options
 from pipeline import sink
 from pipeline.storage import Storage, StorageError
 
@@ -439,15 +440,7 @@ def jsonable(value: Any) -> Any:
 
 
 def parse_storage_options(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MetricsError(f"--storage-options is not valid JSON: {exc.msg}") from None
-    if not isinstance(options, dict):
-        raise MetricsError("--storage-options must be a JSON object")
-    return options
+    return _parse_storage_options(text, MetricsError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -94,6 +94,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from codec.errors import BitstreamError, ModelError, SgarcError
+from jobs.options import parse_storage_options
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -994,12 +995,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-    except json.JSONDecodeError as exc:
-        raise SgarcError(f"--storage-options is not valid JSON: {exc.msg}") from None
-    if options is not None and not isinstance(options, dict):
-        raise SgarcError("--storage-options must be a JSON object")
+    options = parse_storage_options(args.storage_options)
     if args.cache_mb < 0:
         raise SgarcError("--cache-mb must be >= 0")
     service: dict[str, Any] = {"cache_bytes": int(args.cache_mb * (1 << 20)),
