@@ -17,6 +17,15 @@ RAY_ARGS = {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
             "configure_logging": False}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: one torch thread is far faster than several on a shared, busy CPU."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def _ray_shutdown_at_end():
     yield

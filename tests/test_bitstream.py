@@ -16,7 +16,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -102,13 +101,7 @@ def random_words(rng: np.random.Generator, n: int) -> bytes:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is ~100x faster than several on a shared, busy CPU."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
