@@ -202,8 +202,7 @@ def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempt
     if not output.exists(part):
         reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
         s = plan.settings
-        rows = [{"source_key": im.key, "source_url": source.url_of(im.key),
-                 "source_bytes": im.size, "source_version": im.version,
+        rows = [{**sink.source_columns(im.key, source.url_of(im.key), im.size, im.version),
                  "run_id": plan.run_id, "shard_id": shard.id, "fingerprint": plan.fingerprint,
                  "model_id": s["model"], "quality": s["quality"], "lmbda": s["lmbda"],
                  "method": s["method"], "iterations": s["iterations"],

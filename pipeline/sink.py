@@ -63,6 +63,12 @@ def bitstream_key(source_key: str) -> str:
     return f"bitstreams/{source_key}.sga"
 
 
+def source_columns(key: str, url: str, size: int, version: str) -> dict:
+    """The columns that identify a row's source (what skipping and refinement match on)."""
+    return {"source_key": key, "source_url": url, "source_bytes": size,
+            "source_version": version}
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

@@ -79,10 +79,9 @@ class ShardEncoder:
                 self.config.iterations, "device": str(self.codec.device)}
         buckets: dict[tuple[int, int], list[tuple[ObjectInfo, PreparedImage]]] = defaultdict(list)
         for ref, prepared, failure in self._prepared(shard.images):
-            source = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
-                      "source_bytes": ref.size, "source_version": ref.version}
             if failure is not None:
-                rows.append({**source, **failure, "status": "error", "timestamp": sink.now()})
+                rows.append({**base, **self._source(ref), **failure, "status": "error",
+                             "timestamp": sink.now()})
                 _tick(progress)
                 continue
             self._maybe_crash(ref.key)
@@ -158,10 +157,9 @@ class ShardEncoder:
     def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict,
              previous_rd_loss: float | None = None) -> dict:
         info = prepared.info
-        row = {**base, "source_key": ref.key, "source_url": self.input.url_of(ref.key),
-               "source_bytes": ref.size, "source_version": ref.version,
-               "source_format": info.format, "source_mode": info.mode, "width": info.width,
-               "height": info.height, "timestamp": sink.now(), **_metadata_columns(prepared)}
+        row = {**base, **self._source(ref), "source_format": info.format,
+               "source_mode": info.mode, "width": info.width, "height": info.height,
+               "timestamp": sink.now(), **_metadata_columns(prepared)}
         if isinstance(res, Exception):
             return {**row, "status": "error", "error_stage": "encode",
                     "error": f"{type(res).__name__}: {res}"}
@@ -183,6 +181,9 @@ class ShardEncoder:
                 "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
                 "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
                 "amortized_rd_loss": res.amortized_rd_loss, "encode_seconds": res.seconds}
+
+    def _source(self, ref: ObjectInfo) -> dict:
+        return sink.source_columns(ref.key, self.input.url_of(ref.key), ref.size, ref.version)
 
     def _maybe_crash(self, key: str) -> None:
         """Fault injection: die once, hard, when reaching a key containing the marker."""
