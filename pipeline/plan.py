@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import sink
@@ -75,11 +77,16 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+def _metric_tables(output: Storage, columns: list[str]) -> Iterator[pa.Table]:
+    """Each metrics part with those of `columns` it has (older parts may lack newer ones)."""
+    for key in output.list_keys("metrics", ".parquet"):
+        yield sink.read_part(output.read_bytes(key), columns)
+
+
 def done_images(output: Storage, fingerprint: str) -> set[tuple[str, int, str]]:
     """(key, size, version) of every image already encoded successfully with `fingerprint`."""
     done: set[tuple[str, int, str]] = set()
-    for key in output.list_keys("metrics", ".parquet"):
-        table = sink.read_part(output.read_bytes(key), DONE_COLUMNS)
+    for table in _metric_tables(output, DONE_COLUMNS):
         table = table.filter(pc.and_(pc.equal(table["fingerprint"], fingerprint),
                                      pc.equal(table["status"], "ok")))
         done.update(zip(table["source_key"].to_pylist(), table["source_bytes"].to_pylist(),
@@ -113,12 +120,7 @@ REFINE_COLUMNS = ["source_key", "source_bytes", "source_version", "model_id", "m
 
 
 def _metric_rows(output: Storage, columns: list[str]) -> list[dict]:
-    rows = []
-    for key in output.list_keys("metrics", ".parquet"):
-        table = sink.read_part(output.read_bytes(key))
-        present = [c for c in columns if c in table.column_names]  # older parts: fewer
-        rows += table.select(present).to_pylist()
-    return rows
+    return [row for table in _metric_tables(output, columns) for row in table.to_pylist()]
 
 
 def make_refine_plan(images: list[ObjectInfo], input_url: str, output: Storage,

@@ -217,7 +217,8 @@ def _summarize(plan: Plan, output: Storage, resumed: bool, retried: int,
                seconds: float) -> RunSummary:
     ok = errors = replaced = 0
     for shard in plan.shards:
-        table = sink.read_part(output.read_bytes(sink.part_key(plan.run_id, shard.id)))
+        part = output.read_bytes(sink.part_key(plan.run_id, shard.id))
+        table = sink.read_part(part, ["status", "replaced"])
         status = table["status"].to_pylist()
         ok += status.count("ok")
         errors += status.count("error")
