@@ -17,6 +17,10 @@ what ``sgarc eval`` and docs/results.md measure on.
   mse, psnr, lr, seconds_per_step, time) in ``<checkpoint stem>.log.jsonl`` beside the
   checkpoint. On resume, records after the checkpoint's step (from a run that was stopped
   between checkpoints) are dropped, so each step is logged once.
+* ``--init-from ID|PATH``: a new run starts from a registered model's (or a checkpoint's)
+  weights rather than at random; the shipped zoo was made this way, each quality fine-tuned
+  from its neighbour (scripts/train_zoo.sh). The registry's step count includes the steps
+  behind the initial weights.
 * CUDA is used when present.
 * ``--export ID --quality Q``: when training has reached ``--steps``, freeze the model into
   the registry (fp16 weights, coding tables, sha256; codec.registry.export_model). An
@@ -39,11 +43,13 @@ def log_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(f"{checkpoint.stem}.log.jsonl")
 
 
-def _checkpoint_step(checkpoint: Path) -> int | None:
+def _checkpoint_steps(checkpoint: Path) -> tuple[int, int] | None:
+    """(step, steps behind its --init-from weights) of a checkpoint; None if there is none."""
     if not checkpoint.exists():
         return None
     import torch
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return int(state["step"]), int(state.get("init_steps", 0))
 
 
 def _prepare_log(path: Path, resume_step: int | None) -> None:
@@ -67,7 +73,8 @@ def _config(args):
     return TrainConfig(data=list(args.data), lmbda=args.lmbda, N=args.N, M=args.M,
                        steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                        lr=args.lr, lr_drop_at=args.lr_drop_at, seed=args.seed,
-                       log_every=args.log_every, checkpoint_every=args.checkpoint_every)
+                       log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                       init_from=args.init_from)
 
 
 def cmd_train(args) -> int:
@@ -93,7 +100,7 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     checkpoint = Path(args.checkpoint)
     log_file = log_path(checkpoint)
-    start = _checkpoint_step(checkpoint)
+    start = (_checkpoint_steps(checkpoint) or (None, 0))[0]
     _prepare_log(log_file, start)
 
     bar = tqdm(total=cfg.steps, initial=min(start or 0, cfg.steps), desc="train", unit="step",
@@ -119,12 +126,13 @@ def cmd_train(args) -> int:
         raise SgarcError(str(exc)) from None
     finally:
         bar.close()
-    steps = max(start or 0, cfg.steps)  # a checkpoint past --steps is not trained back
+    steps, init_steps = _checkpoint_steps(checkpoint)
     print(f"checkpoint {checkpoint} at step {steps}; log {log_file}")
     if args.export is not None:
         registry = Path(args.registry) if args.registry else REGISTRY
         data = args.export_data or " + ".join(_data_name(d) for d in args.data)
-        entry = export_model(model, args.export, args.quality, cfg.lmbda, steps,
+        # The registry counts every step behind the weights, the --init-from model's too.
+        entry = export_model(model, args.export, args.quality, cfg.lmbda, init_steps + steps,
                              f"{data}, {cfg.crop}px crops", note=args.note, registry=registry,
                              half=True)
         print(f"exported {entry.id} (quality {entry.quality}, λ {entry.lmbda}, N {entry.N}, "
@@ -174,6 +182,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"steps per log record (default {d.log_every})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"steps between checkpoints (default {d.checkpoint_every})")
+    p.add_argument("--init-from", default=None, metavar="ID|PATH",
+                   help="start a new run from a registered model's weights or a checkpoint "
+                        "(fine-tuning a neighbouring quality); ignored when resuming")
     p.add_argument("--export", default=None, metavar="ID",
                    help="when done, export the model under this id into the registry (fp16)")
     p.add_argument("--quality", "-q", type=int, default=None,

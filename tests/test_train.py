@@ -113,3 +113,28 @@ def test_export_into_a_registry(data, tmp_path):
     assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "5",
                  "--export", "tiny-trained", "--quality", "2", "--registry", str(registry)]) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
+def test_init_from_starts_a_new_run_from_other_weights(data, tmp_path, capsys):
+    parent = tmp_path / "parent.ckpt"
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(parent), "--steps", "3"]) == 0
+    registry = tmp_path / "weights" / "registry.json"
+    child = tmp_path / "child.ckpt"
+    # lr 0: Adam leaves the weights where --init-from put them
+    args = ["--data", str(data), *TINY, "--checkpoint", str(child), "--steps", "2",
+            "--lr", "0", "--init-from", str(parent)]
+    assert main([*args, "--export", "child", "--quality", "1", "--registry",
+                 str(registry)]) == 0
+    assert f"initialized from {parent} (3 steps)" in capsys.readouterr().err
+    got, ref = (torch.load(p, weights_only=True)["model"] for p in (child, parent))
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+    assert entries(registry)[0].steps == 3 + 2  # the registry counts the parent's steps
+
+    wrong = ["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "w.ckpt"),
+             "--steps", "1", "--M", "16", "--init-from", str(parent)]
+    assert main(wrong) == 2
+    assert "N and M differ" in capsys.readouterr().err
+    missing = ["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "m.ckpt"),
+               "--steps", "1", "--init-from", "no-such-model"]
+    assert main(missing) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err

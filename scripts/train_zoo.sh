@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Reproduce the shipped model zoo (msh-small-q1 … q6) from msh-small-q4.
+#
+# msh-small-q4 was trained from scratch (docs/codec.md gives its command). Every other
+# quality is fine-tuned from its neighbour's checkpoint, λ one step further each time
+# (CompressAI's λ ladder): two chains, downwards q4 -> q3 -> q2 -> q1 and upwards
+# q4 -> q5 -> q6, run side by side, one CPU thread each. Each step is resumable: rerun the
+# script after an interruption and it continues where the checkpoints left off.
+#
+#   ./scripts/train_zoo.sh            # both chains (about 80 minutes on 2 CPU cores)
+#   ./scripts/train_zoo.sh down|up    # one chain
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d .venv ] && . .venv/bin/activate
+DATA=(--data ../shared/data/bsds500/train --data ../shared/data/wikipedia-photos/train)
+COMMON=(--N 64 --M 96 --crop 128 --batch-size 8 --lr 2e-4 --lr-drop-at 0.85 --quiet)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+# one Q LAMBDA STEPS INIT: train quality Q for STEPS steps from INIT, export msh-small-qQ.
+one() {
+  local q=$1 lmbda=$2 steps=$3 init=$4
+  python -m jobs.cli train "${DATA[@]}" "${COMMON[@]}" --checkpoint "runs/zoo/q$q.ckpt" \
+    --lmbda "$lmbda" --steps "$steps" --init-from "$init" --export "msh-small-q$q" \
+    --quality "$q" --note "fine-tuned from $init, lr 2e-4 (x0.1 for the last 15%)" \
+    2>>"runs/zoo/q$q.stderr"
+}
+
+down() {
+  one 3 0.0067 6000 msh-small-q4
+  one 2 0.0035 6000 runs/zoo/q3.ckpt
+  one 1 0.0018 6000 runs/zoo/q2.ckpt
+}
+
+up() {
+  one 5 0.025 9000 msh-small-q4
+  one 6 0.0483 9000 runs/zoo/q5.ckpt
+}
+
+mkdir -p runs/zoo
+case "${1:-both}" in
+  down) down ;;
+  up) up ;;
+  both) down & d=$!; up & u=$!; wait $d; wait $u ;;
+  *) echo "usage: $0 [down|up|both]" >&2; exit 2 ;;
+esac
