@@ -3,20 +3,26 @@
 
     python bench/codec_speed.py                      # default model, CPU, all threads
     python bench/codec_speed.py --quality 4 --threads 1 --repeats 3 --json speed.json
+    python bench/codec_speed.py --device cuda --sga-batch 8    # SGA on 8 images at once
+
+`measure(SpeedSettings(...))` does the same from Python and returns the report as a dict
+(what --json writes); the suite `python -m bench` builds its summary from it.
 
 Measured in one run, nothing hard-coded:
 
-* the machine's peak: best-of-several float32 and float64 GEMM (torch.mm, n x n) at the
-  thread count of the timed runs. float64 matters because the exact integer
-  hyper-synthesis (codec.frozen.hyper_synthesis_exact) runs float64 convolutions on the CPU;
+* the machine's peak (bench.common.measure_peaks): best-of-several float32 GEMM (torch.mm,
+  n x n) and a 5x5 convolution at the thread count of the timed runs, on CUDA also TF32 and
+  bf16 GEMMs; and a float64 GEMM on the CPU, because the exact integer hyper-synthesis
+  (codec.frozen.hyper_synthesis_exact) runs float64 convolutions there;
 * the model's FLOPs: forward hooks on every Conv2d / ConvTranspose2d (2 * MACs; a transposed
   conv does in * out * k^2 / groups MACs per *input* position) and GDN (its C x C matmul over
   positions: 2 * C^2 per position). Biases, activations, GDN's elementwise part and the
   likelihoods are not counted. Cross-checked with torch.utils.flop_counter;
 * wall-clock times (time.perf_counter; best of --repeats, medians in the JSON) of the
   amortized encode end to end and its parts, of one SGA iteration (infer with 2 + n
-  iterations minus infer with 2, divided by n, so the amortized start cancels out) and of
-  decode end to end and its parts.
+  iterations minus infer with 2, divided by n, so the amortized start cancels out; with
+  --sga-batch B on B copies of the image, divided by B as well) and of decode end to end
+  and its parts.
 
 floor = FLOPs / peak: the time the arithmetic would take at the measured GEMM rate;
 measured / floor says how far from that the code runs. Entropy coding, bitstream handling
@@ -30,12 +36,9 @@ import argparse
 import io
 import json
 import os
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,17 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # runnable as `python bench/codec_speed.py` without install
     sys.path.insert(0, str(_ROOT))
 
+from bench.common import (  # noqa: E402
+    busy_cpus,
+    cpu_model,
+    device_name,
+    log,
+    machine_info,
+    measure_peaks,
+    synchronizer,
+    timed,
+    timed_round_robin,
+)
 from codec import coding  # noqa: E402
 from codec.api import Codec, decode, latent_shapes  # noqa: E402
 from codec.bitstream import parse  # noqa: E402
@@ -55,6 +69,7 @@ from codec.gdn import GDN  # noqa: E402
 from codec.images import PreparedImage, load_image  # noqa: E402
 from codec.inference import InferenceConfig, infer  # noqa: E402
 from codec.model import DOWNSAMPLE  # noqa: E402
+from codec.registry import REGISTRY  # noqa: E402
 
 WIDTH, HEIGHT = 768, 512
 REST_NOTE = "= end to end - parts (timed apart: ~0 is within noise)"
@@ -110,107 +125,6 @@ def prepared(rgb: np.ndarray) -> PreparedImage:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return load_image(buf.getvalue())
-
-
-# ---------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def busy_cpus(interval: float = 0.5) -> float | None:
-    """CPUs kept busy by other processes (/proc/stat over `interval` s, while this one sleeps)."""
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        t0, i0 = sample()
-        time.sleep(interval)
-        t1, i1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / max(t1 - t0, 1))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None],
-          warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of fn after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int,
-                      sync: Callable[[], None]) -> dict[str, list[float]]:
-    """Like `timed` for several functions, called in turn in each of `repeats` rounds."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
-        out[name] += timed(fn, 0, sync, warmup=1)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            out[name] += timed(fn, 1, sync, warmup=0)
-    return out
-
-
-def gemm_peak(dtype: torch.dtype, device: torch.device, n: int, runs: int) -> float:
-    """Best float GEMM rate of torch.mm (n x n) @ (n x n), in FLOP/s."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen, dtype=dtype).to(device)
-    b = torch.randn(n, n, generator=gen, dtype=dtype).to(device)
-    c = torch.empty(n, n, dtype=dtype, device=device)
-    samples = timed(lambda: torch.mm(a, b, out=c), runs, synchronizer(device), warmup=2)
-    return 2.0 * n**3 / min(samples)
-
-
-def conv_peak(device: torch.device, runs: int, channels: int = 128, size: int = 64,
-              k: int = 5) -> float:
-    """Best rate of one large dense 5x5 convolution (the codec's own kernel path), FLOP/s.
-
-    Counted as a direct convolution (2 * MACs). On some CPUs torch's convolution kernels
-    (oneDNN) run well above torch.mm (MKL), which would put a GEMM-only "floor" above
-    measured times; the floors use the better of the two.
-    """
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, channels, size, size, generator=gen).to(device)
-    w = torch.randn(channels, channels, k, k, generator=gen).to(device)
-
-    def f():
-        with torch.inference_mode():
-            return torch.nn.functional.conv2d(x, w, padding=k // 2)
-
-    samples = timed(f, runs, synchronizer(device), warmup=2)
-    return 2.0 * channels * channels * k * k * size * size / min(samples)
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -295,6 +209,7 @@ class Row:
     floor_s: float | None = None
     level: int = 0
     note: str = ""
+    key: str = ""  # stable name for the rows the suite reads (python -m bench)
 
     @property
     def best_s(self) -> float:
@@ -305,7 +220,8 @@ class Row:
         return statistics.median(self.seconds) if self.seconds else None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "measured_ms": 1e3 * self.best_s,
+        return {"name": self.name, "key": self.key, "level": self.level,
+                "measured_ms": 1e3 * self.best_s,
                 "median_ms": None if self.median_s is None else 1e3 * self.median_s,
                 "samples_ms": [1e3 * s for s in self.seconds] if self.seconds else None,
                 "floor_ms": None if self.floor_s is None else 1e3 * self.floor_s,
@@ -313,100 +229,88 @@ class Row:
                 "note": self.note}
 
 
-def format_table(rows: list[Row]) -> str:
-    width = max(len("  " * r.level + r.name) for r in rows) + 2
+def format_table(rows: list[dict]) -> str:
+    """The rows of a report (Row.as_dict) as a text table."""
+    width = max(len("  " * r["level"] + r["name"]) for r in rows) + 2
     head = f"{'operation':<{width}}{'measured ms':>12}{'floor ms':>11}{'measured/floor':>16}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        floor = f"{1e3 * r.floor_s:11.2f}" if r.floor_s else f"{'-':>11}"
-        ratio = f"{r.best_s / r.floor_s:15.1f}x" if r.floor_s else f"{'-':>16}"
-        name = "  " * r.level + r.name
-        lines.append(f"{name:<{width}}{1e3 * r.best_s:12.2f}{floor}{ratio}"
-                     + (f"  {r.note}" if r.note else ""))
+        floor = f"{r['floor_ms']:11.2f}" if r["floor_ms"] else f"{'-':>11}"
+        ratio = f"{r['ratio']:15.1f}x" if r["floor_ms"] else f"{'-':>16}"
+        name = "  " * r["level"] + r["name"]
+        lines.append(f"{name:<{width}}{r['measured_ms']:12.2f}{floor}{ratio}"
+                     + (f"  {r['note']}" if r["note"] else ""))
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------- main
+def format_report(report: dict) -> str:
+    """Header, table and notes of a report from `measure`, as the CLI prints them."""
+    return "\n\n".join(["\n".join(report["header"]), format_table(report["rows"]),
+                        "\n".join(report["notes"])])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Time amortized encode, one SGA iteration and decode of a 768x512 image "
-                    "and compare each with its floor (model FLOPs / measured peak).")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="model id from codec/weights/registry.json")
-    which.add_argument("--quality", type=int, help="quality level of a shipped model")
-    p.add_argument("--device", default="cpu", help="torch device for the networks (default cpu;"
-                   " entropy coding and the exact hyper-synthesis always run on the CPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for every timed run and the peak GEMM "
-                        f"(default: torch's default, {torch.get_num_threads()} here)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed repeats per measurement, after one warm-up (default 5)")
-    p.add_argument("--sga-iterations", type=int, default=10,
-                   help="SGA iterations timed beyond the 2 warm-up ones (default 10)")
-    p.add_argument("--sga-repeats", type=int, default=None,
-                   help="repeats of the SGA pair infer(2) / infer(2+n) (default: --repeats, "
-                        "at most 3)")
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="SGA's hard-loss evaluation period, as InferenceConfig (default 1)")
-    p.add_argument("--backward-factor", type=float, default=2.0,
-                   help="floor assumption: FLOPs of relaxed forward + backward over one "
-                        "forward (default 2: infer() freezes the weights, so backward only "
-                        "computes input gradients; 3 = the rule of thumb with weight grads)")
-    p.add_argument("--gemm-size", type=int, default=2048, help="n of the peak GEMM (2048)")
-    p.add_argument("--gemm-runs", type=int, default=5, help="peak = best of this many (5)")
-    p.add_argument("--peak", choices=("max", "gemm"), default="max",
-                   help="fp32 peak for the floors: max = the better of torch.mm and a 5x5 "
-                        "convolution (default), gemm = torch.mm only")
-    p.add_argument("--image", choices=("auto", "astronaut", "synthetic"), default="auto",
-                   help="test image: auto = astronaut when scikit-image is installed")
-    p.add_argument("--no-flop-check", action="store_true",
-                   help="skip the torch.utils.flop_counter cross-check (saves ~2 SGA runs)")
-    p.add_argument("--json", type=Path, help="also write all results and samples here")
-    args = p.parse_args(argv)
-    for name in ("repeats", "sga_iterations", "eval_every", "gemm_size", "gemm_runs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("threads", "sga_repeats"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+# ---------------------------------------------------------------------------- measure
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+@dataclass
+class SpeedSettings:
+    """What `measure` times and how; the command line's options."""
+
+    model: str | int | None = None  # id or quality level; None: the registry's default
+    registry: Path = REGISTRY
+    device: str = "cpu"  # the networks; entropy coding and the exact h_s stay on the CPU
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    repeats: int = 5
+    sga: bool = True  # False: no SGA timing (encode and decode only)
+    sga_iterations: int = 10
+    sga_repeats: int | None = None  # None: min(repeats, 3)
+    sga_batch: int = 1  # images per SGA batch; times are reported per image
+    eval_every: int = 1
+    backward_factor: float = 2.0
+    gemm_size: int | None = None  # None: 2048 on the CPU, 8192 on CUDA
+    gemm_runs: int = 5
+    peak: str = "max"  # "max": better of GEMM and conv; "gemm": GEMM only
+    image: str = "auto"
+    flop_check: bool = True
+
+
+def measure(s: SpeedSettings) -> dict:
+    """Time amortized encode, SGA and decode of a 768x512 image; the report as a dict."""
+    saved_threads = torch.get_num_threads()
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    try:
+        return _measure(s)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _measure(s: SpeedSettings) -> dict:
     threads = torch.get_num_threads()
-    device = torch.device(args.device)
+    device = torch.device(s.device)
     sync = synchronizer(device)
-    R = args.repeats
+    R = s.repeats
     others = busy_cpus()
     busy = others is not None and others + threads > (os.cpu_count() or 1) + 0.25
     if busy:
         log(f"warning: other processes keep {others:.1f} of {os.cpu_count()} CPUs busy; with "
             f"{threads} threads the timings will be contended (try --threads)")
-    sga_R = args.sga_repeats or min(R, 3)
-    n_sga = args.sga_iterations
+    sga_R = s.sga_repeats or min(R, 3)
+    n_sga, B = s.sga_iterations, s.sga_batch
 
     # ---- machine peaks (same thread count as everything below)
-    log(f"peaks: GEMM n={args.gemm_size} and a 5x5 conv, best of {args.gemm_runs} ...")
-    gemm32 = gemm_peak(torch.float32, device, args.gemm_size, args.gemm_runs)
-    conv32 = conv_peak(device, args.gemm_runs)
-    peak32 = max(gemm32, conv32) if args.peak == "max" else gemm32
-    cpu = torch.device("cpu")
-    peak64 = gemm_peak(torch.float64, cpu, args.gemm_size, args.gemm_runs)  # exact h_s: CPU
+    log(f"peaks on {device}: GEMMs and a 5x5 conv, best of {s.gemm_runs} ...")
+    peaks = measure_peaks(device, s.gemm_size, s.gemm_runs, s.peak)
+    peak32, peak64 = peaks.fp32, peaks.fp64_cpu
 
     # ---- model, image
-    model_arg = args.model if args.model is not None else args.quality
     try:
-        codec = Codec(model_arg, device=device)
+        codec = Codec(s.model, device=device, registry=s.registry)
     except ModelError as exc:
         raise SystemExit(f"error: {exc}") from None
     lm = codec.lm
     entry, model = lm.entry, codec.model  # the networks on `device`
-    rgb, image_desc = make_image(args.image)
+    rgb, image_desc = make_image(s.image)
     image = prepared(rgb)
     assert (image.info.width, image.info.height) == (WIDTH, HEIGHT)
     assert HEIGHT % DOWNSAMPLE == 0 and WIDTH % DOWNSAMPLE == 0  # no padding at this size
@@ -423,14 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     y_r = torch.round(y)
     flops["g_s"], _ = count_flops(model.g_s, y_r)
     flops["h_s_exact"] = flops["h_s"]  # same convolutions, in float64 on the CPU
-    check = None if args.no_flop_check else flop_counter_check(model, x, entry.lmbda)
+    check = flop_counter_check(model, x, entry.lmbda) if s.flop_check and s.sga else None
 
     def t32(f: float) -> float:
         return f / peak32
 
     net_flops = flops["g_a"] + flops["h_a"] + flops["h_s"] + flops["g_s"]
     syn_flops = flops["h_s"] + flops["g_s"]
-    sga_flops = args.backward_factor * syn_flops + syn_flops / args.eval_every
+    sga_flops = s.backward_factor * syn_flops + syn_flops / s.eval_every
     floor = {
         "encode": t32(net_flops) + flops["h_s_exact"] / peak64,
         "network": t32(net_flops),
@@ -487,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     # entropy decoding is also the encoder's verification
     log(f"decode: end to end and parts x{R} ...")
     dec = timed_round_robin({
-        "decode": lambda: decode(data, device=str(device)),
+        "decode": lambda: decode(data, device=str(device), registry=s.registry),
         "z": lambda: coding.decode_z(lm.tables, z_words, z_shape),
         "y": lambda: coding.decode_y(lm.tables, y_words, index[0]),
         "exact": lambda: hyper_synthesis_exact(lm.tables, z_hat[None]),
@@ -496,20 +400,24 @@ def main(argv: list[str] | None = None) -> int:
     dec_s, dec_z_s, dec_y_s, gs_dec_s = dec["decode"], dec["z"], dec["y"], dec["g_s"]
     exact_dec_s = dec["exact"]
 
-    # ---- SGA: (infer(2 + n) - infer(2)) / n, the pair interleaved so drift hits both
-    log(f"SGA: infer(2) and infer(2+{n_sga}), x{sga_R} ...")
+    # ---- SGA: (infer(2 + n) - infer(2)) / n, the pair interleaved so drift hits both;
+    # on B copies of the image at once, then per image
+    short_s: list[float] = []
+    long_s: list[float] = []
+    if s.sga:
+        log(f"SGA: infer(2) and infer(2+{n_sga}) on a batch of {B}, x{sga_R} ...")
+        xb = x.expand(B, -1, -1, -1).contiguous()
 
-    def sga(iters: int):
-        cfg = InferenceConfig(method="sga", iterations=iters, eval_every=args.eval_every)
-        return lambda: infer(model, x, sizes, entry.lmbda, cfg)
+        def sga(iters: int):
+            cfg = InferenceConfig(method="sga", iterations=iters, eval_every=s.eval_every)
+            return lambda: infer(model, xb, sizes * B, entry.lmbda, cfg)
 
-    timed(sga(2), 0, sync, warmup=1)
-    short_s, long_s = [], []
-    for _ in range(sga_R):
-        short_s += timed(sga(2), 1, sync, warmup=0)
-        long_s += timed(sga(2 + n_sga), 1, sync, warmup=0)
-    sga_iter = (min(long_s) - min(short_s)) / n_sga
-    sga_pairs = [(b - a) / n_sga for a, b in zip(short_s, long_s, strict=True)]
+        timed(sga(2), 0, sync, warmup=1)
+        for _ in range(sga_R):
+            short_s += timed(sga(2), 1, sync, warmup=0)
+            long_s += timed(sga(2 + n_sga), 1, sync, warmup=0)
+        sga_iter = (min(long_s) - min(short_s)) / n_sga / B
+        sga_pairs = [(b - a) / n_sga / B for a, b in zip(short_s, long_s, strict=True)]
 
     # ---- rows
     best = min
@@ -518,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                  - best(part_s["g_s"]) - best(part_s["h_s"]))
     dec_other = best(dec_s) - ent_dec - best(exact_dec_s) - best(gs_dec_s)
     rows = [
-        Row("amortized encode, end to end", enc_s, floor_s=floor["encode"]),
+        Row("amortized encode, end to end", enc_s, floor_s=floor["encode"], key="encode"),
         Row("network forward g_a+h_a+h_s+g_s (fp32)", net_s, floor_s=floor["network"],
             level=1),
         *[Row(f"{name} forward", part_s[name], floor_s=floor[name], level=2)
@@ -532,11 +440,15 @@ def main(argv: list[str] | None = None) -> int:
             floor_s=floor["g_s"] + floor["h_s"], level=1),
         Row("rest (likelihoods, bitstream, PSNR, copies)", derived_s=enc_other, level=1,
             note=REST_NOTE),
-        Row(f"SGA iteration (eval_every={args.eval_every})", derived_s=sga_iter,
-            floor_s=floor["sga"],
-            note=f"median of pairs {1e3 * statistics.median(sga_pairs):.2f} ms"),
-        Row("decode, end to end", dec_s, floor_s=floor["decode"]),
-        Row("entropy decoding z + y", derived_s=ent_dec, level=1,
+    ]
+    if s.sga:
+        per = f" per image, batch of {B}" if B > 1 else ""
+        rows.append(Row(f"SGA iteration{per} (eval_every={s.eval_every})", derived_s=sga_iter,
+                        floor_s=floor["sga"], key="sga_iteration",
+                        note=f"median of pairs {1e3 * statistics.median(sga_pairs):.2f} ms"))
+    rows += [
+        Row("decode, end to end", dec_s, floor_s=floor["decode"], key="decode"),
+        Row("entropy decoding z + y", derived_s=ent_dec, level=1, key="decode_entropy",
             note=f"{100 * ent_dec / best(dec_s):.1f}% of decode"),
         Row("z", dec_z_s, level=2),
         Row("y", dec_y_s, level=2),
@@ -549,36 +461,44 @@ def main(argv: list[str] | None = None) -> int:
     # ---- report
     busy_text = "?" if others is None else f"{others:.1f}"
     gf = {k: v / 1e9 for k, v in flops.items()}
+    measured_as = f"measured = best of {R} after 1 warm-up"
+    if s.sga:
+        batch = f" on a batch of {B}" if B > 1 else ""
+        measured_as += f" (SGA: best of {sga_R} pairs infer(2) / infer(2+{n_sga}){batch})"
     header = [
         f"sgarc codec speed: {WIDTH}x{HEIGHT} RGB, {image_desc}",
         f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs ({busy_text} busy with other "
         f"work at start), torch {torch.__version__}, {threads} threads"
-        + (f", networks on {args.device} ({device_name(device)})" if device.type != "cpu"
+        + (f", networks on {s.device} ({device_name(device)})" if device.type != "cpu"
            else ""),
         f"model: {entry.id} (quality {entry.quality}, N={entry.N}, M={entry.M}, "
         f"lambda={entry.lmbda}); y {tuple(y_shape)}, z {tuple(z_shape)}; "
         f"{result.bpp:.4f} bpp, PSNR {result.psnr:.2f} dB (amortized)",
-        f"peak (best of {args.gemm_runs}) on {args.device}: fp32 torch.mm {args.gemm_size}^3 "
-        f"{gemm32 / 1e9:.1f} GFLOP/s, fp32 5x5 conv 128ch 64x64 {conv32 / 1e9:.1f} GFLOP/s "
-        f"-> fp32 peak {peak32 / 1e9:.1f}; fp64 torch.mm on cpu {peak64 / 1e9:.1f} GFLOP/s",
+        f"peak (best of {s.gemm_runs}) on {s.device}: {peaks.describe()}",
         f"FLOPs (hooks): g_a {gf['g_a']:.3f} G, h_a {gf['h_a']:.3f} G, h_s {gf['h_s']:.3f} G "
         f"(also fp64 exact), g_s {gf['g_s']:.3f} G",
-        f"measured = best of {R} after 1 warm-up (SGA: best of {sga_R} pairs infer(2) / "
-        f"infer(2+{n_sga})); floor = FLOPs / peak (fp32; fp64 for the exact h_s)",
+        f"{measured_as}; floor = FLOPs / peak (fp32; fp64 for the exact h_s)",
     ]
     notes = [
         "floors: encode = (g_a+h_a+h_s+g_s)/fp32 peak + h_s/fp64 peak (each network once; "
         "the encoder as written also runs a second g_s, a second float h_s and a second exact "
         "h_s, listed as parts);",
-        f"  SGA iteration = (h_s+g_s) x {args.backward_factor:g} (relaxed forward + backward) "
-        f"+ (h_s+g_s) x 1/{args.eval_every} (hard-rounded evaluation) = "
-        f"{sga_flops / 1e9:.3f} GFLOP at fp32 peak. Assumption: backward = "
-        f"{args.backward_factor - 1:g}x forward (infer() freezes the weights, so only input "
-        "gradients are computed; 3x is the rule of thumb with weight gradients: "
-        f"{1e3 * t32(3 * syn_flops + syn_flops / args.eval_every):.2f} ms floor); "
-        "Adam, Gumbel sampling and likelihoods are elementwise and not counted;",
-        "  decode = g_s/fp32 peak + h_s/fp64 peak. Entropy coding has no FLOP floor (-).",
     ]
+    if s.sga:
+        notes.append(
+            f"  SGA iteration = (h_s+g_s) x {s.backward_factor:g} (relaxed forward + backward) "
+            f"+ (h_s+g_s) x 1/{s.eval_every} (hard-rounded evaluation) = "
+            f"{sga_flops / 1e9:.3f} GFLOP per image at fp32 peak. Assumption: backward = "
+            f"{s.backward_factor - 1:g}x forward (infer() freezes the weights, so only input "
+            "gradients are computed; 3x is the rule of thumb with weight gradients: "
+            f"{1e3 * t32(3 * syn_flops + syn_flops / s.eval_every):.2f} ms floor); "
+            "Adam, Gumbel sampling and likelihoods are elementwise and not counted;")
+    notes.append("  decode = g_s/fp32 peak + h_s/fp64 peak. Entropy coding has no FLOP floor "
+                 "(-).")
+    if device.type == "cuda":
+        notes.append(f"  fp32 peak on {s.device} = {peaks.fp32_source}; bf16 torch.mm ran at "
+                     f"{peaks.probes['bf16_gemm'] / 1e9:.0f} GFLOP/s (not used: the codec runs "
+                     "no bf16).")
     if any(r.floor_s and r.best_s < r.floor_s for r in rows):
         notes.append("  ratio < 1: that kernel beat the measured peak (fewer multiplications "
                      "than a direct convolution, or the peak probe was slowed by other load).")
@@ -594,40 +514,102 @@ def main(argv: list[str] | None = None) -> int:
             f"{'match' if hooks_match else 'DIFFER from'} the hook counts; one real SGA "
             f"iteration (eval_every=1) = {check['sga_iteration'] / 1e9:.3f} GFLOP = "
             f"{check['sga_iteration'] / syn_flops:.2f}x forward(h_s+g_s), floor assumes "
-            f"{args.backward_factor + 1:g}x at eval_every=1.")
-    print("\n".join(header))
-    print()
-    print(format_table(rows))
-    print()
-    print("\n".join(notes), flush=True)
+            f"{s.backward_factor + 1:g}x at eval_every=1.")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    return {
+        "header": header,
+        "image": {"width": WIDTH, "height": HEIGHT, "source": image_desc},
+        "machine": machine_info(others) | {"threads": threads, "device": str(device),
+                                           "device_name": device_name(device)},
+        "model": {"id": entry.id, "quality": entry.quality, "N": entry.N, "M": entry.M,
+                  "lmbda": entry.lmbda},
+        "encode_result": {"bytes": len(data), "bpp": result.bpp, "psnr": result.psnr},
+        "peak_gflops": peaks.as_dict(),
+        "gflops": gf,
+        "gflops_sga_iteration_floor": sga_flops / 1e9,
+        "flop_counter_check_gflops": (None if check is None
+                                      else {k: v / 1e9 for k, v in check.items()}),
+        "settings": settings | {"repeats": R, "sga_repeats": sga_R},
+        "sga_samples_ms": {"batch": B, "infer_2": [1e3 * t for t in short_s],
+                           f"infer_{2 + n_sga}": [1e3 * t for t in long_s]},
+        "rows": [r.as_dict() for r in rows],
+        "notes": notes,
+    }
 
+
+# ------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = SpeedSettings()
+    p = argparse.ArgumentParser(
+        description="Time amortized encode, one SGA iteration and decode of a 768x512 image "
+                    "and compare each with its floor (model FLOPs / measured peak).")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="model id from the registry")
+    which.add_argument("--quality", type=int, help="quality level of a shipped model")
+    p.add_argument("--registry", type=Path, default=d.registry,
+                   help="registry.json to load the model from (default: the shipped one)")
+    p.add_argument("--device", default=d.device, help="torch device for the networks (default "
+                   "cpu; entropy coding and the exact hyper-synthesis always run on the CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every timed run and the peak GEMM "
+                        f"(default: torch's default, {torch.get_num_threads()} here)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="timed repeats per measurement, after one warm-up (default 5)")
+    p.add_argument("--sga-iterations", type=int, default=d.sga_iterations,
+                   help="SGA iterations timed beyond the 2 warm-up ones (default 10)")
+    p.add_argument("--sga-repeats", type=int, default=None,
+                   help="repeats of the SGA pair infer(2) / infer(2+n) (default: --repeats, "
+                        "at most 3)")
+    p.add_argument("--sga-batch", type=int, default=d.sga_batch,
+                   help="images per SGA batch (copies of the test image); times are per "
+                        "image (default 1)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="SGA's hard-loss evaluation period, as InferenceConfig (default 1)")
+    p.add_argument("--backward-factor", type=float, default=d.backward_factor,
+                   help="floor assumption: FLOPs of relaxed forward + backward over one "
+                        "forward (default 2: infer() freezes the weights, so backward only "
+                        "computes input gradients; 3 = the rule of thumb with weight grads)")
+    p.add_argument("--gemm-size", type=int, default=None,
+                   help="n of the peak GEMMs (default 2048 on the CPU, 8192 on CUDA)")
+    p.add_argument("--gemm-runs", type=int, default=d.gemm_runs,
+                   help="peak = best of this many (5)")
+    p.add_argument("--peak", choices=("max", "gemm"), default=d.peak,
+                   help="fp32 peak for the floors: max = the better of torch.mm and a 5x5 "
+                        "convolution (default), gemm = torch.mm only (TF32 on CUDA when "
+                        "cuDNN runs convolutions in TF32)")
+    p.add_argument("--image", choices=("auto", "astronaut", "synthetic"), default=d.image,
+                   help="test image: auto = astronaut when scikit-image is installed")
+    p.add_argument("--no-flop-check", action="store_true",
+                   help="skip the torch.utils.flop_counter cross-check (saves ~2 SGA runs)")
+    p.add_argument("--json", type=Path, help="also write all results and samples here")
+    args = p.parse_args(argv)
+    for name in ("repeats", "sga_iterations", "sga_batch", "eval_every", "gemm_runs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("threads", "sga_repeats", "gemm_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> SpeedSettings:
+    return SpeedSettings(
+        model=args.model if args.model is not None else args.quality, registry=args.registry,
+        device=args.device, threads=args.threads, repeats=args.repeats,
+        sga_iterations=args.sga_iterations, sga_repeats=args.sga_repeats,
+        sga_batch=args.sga_batch, eval_every=args.eval_every,
+        backward_factor=args.backward_factor, gemm_size=args.gemm_size,
+        gemm_runs=args.gemm_runs, peak=args.peak, image=args.image,
+        flop_check=not args.no_flop_check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = measure(settings_from(args))
+    print(format_report(report), flush=True)
     if args.json:
-        report = {
-            "image": {"width": WIDTH, "height": HEIGHT, "source": image_desc},
-            "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-                        "threads": threads, "torch": torch.__version__,
-                        "device": str(device), "device_name": device_name(device),
-                        "busy_cpus_other_processes_at_start": others,
-                        "python": platform.python_version()},
-            "model": {"id": entry.id, "quality": entry.quality, "N": entry.N, "M": entry.M,
-                      "lmbda": entry.lmbda},
-            "encode_result": {"bytes": len(data), "bpp": result.bpp, "psnr": result.psnr},
-            "peak_gflops": {"fp32": peak32 / 1e9, "fp32_gemm": gemm32 / 1e9,
-                            "fp32_conv5x5": conv32 / 1e9, "fp64": peak64 / 1e9,
-                            "fp32_source": args.peak,
-                            "gemm_n": args.gemm_size, "runs": args.gemm_runs},
-            "gflops": gf,
-            "gflops_sga_iteration_floor": sga_flops / 1e9,
-            "flop_counter_check_gflops": (None if check is None
-                                          else {k: v / 1e9 for k, v in check.items()}),
-            "settings": {"repeats": R, "sga_repeats": sga_R, "sga_iterations": n_sga,
-                         "eval_every": args.eval_every,
-                         "backward_factor": args.backward_factor},
-            "sga_samples_ms": {"infer_2": [1e3 * s for s in short_s],
-                               f"infer_{2 + n_sga}": [1e3 * s for s in long_s]},
-            "rows": [r.as_dict() for r in rows],
-            "notes": notes,
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {args.json}")

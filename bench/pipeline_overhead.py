@@ -13,6 +13,9 @@ where fixed costs vanish. Both ratios are printed; the target (>= 0.85) is for t
 marginal one.
 
     python bench/pipeline_overhead.py [--images 48] [--repeats 2] [--source DIR]
+
+`measure(...)` does the same from Python and returns the numbers as a dict; the suite
+`python -m bench` reports its marginal ratio.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import log  # noqa: E402
+
 VAL_DIR = ROOT.parent / "shared" / "data" / "bsds500" / "val"
+TARGET_RATIO = 0.85  # pipeline's marginal throughput over the bare loop's (performance issue)
 
 
 def make_inputs(folder: Path, count: int, source: Path | None) -> str:
@@ -84,6 +90,85 @@ def pipeline(folder: Path, out: Path, model, shard_size: int) -> float:
     return time.perf_counter() - t0
 
 
+def measure(images: int = 48, repeats: int = 2, shard_size: int = 8,
+            quality: int | None = None, source: Path | None = VAL_DIR) -> dict:
+    """Both sides on `images` and 3x `images` JPEGs, best of `repeats`; the numbers as a dict.
+
+    Starts Ray (untimed) unless it is already running, and then shuts it down again.
+    """
+    import ray
+
+    from pipeline.actors import layout
+
+    saved_threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="sgarc-bench-"))
+    started = not ray.is_initialized()
+    try:
+        n = images
+        origin = make_inputs(work / "small", n, source)
+        make_inputs(work / "large", 3 * n, source)
+        t0 = time.perf_counter()
+        if started:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray_start = time.perf_counter() - t0
+        threads = layout(ray.cluster_resources()).torch_threads
+        times: dict[tuple[str, str], list[float]] = {}
+        for r in range(repeats):
+            for size in ("small", "large"):
+                log(f"pipeline overhead: {size} ({n if size == 'small' else 3 * n} images), "
+                    f"round {r + 1} of {repeats} ...")
+                times.setdefault(("bare", size), []).append(
+                    bare_loop(work / size, work / f"bare-{size}{r}", quality, threads))
+                times.setdefault(("pipeline", size), []).append(
+                    pipeline(work / size, work / f"out-{size}{r}", quality, shard_size))
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+        torch.set_num_threads(saved_threads)
+        shutil.rmtree(work, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    sides = ("bare", "pipeline")
+    rate = {side: 3 * n / best[(side, "large")] for side in sides}
+    marginal = {side: 2 * n / (best[(side, "large")] - best[(side, "small")]) for side in sides}
+    fixed = {side: best[(side, "small")] - n / marginal[side] for side in sides}
+    return {
+        "images": n, "repeats": repeats, "shard_size": shard_size, "origin": origin,
+        "threads": threads, "ray_start_s": ray_start if started else None,
+        "seconds": {f"{side}_{size}": times[(side, size)] for side in sides
+                    for size in ("small", "large")},
+        "images_per_s": rate, "marginal_images_per_s": marginal, "fixed_cost_s": fixed,
+        "end_to_end_ratio": rate["pipeline"] / rate["bare"],
+        "marginal_ratio": marginal["pipeline"] / marginal["bare"],
+        "target_marginal_ratio": TARGET_RATIO,
+    }
+
+
+def format_report(m: dict) -> str:
+    """The table `main` prints, from `measure`'s dict."""
+    n = m["images"]
+    best = {k: min(v) for k, v in m["seconds"].items()}
+    rate, marginal = m["images_per_s"], m["marginal_images_per_s"]
+    ray_start = "already running" if m["ray_start_s"] is None else f"{m['ray_start_s']:.1f} s"
+    lines = [f"pipeline overhead: JPEGs (<=448x320) from {m['origin']}, amortized, CPU, "
+             f"{m['threads']} torch threads, shard size {m['shard_size']}, best of "
+             f"{m['repeats']}",
+             f"ray.init (not timed): {ray_start}",
+             f"{'':34} {'bare loop':>10} {'pipeline':>10} {'ratio':>6}"]
+    for size in ("small", "large"):
+        count = n if size == "small" else 3 * n
+        b, p = best[f"bare_{size}"], best[f"pipeline_{size}"]
+        lines.append(f"{f'seconds for {count} images':34} {b:>10.2f} {p:>10.2f} {b / p:>6.2f}")
+    lines.append(f"{f'images/s end to end ({3 * n} images)':34} {rate['bare']:>10.2f} "
+                 f"{rate['pipeline']:>10.2f} {m['end_to_end_ratio']:>6.2f}")
+    lines.append(f"{'images/s marginal (steady state)':34} {marginal['bare']:>10.2f} "
+                 f"{marginal['pipeline']:>10.2f} {m['marginal_ratio']:>6.2f}"
+                 f"   (target >= {TARGET_RATIO})")
+    fixed = m["fixed_cost_s"]
+    lines.append(f"fixed cost: pipeline {fixed['pipeline']:.1f} s (actor start-up, model load, "
+                 f"planning, warm-up), bare loop {fixed['bare']:.1f} s")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=48)
@@ -92,51 +177,8 @@ def main() -> int:
     ap.add_argument("--quality", type=int, default=None)
     ap.add_argument("--source", type=Path, default=VAL_DIR)
     args = ap.parse_args()
-
-    import ray
-
-    from pipeline.actors import layout
-
-    work = Path(tempfile.mkdtemp(prefix="sgarc-bench-"))
-    try:
-        n = args.images
-        origin = make_inputs(work / "small", n, args.source)
-        make_inputs(work / "large", 3 * n, args.source)
-        t0 = time.perf_counter()
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray_start = time.perf_counter() - t0
-        threads = layout(ray.cluster_resources()).torch_threads
-        times: dict[tuple[str, str], list[float]] = {}
-        for r in range(args.repeats):
-            for size in ("small", "large"):
-                times.setdefault(("bare", size), []).append(
-                    bare_loop(work / size, work / f"bare-{size}{r}", args.quality, threads))
-                times.setdefault(("pipeline", size), []).append(
-                    pipeline(work / size, work / f"out-{size}{r}", args.quality,
-                             args.shard_size))
-        ray.shutdown()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    best = {k: min(v) for k, v in times.items()}
-    rate = {side: 3 * n / best[(side, "large")] for side in ("bare", "pipeline")}
-    marginal = {side: 2 * n / (best[(side, "large")] - best[(side, "small")])
-                for side in ("bare", "pipeline")}
-    print(f"pipeline overhead: JPEGs (<=448x320) from {origin}, amortized, CPU, {threads} "
-          f"torch threads, shard size {args.shard_size}, best of {args.repeats}")
-    print(f"ray.init (not timed): {ray_start:.1f} s")
-    print(f"{'':34} {'bare loop':>10} {'pipeline':>10} {'ratio':>6}")
-    for side in ("small", "large"):
-        count = n if side == "small" else 3 * n
-        b, p = best[("bare", side)], best[("pipeline", side)]
-        print(f"{f'seconds for {count} images':34} {b:>10.2f} {p:>10.2f} {b / p:>6.2f}")
-    print(f"{f'images/s end to end ({3 * n} images)':34} {rate['bare']:>10.2f} "
-          f"{rate['pipeline']:>10.2f} {rate['pipeline'] / rate['bare']:>6.2f}")
-    print(f"{'images/s marginal (steady state)':34} {marginal['bare']:>10.2f} "
-          f"{marginal['pipeline']:>10.2f} {marginal['pipeline'] / marginal['bare']:>6.2f}"
-          "   (target >= 0.85)")
-    fixed = {side: best[(side, "small")] - n / marginal[side] for side in ("bare", "pipeline")}
-    print(f"fixed cost: pipeline {fixed['pipeline']:.1f} s (actor start-up, model load, "
-          f"planning, warm-up), bare loop {fixed['bare']:.1f} s")
+    m = measure(args.images, args.repeats, args.shard_size, args.quality, args.source)
+    print(format_report(m))
     return 0
 
 

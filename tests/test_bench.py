@@ -1,0 +1,65 @@
+"""The benchmark suite (`python -m bench`) runs end to end and writes well-formed JSON.
+
+Its quickest mode on the tiny untrained model, one thread. Only the shape of the results
+is checked, never a timing target. The pipeline section is left out: it starts Ray actor
+processes for four pipeline runs (about 40 s on a busy 2-core CPU even at 2 images) and
+loads shipped models only; `bench/pipeline_overhead.py` is what it reports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import bench.__main__ as suite
+from tests.conftest import TINY_ID
+
+CODEC_ROWS = {"decode_cpu_ms", "decode_cpu_entropy_share", "encode_cpu_ms", "sga_iteration_ms",
+              "sga_images_per_hour"}
+
+
+def test_quick_suite_writes_summary_and_json(tiny_registry, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert suite.main(["--quick", "--device", "cpu", "--skip", "pipeline", "--threads", "1",
+                       "--registry", str(tiny_registry), "--model", TINY_ID,
+                       "--json", str(out)]) == 0
+
+    report = json.loads(out.read_text())
+    assert report["sections"] == ["decode", "encode", "sga"]
+    assert report["model"]["id"] == TINY_ID
+    assert report["machine"]["logical_cpus"] >= 1
+    assert report["pipeline_overhead"] is None
+    assert set(report["codec_speed"]) == {"cpu"}
+    assert report["targets"]["sga_iterations"] == 2000
+
+    rows = {r["key"]: r for r in report["summary"]}
+    assert set(rows) == CODEC_ROWS
+    for r in rows.values():
+        assert math.isfinite(r["measured"]) and r["measured"] > 0, r
+        assert r["target"] or r["met"] is None
+    for key in CODEC_ROWS - {"decode_cpu_entropy_share"}:
+        assert rows[key]["floor"] > 0 and rows[key]["ratio"] > 0, rows[key]
+    assert rows["sga_images_per_hour"]["met"] is None  # the target is per H100, not a CPU
+    per_image_s = 3600 / rows["sga_images_per_hour"]["measured"]
+    assert per_image_s > 2000 * rows["sga_iteration_ms"]["measured"] / 1e3
+
+    cpu = report["codec_speed"]["cpu"]
+    assert cpu["peak_gflops"]["fp32"] > 0 and cpu["peak_gflops"]["fp64"] > 0
+    keyed = {r["key"]: r for r in cpu["rows"] if r["key"]}
+    assert set(keyed) == {"encode", "decode", "decode_entropy", "sga_iteration"}
+
+    table = capsys.readouterr().out
+    for r in rows.values():
+        assert r["name"] in table
+
+
+@pytest.mark.parametrize("argv", [
+    ["--only", "decode", "--skip", "decode"],  # nothing left to run
+    ["--only", "decdoe"],  # unknown section
+    ["--only", "pipeline", "--registry", "elsewhere/registry.json"],  # pipeline: shipped models
+])
+def test_bad_section_choices_are_refused(argv):
+    with pytest.raises(SystemExit):
+        suite.parse_args(argv)
