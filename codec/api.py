@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codec import coding
+from codec import coding, tiling
 from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
 from codec.errors import BitstreamError, ImageError, ModelError
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
@@ -147,11 +147,10 @@ def decode_latents(bs: Bitstream, lm: LoadedModel
 
 def _synthesize(lm: LoadedModel, y_hat: np.ndarray | torch.Tensor, height: int, width: int,
                 device: torch.device) -> np.ndarray:
+    """8-bit pixels (height, width, 3) of g_s(y_hat); large images over tiles (codec.tiling),
+    so memory stays bounded and no full-size float image is made."""
     y = torch.as_tensor(y_hat, dtype=torch.float32, device=device)[None]
-    with torch.inference_mode():
-        x = lm.on(device).g_s(y)[0, :, :height, :width]
-        x = torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-    return x.permute(1, 2, 0).cpu().numpy()
+    return tiling.synthesize_pixels(lm.on(device).g_s, y, height, width)[0]
 
 
 def _load_for(model_id: str, registry) -> LoadedModel:

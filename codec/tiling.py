@@ -1,0 +1,294 @@
+"""Tiled g_a / g_s: large images in bounded memory, with the same result as the whole image.
+
+Why. A whole-image pass keeps a few full-size activations alive at once: for a 24 MP photo
+the last hidden layers of g_s hold 3000x2000xN floats (1.5 GiB per tensor at N=64), and a
+CPU decode peaked at 6.6 GiB. Running the transform over tiles bounds the peak to one
+tile's activations plus the output, and keeps the working set nearer the caches.
+
+How. The image is cut into a grid of cores; each core is run with a margin (halo) of
+context on every side, and only the core of the output is kept. The halo comes from the
+receptive field of the layers (`halo_blocks`): an output core depends on input only within
+the halo, so a tile computes exactly the values the whole image would. At the image border
+the window is clipped rather than padded, so a border tile sees the same implicit zero
+padding as the whole image. Tiles start on the transform's stride grid (multiples of 16
+pixels for g_a), so every tile's convolutions sample the same positions as the whole image.
+
+    g_s: 4 transposed convs 5x5/2, padding 2, output padding 1; IGDN is per pixel.
+         Output o of one layer reads inputs i with 2i - 2 + j = o, j in 0..4, i.e.
+         i in [ceil((o - 2) / 2), floor((o + 2) / 2)]. Pixels [16a, 16b) of x_hat thus read
+         layer-3 outputs [8a - 1, 8b], layer-2 [4a - 1, 4b + 1], layer-1 [2a - 1, 2b + 1]
+         and latents [a - 1, b + 1]: 1 latent before the core, 2 after its last one (b - 1),
+         so a halo of 2 latents (32 output pixels).
+    g_a: 4 convs 5x5/2, padding 2; GDN is per pixel. Output o reads inputs [2o - 2, 2o + 2],
+         so latents [a, b) read pixels [16a - 30, 16b + 14]: 30 pixels of halo, rounded up to
+         32 to stay on the 16-pixel stride grid.
+
+Exactness. Tiled and whole-image results are the same real numbers; in floating point they
+can differ only where a convolution kernel sums in a different order for a different tile
+shape (oneDNN / cuDNN pick algorithms by shape). On the CPU the tests find them equal to
+float rounding (and 8-bit pixels equal or within one level); the bitstream never depends on
+g_s (coding parameters come from the exact integer hyper-synthesis, codec.frozen).
+
+`masked_sse_tiled` is the differentiable version for SGA: each tile runs under activation
+checkpointing, so backward keeps only the tile inputs and recomputes one tile at a time.
+
+No Ray, no storage: plain torch over tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from codec.gdn import GDN
+from codec.model import Y_STRIDE, MeanScaleHyperprior
+
+# Images with more pixels than this (height x width x batch of the padded input or output)
+# are tiled. Below it the whole image runs at once, exactly as before tiling existed.
+MIN_TILED_PIXELS = 4_000_000
+SYNTHESIS_TILE = 64  # latents per core edge: 1024x1024 output pixels (1 MP) per tile
+ANALYSIS_TILE = 1024  # pixels per core edge (a multiple of 64): 1 MP of input per tile
+
+_POINTWISE = (GDN, nn.ReLU, nn.Identity)
+
+
+# ------------------------------------------------------------------------ receptive field
+
+
+def _square(v: int | tuple[int, ...]) -> int:
+    """The one value of a square kernel / stride / padding (tiling assumes both axes alike)."""
+    if isinstance(v, int):
+        return v
+    if len(set(v)) != 1:
+        raise ValueError(f"tiling needs square kernels, strides and padding, not {v}")
+    return v[0]
+
+
+def strides(layers: nn.Sequential) -> tuple[int, int]:
+    """(down, up): input block and output block of the transform (g_a: 16, 1; g_s: 1, 16)."""
+    down = up = 1
+    for layer in layers:
+        if isinstance(layer, nn.ConvTranspose2d):
+            up *= _square(layer.stride)
+        elif isinstance(layer, nn.Conv2d):
+            down *= _square(layer.stride)
+    return down, up
+
+
+def input_span(layers: nn.Sequential, lo: int, hi: int) -> tuple[int, int]:
+    """Input positions [lo', hi'] (inclusive, one axis) that outputs [lo, hi] depend on."""
+    for layer in reversed(list(layers)):
+        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
+            k, s = _square(layer.kernel_size), _square(layer.stride)
+            p, d = _square(layer.padding), _square(layer.dilation)
+            if isinstance(layer, nn.ConvTranspose2d):  # out[i*s - p + j*d] += w[j] in[i]
+                lo, hi = math.ceil((lo + p - d * (k - 1)) / s), math.floor((hi + p) / s)
+            else:  # out[o] = sum_j w[j] in[o*s - p + j*d]
+                lo, hi = lo * s - p, hi * s - p + d * (k - 1)
+        elif not isinstance(layer, _POINTWISE):
+            raise TypeError(f"unknown receptive field of {type(layer).__name__}; "
+                            "add it to codec.tiling before tiling this transform")
+    return lo, hi
+
+
+def halo_blocks(layers: nn.Sequential) -> int:
+    """Halo in input blocks so that every output block of a core is exact (g_s: 2, g_a: 2).
+
+    The transform is shift-equivariant by whole blocks, so one block far from the border
+    says it all: the halo is how far its input span reaches past the block's own input.
+    """
+    down, up = strides(layers)
+    at = 1000  # any block index away from the border
+    lo, hi = input_span(layers, at * up, at * up + up - 1)
+    reach = max(at * down - lo, hi - (at * down + down - 1), 0)
+    return -(-reach // down)
+
+
+# ---------------------------------------------------------------------------------- tiles
+
+
+def _spans(n: int, tile: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
+    """(core start, core end, window start, window end) along one axis, in blocks."""
+    for a in range(0, n, tile):
+        b = min(a + tile, n)
+        yield a, b, max(a - halo, 0), min(b + halo, n)
+
+
+Writer = Callable[[torch.Tensor, slice, slice], None]
+
+
+def _for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
+               halo: int, down: int, up: int, write: Writer) -> None:
+    """Run fn on overlapping windows of x (tile and halo in blocks of `down` input pixels)
+    and hand each output core, with its place in the whole output, to `write`."""
+    if tile < 1 or halo < 0:
+        raise ValueError(f"tile must be >= 1 and halo >= 0 (got {tile}, {halo})")
+    H, W = x.shape[-2:]
+    for r0, r1, wr0, wr1 in _spans(-(-H // down), tile, halo):
+        for c0, c1, wc0, wc1 in _spans(-(-W // down), tile, halo):
+            part = fn(x[..., wr0 * down:min(wr1 * down, H), wc0 * down:min(wc1 * down, W)])
+            core = part[..., (r0 - wr0) * up:(r1 - wr0) * up, (c0 - wc0) * up:(c1 - wc0) * up]
+            write(core, slice(r0 * up, r0 * up + core.shape[-2]),
+                  slice(c0 * up, c0 * up + core.shape[-1]))
+
+
+def _into(out: list[torch.Tensor], shape: tuple[int, ...]) -> Writer:
+    """A writer into a float output allocated at the first tile (its channels are known then)."""
+    def write(core: torch.Tensor, rows: slice, cols: slice) -> None:
+        if not out:
+            out.append(core.new_empty((*core.shape[:2], *shape)))
+        out[0][..., rows, cols] = core
+    return write
+
+
+@torch.no_grad()
+def synthesize_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, tile: int | None = None,
+                     halo: int | None = None) -> torch.Tensor:
+    """g_s(y_hat) over tiles of `tile` latents (None: SYNTHESIS_TILE) with `halo` latents of
+    context (None: from the receptive field, 2 for g_s); peak memory is one tile's
+    activations plus x_hat."""
+    down, up = strides(g_s)
+    tile = SYNTHESIS_TILE if tile is None else tile
+    halo = halo_blocks(g_s) if halo is None else halo
+    H, W = y_hat.shape[-2:]
+    out: list[torch.Tensor] = []
+    _for_tiles(g_s, y_hat, tile, halo, down, up, _into(out, (-(-H // down) * up,
+                                                              -(-W // down) * up)))
+    return out[0]
+
+
+@torch.no_grad()
+def analyze_tiled(g_a: nn.Sequential, x: torch.Tensor, tile: int | None = None,
+                  halo: int | None = None) -> torch.Tensor:
+    """g_a(x) over tiles of `tile` pixels (None: ANALYSIS_TILE) with `halo` pixels of context
+    (None: from the receptive field, 32 for g_a). Both must be multiples of the stride (16)
+    so that every tile's convolutions sample the same grid as the whole image."""
+    down, up = strides(g_a)
+    tile = ANALYSIS_TILE if tile is None else tile
+    halo = down * halo_blocks(g_a) if halo is None else halo
+    if tile % down or halo % down:
+        raise ValueError(f"tile and halo must be multiples of {down} pixels "
+                         f"(got {tile}, {halo})")
+    H, W = x.shape[-2:]
+    out: list[torch.Tensor] = []
+    _for_tiles(g_a, x, tile // down, halo // down, down, up,
+               _into(out, (-(-H // down) * up, -(-W // down) * up)))
+    return out[0]
+
+
+def _to_uint8(x_hat: torch.Tensor) -> torch.Tensor:
+    return torch.round(x_hat.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+@torch.inference_mode()
+def synthesize_pixels(g_s: nn.Sequential, y_hat: torch.Tensor, height: int, width: int,
+                      tile: int | None = None, halo: int | None = None) -> np.ndarray:
+    """8-bit pixels (B, height, width, 3) of g_s(y_hat), cropped: what a decoder returns.
+
+    Each tile is rounded to uint8 and copied to the (CPU) output as soon as it is done, so
+    no full-size float image ever exists. tile None: tiled when the image is larger than
+    MIN_TILED_PIXELS, else one pass over the whole image.
+    """
+    B = y_hat.shape[0]
+    out = np.empty((B, height, width, 3), np.uint8)
+    if tile is None:
+        tile = SYNTHESIS_TILE if is_large(B * height * width) else max(*y_hat.shape[-2:], 1)
+
+    def write(core: torch.Tensor, rows: slice, cols: slice) -> None:
+        rows = slice(rows.start, min(rows.stop, height))
+        cols = slice(cols.start, min(cols.stop, width))
+        if rows.start < rows.stop and cols.start < cols.stop:
+            part = core[..., :rows.stop - rows.start, :cols.stop - cols.start]
+            out[:, rows, cols] = _to_uint8(part).permute(0, 2, 3, 1).cpu().numpy()
+
+    down, up = strides(g_s)
+    _for_tiles(g_s, y_hat, tile, halo_blocks(g_s) if halo is None else halo, down, up, write)
+    return out
+
+
+# ---------------------------------------------------------------- differentiable distortion
+
+
+def _tile_sse(g_s: nn.Sequential, y_window: torch.Tensor, x: torch.Tensor,
+              mask: torch.Tensor, r: int, c: int, clamp: bool) -> torch.Tensor:
+    """Masked SSE per image of one tile: g_s over the window, the core at (r, c) kept."""
+    x_hat = g_s(y_window)[..., r:r + x.shape[-2], c:c + x.shape[-1]]
+    if clamp:
+        x_hat = x_hat.clamp(0.0, 1.0)
+    return (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3))
+
+
+def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor,
+                     mask: torch.Tensor, tile: int | None = None, halo: int | None = None,
+                     clamp: bool = False) -> torch.Tensor:
+    """Per-image sum over pixels of (g_s(y_hat) - x)^2 * mask, shape (B,), differentiable
+    w.r.t. y_hat (and g_s's parameters) in bounded memory.
+
+    Each tile runs under torch.utils.checkpoint (non-reentrant): forward keeps only the
+    tile's inputs (views of y_hat, x, mask), backward recomputes one tile's activations at a
+    time. Value and gradient equal the untiled computation up to float rounding, because
+    each core is exact (module docstring) and every output pixel lies in exactly one core.
+    x and mask are (B, 3 | 1, 16h, 16w) for y_hat (B, M, h, w). clamp: x_hat clamped to
+    [0, 1] first, as the true (hard) RD loss does. tile None: SYNTHESIS_TILE latents.
+    """
+    _, up = strides(g_s)
+    tile = SYNTHESIS_TILE if tile is None else tile
+    halo = halo_blocks(g_s) if halo is None else halo
+    H, W = y_hat.shape[-2:]
+    if x.shape[-2:] != (H * up, W * up) or mask.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must be "
+                         f"{up}x the size of y_hat {tuple(y_hat.shape)}")
+    grad = torch.is_grad_enabled() and (y_hat.requires_grad
+                                        or any(p.requires_grad for p in g_s.parameters()))
+    total = y_hat.new_zeros(y_hat.shape[0])
+    for r0, r1, wr0, wr1 in _spans(H, tile, halo):
+        for c0, c1, wc0, wc1 in _spans(W, tile, halo):
+            rows, cols = slice(r0 * up, r1 * up), slice(c0 * up, c1 * up)
+            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x[..., rows, cols],
+                    mask[..., rows, cols], (r0 - wr0) * up, (c0 - wc0) * up, clamp)
+            if grad:  # g_s draws no random numbers: no RNG state to keep for the recompute
+                sse = checkpoint(_tile_sse, *args, use_reentrant=False,
+                                 preserve_rng_state=False)
+            else:
+                sse = _tile_sse(*args)
+            total = total + sse
+    return total
+
+
+# ---------------------------------------------------- whole image or tiles, by image size
+
+
+def is_large(pixels: int) -> bool:
+    """Whether an image (or batch) of this many pixels is worth tiling."""
+    return pixels > MIN_TILED_PIXELS
+
+
+def analysis(model: MeanScaleHyperprior, x: torch.Tensor) -> torch.Tensor:
+    """y = g_a(x): tiled for large inputs (then without gradients), else one pass."""
+    if is_large(x.shape[0] * x.shape[-2] * x.shape[-1]):
+        return analyze_tiled(model.g_a, x)
+    return model.g_a(x)
+
+
+def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
+    """x_hat = g_s(y_hat): tiled for large outputs (then without gradients), else one pass."""
+    if is_large(y_hat.shape[0] * y_hat.shape[-2] * y_hat.shape[-1] * Y_STRIDE**2):
+        return synthesize_tiled(model.g_s, y_hat)
+    return model.g_s(y_hat)
+
+
+def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+               clamp: bool = False) -> torch.Tensor:
+    """Per-image masked SSE of g_s(y_hat) against x: tiled with checkpointing for large
+    images (bounded memory, one extra g_s forward in backward), else one pass."""
+    if is_large(x.shape[0] * x.shape[-2] * x.shape[-1]):
+        return masked_sse_tiled(g_s, y_hat, x, mask, clamp=clamp)
+    x_hat = g_s(y_hat)
+    if clamp:
+        x_hat = x_hat.clamp(0.0, 1.0)
+    return (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3))
