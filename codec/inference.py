@@ -29,8 +29,11 @@ from dataclasses import dataclass, field
 import torch
 
 from codec.model import MeanScaleHyperprior
+from codec.tiling import analysis, masked_sse
 
 METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-annealing")
+SCHEDULES = ("paper", "scaled")
+PAPER_ITERATIONS = 2000  # the budget the paper's t0 and c were chosen for
 _DEFAULT_LR = {"ste": 1e-4}  # paper S3: STE needed a tiny learning rate
 
 
@@ -44,19 +47,37 @@ class InferenceConfig:
     t0: int = 700
     eval_every: int = 1  # how often the true (hard-rounded) loss is evaluated
     seed: int = 0
+    # "paper": tau(t) as above, t0 and c fixed whatever the budget. "scaled": the same curve
+    # stretched onto `iterations` (t0 * T / 2000, c * 2000 / T), so a short run still anneals
+    # down to hard rounding; identical to "paper" at T = 2000 (docs/performance.md).
+    schedule: str = "paper"
+    # Per-image early stopping: an image whose best true RD loss improved by less than
+    # `min_improvement` (relative) over the last `patience` iterations stops; 0 = off.
+    patience: int = 0
+    min_improvement: float = 1e-4
+    snapshots: tuple[int, ...] = ()  # iterations at which to keep the best latents so far
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.iterations < 0 or self.eval_every < 1:
             raise ValueError("iterations must be >= 0 and eval_every >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        if self.patience < 0 or self.min_improvement < 0:
+            raise ValueError("patience and min_improvement must be >= 0")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else _DEFAULT_LR.get(self.method, 5e-3)
 
     def tau(self, t: int) -> float:
-        return min(self.tau0, self.tau0 * math.exp(-self.c * (t - self.t0)))
+        t0, c = self.t0, self.c
+        if self.schedule == "scaled" and self.iterations:
+            stretch = self.iterations / PAPER_ITERATIONS
+            t0, c = t0 * stretch, c / stretch
+        return min(self.tau0, self.tau0 * math.exp(-c * (t - t0)))
 
 
 @dataclass
@@ -67,6 +88,10 @@ class Latents:
     start_loss: torch.Tensor  # (B,) true RD loss of the amortized start
     start_terms: dict[str, torch.Tensor]  # amortized bpp (estimated) and mse, per image
     history: list[dict] = field(default_factory=list)  # per evaluation: t, true, relaxed
+    iterations: list[int] = field(default_factory=list)  # per image, fewer if stopped early
+    # per requested snapshot iteration: (k, z_hat, loss) of the best latents up to then
+    snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict)
 
 
 def pixel_mask(shape: tuple[int, ...], sizes: list[tuple[int, int]], device) -> torch.Tensor:
@@ -85,10 +110,7 @@ def rd_terms(model: MeanScaleHyperprior, x: torch.Tensor, mask: torch.Tensor,
     y_lik, z_lik = model.likelihoods(y_hat, z_hat, mu, sigma)
     pixels = mask.sum(dim=(1, 2, 3))
     bits = -torch.log2(y_lik).sum(dim=(1, 2, 3)) - torch.log2(z_lik).sum(dim=(1, 2, 3))
-    x_hat = model.g_s(y_hat)
-    if clamp:
-        x_hat = x_hat.clamp(0.0, 1.0)
-    mse = (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3)) / (3.0 * pixels)
+    mse = masked_sse(model.g_s, y_hat, x, mask, clamp) / (3.0 * pixels)  # tiled if large
     bpp = bits / pixels
     return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse, "bits": bits}
 
@@ -156,13 +178,16 @@ def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, in
     """Integer latents for a batch x (B, 3, Hp, Wp) in [0, 1] of one padded size."""
     mask = pixel_mask(x.shape, sizes, x.device)
     with torch.no_grad():
-        y0 = model.g_a(x)
+        y0 = analysis(model, x)  # tiled for large images (codec.tiling)
         z0 = model.h_a(y0)
     k, z_hat, start = _hard(model, x, mask, y0, z0, lmbda)
     best = Latents(k, z_hat, start["loss"].clone(), start["loss"].clone(),
                    {"bpp": start["bpp"], "mse": start["mse"]})
     best.history.append({"t": 0, "true": start["loss"].tolist(), "relaxed": None})
+    best.iterations = [0] * x.shape[0]
     if cfg.method == "amortized" or cfg.iterations == 0:
+        for t in cfg.snapshots:
+            _snapshot(best, t)
         return _as_int(best)
 
     gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
@@ -181,6 +206,17 @@ def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, in
 
 
 def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
+    """Adam steps on the relaxed loss; keep the best hard-rounded latents per image.
+
+    With early stopping, images that stop are dropped from the batch (and from Adam's
+    state), so the remaining ones run at the cost of a smaller batch.
+    """
+    B = x.shape[0]
+    active = torch.arange(B, device=x.device)  # batch rows still being refined
+    reference = best.loss.clone()  # best loss at the last significant improvement
+    improved_at = torch.zeros(B, dtype=torch.long, device=x.device)
+    snapshots = set(cfg.snapshots)
+    t = 0
     for t in range(1, cfg.iterations + 1):
         tau = cfg.tau(t)
         z_t = _relax(cfg.method, z, tau, gen)
@@ -190,20 +226,61 @@ def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
         opt.zero_grad(set_to_none=True)
         relaxed.sum().backward()
         opt.step()
-        if t % cfg.eval_every == 0 or t == cfg.iterations:
-            k, z_hat, hard = _hard(model, x, mask, y.detach(), z.detach(), lmbda)
-            better = hard["loss"] < best.loss
-            if better.any():
-                best.k[better] = k[better]
-                best.z_hat[better] = z_hat[better]
-                best.loss[better] = hard["loss"][better]
-            best.history.append({"t": t, "true": hard["loss"].tolist(),
-                                 "relaxed": relaxed.detach().tolist()})
         if progress is not None:
             progress(1)
+        if t % cfg.eval_every == 0 or t == cfg.iterations:
+            k, z_hat, hard = _hard(model, x, mask, y.detach(), z.detach(), lmbda)
+            better = hard["loss"] < best.loss[active]
+            rows = active[better]
+            best.k[rows], best.z_hat[rows], best.loss[rows] = (
+                k[better], z_hat[better], hard["loss"][better])
+            true = torch.full((B,), math.nan, device=x.device)
+            true[active] = hard["loss"]
+            relaxed_all = torch.full((B,), math.nan, device=x.device)
+            relaxed_all[active] = relaxed.detach()
+            best.history.append({"t": t, "true": true.tolist(), "relaxed": relaxed_all.tolist()})
+            if cfg.patience:
+                significant = best.loss < reference * (1.0 - cfg.min_improvement)
+                reference[significant] = best.loss[significant]
+                improved_at[significant] = t
+                stop = t - improved_at[active] >= cfg.patience
+                for i in active[stop].tolist():
+                    best.iterations[i] = t
+                if stop.all():
+                    if t in snapshots:
+                        _snapshot(best, t)
+                    break
+                if stop.any():
+                    active, x, mask, y, z, opt = _drop(~stop, active, x, mask, y, z, opt)
+        if t in snapshots:
+            _snapshot(best, t)
+    for i in active.tolist():
+        best.iterations[i] = t
+    for s in snapshots:  # budgets past the last iteration run get the final result
+        if s > t:
+            _snapshot(best, s)
+    if progress is not None and t < cfg.iterations:
+        progress(cfg.iterations - t)  # stopped early: the bar still ends full
+
+
+def _snapshot(best: Latents, t: int) -> None:
+    best.snapshots[t] = (best.k.clone(), best.z_hat.clone(), best.loss.clone())
+
+
+def _drop(keep, active, x, mask, y, z, opt):
+    """The batch without the rows that stopped; Adam's moments carried over for the rest."""
+    y_new = y.detach()[keep].clone().requires_grad_(True)
+    z_new = z.detach()[keep].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([y_new, z_new], lr=opt.param_groups[0]["lr"])
+    for old, new in ((y, y_new), (z, z_new)):
+        new_opt.state[new] = {name: v[keep].clone() if v.dim() > 0 else v.clone()
+                              for name, v in opt.state[old].items()}
+    return active[keep], x[keep], mask[keep], y_new, z_new, new_opt
 
 
 def _as_int(lat: Latents) -> Latents:
     lat.k = lat.k.to(torch.int64)
     lat.z_hat = lat.z_hat.to(torch.int64)
+    lat.snapshots = {t: (k.to(torch.int64), z.to(torch.int64), loss)
+                     for t, (k, z, loss) in lat.snapshots.items()}
     return lat

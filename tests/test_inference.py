@@ -81,3 +81,50 @@ def test_batched_inference_equals_one_by_one(tiny):
     both = infer(tiny.model, x, [(64, 128)] * 2, tiny.entry.lmbda, cfg)
     one = infer(tiny.model, x[1:], [(64, 128)], tiny.entry.lmbda, cfg)
     assert torch.equal(both.k[1], one.k[0]) and torch.equal(both.z_hat[1], one.z_hat[0])
+
+
+def test_scaled_schedule_stretches_the_paper_curve_onto_the_budget():
+    paper = InferenceConfig()
+    assert InferenceConfig(schedule="scaled").tau(1234) == paper.tau(1234)  # T = 2000
+    short = InferenceConfig(schedule="scaled", iterations=500)
+    assert short.tau(175) == pytest.approx(paper.tau(700))
+    assert short.tau(500) == pytest.approx(paper.tau(2000))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        InferenceConfig(schedule="linear")
+
+
+def _photos(B=2):
+    skimage = pytest.importorskip("skimage")
+    photo = skimage.data.astronaut()
+    crops = [photo[100:164, 150:278], photo[300:364, 300:428]][:B]
+    return torch.stack([torch.from_numpy(c) for c in crops]).permute(0, 3, 1, 2).float() / 255
+
+
+def test_snapshots_equal_shorter_runs():
+    shipped = load()
+    x = _photos(1)
+    cfg = InferenceConfig(method="sga", iterations=12, snapshots=(5, 12, 30))
+    lat = infer(shipped.model, x, [(64, 128)], shipped.entry.lmbda, cfg)
+    short = infer(shipped.model, x, [(64, 128)], shipped.entry.lmbda,
+                  InferenceConfig(method="sga", iterations=5))
+    k, z_hat, loss = lat.snapshots[5]
+    assert torch.equal(k, short.k) and torch.equal(z_hat, short.z_hat)
+    assert torch.equal(loss, short.loss) and k.dtype == torch.int64
+    assert torch.equal(lat.snapshots[12][0], lat.k) and torch.equal(lat.snapshots[30][0], lat.k)
+
+
+def test_early_stopping_drops_finished_images_and_keeps_the_others_exact():
+    shipped = load()
+    x = _photos(2)
+    lmbda, sizes = shipped.entry.lmbda, [(64, 128)] * 2
+    # deterministic-annealing has no noise, so a row's trajectory does not depend on which
+    # other rows are still in the batch: dropping one must not change the other.
+    cfg = InferenceConfig(method="deterministic-annealing", iterations=60, patience=8,
+                          min_improvement=3e-3)
+    lat = infer(shipped.model, x, sizes, lmbda, cfg)
+    assert lat.iterations[0] < lat.iterations[1] <= 60  # measured: 26 and 45
+    assert (lat.loss <= lat.start_loss).all()
+    alone = infer(shipped.model, x[1:], sizes[1:], lmbda, cfg)
+    assert alone.iterations == lat.iterations[1:]
+    assert torch.allclose(alone.loss, lat.loss[1:], rtol=1e-5)
+    assert torch.isnan(torch.tensor(lat.history[-1]["true"][0]))  # no longer evaluated
