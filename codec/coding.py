@@ -138,7 +138,9 @@ def _y_layout(tables: CodingTables):
 
 def _y_order(index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     flat = index.ravel()
-    order = np.argsort(flat, kind="stable")
+    # Scale indices are < NUM_SCALES (128) and a stable order is unique, so 16-bit keys give
+    # the same order, and numpy radix-sorts them ~10x faster than it merge-sorts int64.
+    order = np.argsort(flat.astype(np.uint16), kind="stable")
     counts = np.bincount(flat, minlength=0)
     return order, [(int(t), int(n)) for t, n in enumerate(counts) if n]
 
