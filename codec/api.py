@@ -18,7 +18,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -216,14 +216,36 @@ class Codec:
                     results[i] = r
         return results  # type: ignore[return-value]
 
-    def _encode_same_size(self, images: list[PreparedImage], config: InferenceConfig,
-                          progress) -> list[EncodeResult]:
+    def encode_snapshots(self, image: PreparedImage, config: InferenceConfig,
+                         progress: Callable[[int], None] | None = None
+                         ) -> dict[int, EncodeResult]:
+        """One iterative run, coded as it stood at each of `config.snapshots` iterations.
+
+        Under the paper's schedule, which does not depend on the budget, the stream at t is
+        the one a separate t-iteration run gives, for the price of the longest run only
+        (sgarc eval's 100 / 500 / 2000 iterations). Seconds are prorated by iterations.
+        """
+        lat, elapsed = self._infer([image], config, progress)
+        out = {}
+        for t, (k, z_hat, loss) in sorted(lat.snapshots.items()):
+            at_t = replace(lat, k=k, z_hat=z_hat, loss=loss,
+                           iterations=[min(t, lat.iterations[0])])
+            out[t] = self._code_one(image, at_t, 0, config,
+                                    elapsed * min(t, config.iterations) / max(config.iterations, 1))
+        return out
+
+    def _infer(self, images: list[PreparedImage], config: InferenceConfig, progress):
+        """Latents of images of one padded size, and the inference seconds per image."""
         t0 = time.perf_counter()
         x = torch.from_numpy(np.stack([pad_to_multiple(im.rgb, DOWNSAMPLE) for im in images]))
         x = x.permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
         sizes = [(im.info.height, im.info.width) for im in images]
         lat = infer(self.model, x, sizes, self.lm.entry.lmbda, config, progress)
-        elapsed = (time.perf_counter() - t0) / len(images)
+        return lat, (time.perf_counter() - t0) / len(images)
+
+    def _encode_same_size(self, images: list[PreparedImage], config: InferenceConfig,
+                          progress) -> list[EncodeResult]:
+        lat, elapsed = self._infer(images, config, progress)
         return [self._code_one(im, lat, i, config, elapsed) for i, im in enumerate(images)]
 
     def _code_one(self, im: PreparedImage, lat, i: int, config: InferenceConfig,
@@ -251,7 +273,7 @@ class Codec:
         return EncodeResult(
             data=data, width=info.width, height=info.height, model_id=lm.entry.id,
             lmbda=lm.entry.lmbda, method=config.method,
-            iterations=0 if config.method == "amortized" else config.iterations,
+            iterations=lat.iterations[i],  # fewer than configured if it stopped early
             bits=len(data) * 8, payload_bits=8 * (len(sections["ZLAT"]) + len(sections["YLAT"])),
             estimated_bits=self._estimated_bits(z_hat, k),
             bpp=bpp(len(data), info.width, info.height),

@@ -80,6 +80,9 @@ class InferenceConfig:
         return min(self.tau0, self.tau0 * math.exp(-c * (t - t0)))
 
 
+DEFAULTS = InferenceConfig()  # what the CLI, job specs and the pipeline default to
+
+
 @dataclass
 class Latents:
     k: torch.Tensor  # int64 (B, M, H, W): y_hat - mu

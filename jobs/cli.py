@@ -15,7 +15,7 @@ from jobs.options import parse_storage_options
 def _inference_config(args):
     from codec.inference import InferenceConfig
     return InferenceConfig(method=args.method, iterations=args.iterations, lr=args.lr,
-                           seed=args.seed)
+                           seed=args.seed, schedule=args.schedule, patience=args.patience)
 
 
 def _progress_bar(total: int, desc: str):
@@ -119,6 +119,7 @@ def cmd_run(args, mode: str = "encode") -> int:
 
     settings = EncodeSettings(model=args.model or args.quality, method=args.method,
                               iterations=args.iterations, lr=args.lr, seed=args.seed,
+                              schedule=args.schedule, patience=args.patience,
                               alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
                               metadata=args.metadata)
     storage_options = _storage_options(args)
@@ -151,13 +152,21 @@ def _add_codec_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    from codec.inference import METHODS
+    from codec.inference import DEFAULTS, METHODS, SCHEDULES
 
     p.add_argument("--method", "-m", default="sga", choices=METHODS,
                    help="inference method (default: sga; the others are the paper's "
                         "baseline and ablations)")
-    p.add_argument("--iterations", "-n", type=int, default=2000,
-                   help="iterations of iterative inference (default: 2000, the paper's)")
+    p.add_argument("--iterations", "-n", type=int, default=DEFAULTS.iterations,
+                   help=f"iterations of iterative inference (default: {DEFAULTS.iterations}; "
+                        "docs/performance.md says why)")
+    p.add_argument("--schedule", default=DEFAULTS.schedule, choices=SCHEDULES,
+                   help="SGA temperature schedule: paper (t0=700, c=1e-3) or scaled (the "
+                        f"paper's curve stretched onto --iterations; default {DEFAULTS.schedule})")
+    p.add_argument("--patience", type=int, default=DEFAULTS.patience,
+                   help="stop an image early once its true RD loss improved by less than "
+                        f"{DEFAULTS.min_improvement:g} over this many iterations (0 = off; "
+                        f"default {DEFAULTS.patience})")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (default: 5e-3; 1e-4 for ste)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic rounding")

@@ -220,30 +220,44 @@ def measure_baseline(name: str, images: list[EvalImage], settings=None, bar=None
     return {"kind": "classical", "label": label, "parameter": parameter, "points": points}
 
 
-def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict:
-    """One point: every image encoded with `config`, decoded back on the CPU."""
+def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict[int, dict]:
+    """One point per budget: every image encoded with `config`, decoded back on the CPU.
+
+    An iterative config runs once per image up to its largest snapshot (config.snapshots,
+    else config.iterations) and is coded at each snapshot: under the paper's schedule that
+    is what separate runs of each length give (Codec.encode_snapshots).
+    """
+    from dataclasses import replace
+
     from codec.api import decode
     from codec.metrics import psnr
 
     entry = codec.lm.entry
-    rows = []
+    iterative = config.method != "amortized" and config.iterations > 0
+    budgets = sorted(set(config.snapshots) or {config.iterations}) if iterative else [0]
+    config = replace(config, iterations=max(budgets), snapshots=tuple(budgets))
+    rows: dict[int, list[dict]] = {n: [] for n in budgets}
     for im in images:
-        result = codec.encode(im.prepared, config,
-                              progress=bar.update if bar is not None and config.iterations
-                              and config.method != "amortized" else None)
-        decoded = decode(result.data, device="cpu", registry=codec.registry)
-        p = psnr(decoded.rgb, im.rgb)
-        mse = float(np.mean((decoded.rgb.astype(np.float64) - im.rgb) ** 2)) / 255.0**2
-        rows.append({"image": im.name, "bytes": len(result.data), "bpp": result.bpp,
-                     "psnr": p, "seconds": result.seconds,
-                     "rd_loss": result.bpp + entry.lmbda * 255.0**2 * mse,
-                     "estimated_bpp": result.estimated_bits / (im.rgb.shape[0]
-                                                               * im.rgb.shape[1])})
-        if bar is not None and (config.method == "amortized" or not config.iterations):
-            bar.update(1)
-    point = _point(entry.quality, rows, model=entry.id, lmbda=entry.lmbda)
-    point["rd_loss"] = float(np.mean([r["rd_loss"] for r in rows]))
-    return point
+        if iterative:
+            results = codec.encode_snapshots(im.prepared, config, progress=(
+                bar.update if bar is not None else None))
+        else:
+            results = {0: codec.encode(im.prepared, config)}
+            if bar is not None:
+                bar.update(1)
+        for n, result in results.items():
+            decoded = decode(result.data, device="cpu", registry=codec.registry)
+            mse = float(np.mean((decoded.rgb.astype(np.float64) - im.rgb) ** 2)) / 255.0**2
+            rows[n].append({"image": im.name, "bytes": len(result.data), "bpp": result.bpp,
+                            "psnr": psnr(decoded.rgb, im.rgb), "seconds": result.seconds,
+                            "rd_loss": result.bpp + entry.lmbda * 255.0**2 * mse,
+                            "estimated_bpp": result.estimated_bits / (im.rgb.shape[0]
+                                                                      * im.rgb.shape[1])})
+    points = {}
+    for n, r in rows.items():
+        points[n] = _point(entry.quality, r, model=entry.id, lmbda=entry.lmbda)
+        points[n]["rd_loss"] = float(np.mean([row["rd_loss"] for row in r]))
+    return points
 
 
 # ---------------------------------------------------------------------------- comparisons
@@ -440,7 +454,8 @@ def evaluate(args) -> dict:
     pixels = sum(im.rgb.shape[0] * im.rgb.shape[1] for im in images)
 
     work = len(images) * (sum(len(BASELINES[b][2]) for b in baselines)
-                          + len(qualities) * sum(n or 1 for _, n in methods))
+                          + len(qualities) * ((not args.no_amortized) + max(iterations,
+                                                                             default=0)))
     bar = tqdm(total=work, desc="eval", unit="step", dynamic_ncols=True, disable=args.quiet,
                file=sys.stderr, mininterval=2.0)
     curves: dict[str, dict] = {}
@@ -449,15 +464,19 @@ def evaluate(args) -> dict:
     try:
         for q in qualities:
             codec = Codec(q, device=args.device, registry=registry)
-            for method, n in methods:
-                name = "sgarc-amortized" if method == "amortized" else f"sgarc-sga-{n}"
-                label = "sgarc amortized" if method == "amortized" else f"sgarc SGA {n} it"
-                bar.set_description(f"{name} q{q}")
-                cfg = InferenceConfig(method=method, iterations=n, seed=args.seed)
-                curve = curves.setdefault(name, {"kind": "sgarc", "label": label,
-                                                 "method": method, "iterations": n,
-                                                 "parameter": "quality", "points": []})
-                curve["points"].append(measure_sgarc(codec, images, cfg, bar))
+            runs = ([] if args.no_amortized else [InferenceConfig(method="amortized")]) + (
+                [InferenceConfig(iterations=max(iterations), snapshots=tuple(iterations),
+                                 seed=args.seed)] if iterations else [])
+            for cfg in runs:
+                bar.set_description(f"sgarc-{cfg.method} q{q}")
+                for n, point in measure_sgarc(codec, images, cfg, bar).items():
+                    name = "sgarc-amortized" if not n else f"sgarc-sga-{n}"
+                    label = "sgarc amortized" if not n else f"sgarc SGA {n} it"
+                    curve = curves.setdefault(name, {"kind": "sgarc", "label": label,
+                                                     "method": cfg.method if n else "amortized",
+                                                     "iterations": n, "parameter": "quality",
+                                                     "points": []})
+                    curve["points"].append(point)
                 device = str(codec.device)
         for b in baselines:
             bar.set_description(b)
@@ -478,7 +497,8 @@ def evaluate(args) -> dict:
             "registry": str(registry), "methods": [m if not n else f"{m}-{n}"
                                                    for m, n in methods],
             "sga": {"lr": InferenceConfig().learning_rate, "tau0": InferenceConfig().tau0,
-                    "c": InferenceConfig().c, "t0": InferenceConfig().t0, "seed": args.seed},
+                    "c": InferenceConfig().c, "t0": InferenceConfig().t0, "seed": args.seed,
+                    "schedule": "paper; one run per image, coded at each budget"},
             "device": device,
             "baselines": {b: {"label": BASELINES[b][0], "parameter": BASELINES[b][1],
                               "sweep": list(BASELINES[b][2])} for b in baselines},

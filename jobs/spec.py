@@ -9,8 +9,8 @@ key and list the allowed ones):
 
     [job]      name, input (required), output (required), manifest
     [storage]  options: fsspec options; string values may say "${ENV_VAR}"
-    [encode]   quality | model, method, iterations, lr, seed, alpha, depth, metadata,
-               max_pixels
+    [encode]   quality | model, method, iterations, lr, seed, schedule, patience, alpha,
+               depth, metadata, max_pixels
     [run]      shard_size, actors, gpus, address (Ray Jobs API, http://head:8265), device
     [filters]  extensions, include, exclude (glob patterns on keys), min_bytes, max_bytes
     [refine]   enabled, method, iterations, max_images
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from codec.errors import SgarcError
+from codec.inference import DEFAULTS
 from pipeline.storage import IMAGE_EXTENSIONS, ObjectInfo
 
 
@@ -51,9 +52,11 @@ class EncodeSpec:
     quality: int | None = None
     model: str | None = None
     method: str = "sga"
-    iterations: int = 2000
+    iterations: int = DEFAULTS.iterations
     lr: float | None = None
     seed: int = 0
+    schedule: str = DEFAULTS.schedule
+    patience: int = DEFAULTS.patience
     alpha: str = "keep"
     depth: str = "error"
     metadata: str = "keep"
@@ -91,7 +94,7 @@ class RefineSpec:
 
     enabled: bool = False
     method: str = "sga"
-    iterations: int = 2000
+    iterations: int = DEFAULTS.iterations
     max_images: int | None = None  # per run; None: every candidate
 
 
@@ -130,6 +133,7 @@ class JobSpec:
         kwargs = {} if e.max_pixels is None else {"max_pixels": e.max_pixels}
         return EncodeSettings(model=e.model if e.model is not None else e.quality,
                               method=e.method, iterations=e.iterations, lr=e.lr, seed=e.seed,
+                              schedule=e.schedule, patience=e.patience,
                               alpha=e.alpha, depth=e.depth, metadata=e.metadata, **kwargs)
 
     def refine_settings(self):
@@ -295,11 +299,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 def _encode(v: _Validator, t: dict) -> EncodeSpec:
-    from codec.inference import METHODS
+    from codec.inference import METHODS, SCHEDULES
     from codec.metadata import METADATA_POLICIES
 
-    v.keys(t, "encode", ("quality", "model", "method", "iterations", "lr", "seed", "alpha",
-                         "depth", "metadata", "max_pixels"))
+    v.keys(t, "encode", ("quality", "model", "method", "iterations", "lr", "seed", "schedule",
+                         "patience", "alpha", "depth", "metadata", "max_pixels"))
     quality = v.integer(t, "encode", "quality", minimum=0)
     model = v.string(t, "encode", "model")
     if quality is not None and model is not None:
@@ -307,9 +311,12 @@ def _encode(v: _Validator, t: dict) -> EncodeSpec:
     return EncodeSpec(
         quality=quality, model=model,
         method=v.choice(t, "encode", "method", METHODS, default="sga"),
-        iterations=v.integer(t, "encode", "iterations", minimum=0, default=2000),
+        iterations=v.integer(t, "encode", "iterations", minimum=0,
+                             default=DEFAULTS.iterations),
         lr=v.number(t, "encode", "lr", positive=True),
         seed=v.integer(t, "encode", "seed", minimum=0, default=0),
+        schedule=v.choice(t, "encode", "schedule", SCHEDULES, default=DEFAULTS.schedule),
+        patience=v.integer(t, "encode", "patience", minimum=0, default=DEFAULTS.patience),
         alpha=v.choice(t, "encode", "alpha", ("keep", "flatten", "error"), default="keep"),
         depth=v.choice(t, "encode", "depth", ("error", "reduce"), default="error"),
         metadata=v.choice(t, "encode", "metadata", METADATA_POLICIES, default="keep"),
@@ -371,7 +378,8 @@ def _refine(v: _Validator, t: dict) -> RefineSpec:
     return RefineSpec(
         enabled=v.boolean(t, "refine", "enabled", default=False),
         method=v.choice(t, "refine", "method", iterative, default="sga"),
-        iterations=v.integer(t, "refine", "iterations", minimum=1, default=2000),
+        iterations=v.integer(t, "refine", "iterations", minimum=1,
+                             default=DEFAULTS.iterations),
         max_images=v.integer(t, "refine", "max_images", minimum=1))
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from codec.images import DEFAULT_MAX_PIXELS
-from codec.inference import InferenceConfig
+from codec.inference import DEFAULTS, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
@@ -23,9 +23,11 @@ _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
 class EncodeSettings:
     model: str | int | None = None  # id, quality level, or None for the default model
     method: str = "sga"
-    iterations: int = 2000
+    iterations: int = DEFAULTS.iterations
     lr: float | None = None
     seed: int = 0
+    schedule: str = DEFAULTS.schedule
+    patience: int = DEFAULTS.patience
     alpha: str = "keep"
     depth: str = "error"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -33,7 +35,7 @@ class EncodeSettings:
 
     def inference(self) -> InferenceConfig:
         return InferenceConfig(method=self.method, iterations=self.iterations, lr=self.lr,
-                               seed=self.seed)
+                               seed=self.seed, schedule=self.schedule, patience=self.patience)
 
     def resolved(self) -> dict:
         """Settings with the model resolved to its registry entry (id and sha256)."""

@@ -42,7 +42,8 @@ SCHEMA = pa.schema([
     ("lmbda", pa.float64()),
     ("model_id", pa.string()),
     ("method", pa.string()),
-    ("iterations", pa.int32()),
+    ("iterations", pa.int32()),  # the budget set for the run
+    ("iterations_used", pa.int32()),  # fewer when the image stopped early (patience)
     ("encode_seconds", pa.float64()),
     ("device", pa.string()),
     ("run_id", pa.string()),

@@ -180,7 +180,8 @@ class ShardEncoder:
                 "bpp": res.bpp, "psnr": res.psnr, "estimated_bits": res.estimated_bits,
                 "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
                 "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
-                "amortized_rd_loss": res.amortized_rd_loss, "encode_seconds": res.seconds}
+                "amortized_rd_loss": res.amortized_rd_loss, "iterations_used": res.iterations,
+                "encode_seconds": res.seconds}
 
     def _source(self, ref: ObjectInfo) -> dict:
         return sink.source_columns(ref.key, self.input.url_of(ref.key), ref.size, ref.version)

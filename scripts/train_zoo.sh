@@ -7,7 +7,7 @@
 # q4 -> q5 -> q6, run side by side, one CPU thread each. Each step is resumable: rerun the
 # script after an interruption and it continues where the checkpoints left off.
 #
-#   ./scripts/train_zoo.sh            # both chains (about 80 minutes on 2 CPU cores)
+#   ./scripts/train_zoo.sh            # both chains (about 70 minutes on 2 idle CPU cores)
 #   ./scripts/train_zoo.sh down|up    # one chain
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,12 +28,12 @@ one() {
 down() {
   one 3 0.0067 6000 msh-small-q4
   one 2 0.0035 6000 runs/zoo/q3.ckpt
-  one 1 0.0018 6000 runs/zoo/q2.ckpt
+  one 1 0.0018 4000 runs/zoo/q2.ckpt
 }
 
 up() {
   one 5 0.025 9000 msh-small-q4
-  one 6 0.0483 9000 runs/zoo/q5.ckpt
+  one 6 0.0483 4000 runs/zoo/q5.ckpt
 }
 
 mkdir -p runs/zoo
