@@ -45,6 +45,7 @@ from jobs.evaluate import load_images  # noqa: E402
 DEFAULT_DATA = _ROOT.parent / "shared" / "data" / "bsds500" / "val"
 PATIENCE = (50, 100, 200, 300)
 MIN_IMPROVEMENT = (1e-4, 1e-3)
+EVAL_EVERY = (5, 10, 25)
 
 
 def best_so_far(history: list[dict]) -> np.ndarray:
@@ -97,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write all numbers here")
     p.add_argument("--plot", type=Path, help="PNG of gain against iterations")
+    p.add_argument("--report", type=Path,
+                   help="only print the table (and --plot) of an earlier --json")
     args = p.parse_args(argv)
+    if args.report:
+        show(json.loads(args.report.read_text()), args.plot)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, dict] = {}
     best, seconds = run(model, x, lmbda, InferenceConfig(iterations=args.full, seed=args.seed))
-    start, full_gain = best[0], float((best[0] - best[-1]).sum())
+    start = best[0]
     runs["paper"] = {"iterations": args.full, "seconds": seconds,
                      "best": best.tolist()}
     print(f"paper {args.full}: {seconds:.0f} s", file=sys.stderr)
@@ -124,17 +130,30 @@ def main(argv: list[str] | None = None) -> int:
                                    "best": b.tolist()}
             print(f"{name} {T}: {s:.0f} s", file=sys.stderr)
 
+    report = {"images": [im.name for im in images], "crop": crop, "model": lm.entry.id,
+              "threads": torch.get_num_threads(), "full": args.full, "budgets": budgets,
+              "amortized_loss": start.tolist(), "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(report) + "\n")
+    show(report, args.plot)
+    return 0
+
+
+def analyze(report: dict) -> list[dict]:
+    """Table rows: each run and budget, early stopping and sparser evaluation, as % of gain."""
+    start = np.array(report["amortized_loss"])
+    paper = np.array(report["runs"]["paper"]["best"])
+    full_gain = float((start - paper[-1]).sum())
     rows = []
-    for T in [*budgets, args.full]:
+    for T in [*report["budgets"], report["full"]]:
         rows.append({"run": "paper", "budget": T, "mean_iterations": T,
-                     **summarize(start, full_gain, best[T])})
-    for key, r in runs.items():
+                     **summarize(start, full_gain, paper[T])})
+    for key, r in report["runs"].items():
         if key != "paper":
-            b = np.array(r["best"])
             rows.append({"run": key.rsplit("-", 1)[0], "budget": r["iterations"],
                          "mean_iterations": r["iterations"],
-                         **summarize(start, full_gain, b[-1])})
-    for key, r in runs.items():
+                         **summarize(start, full_gain, np.array(r["best"])[-1])})
+    for key, r in report["runs"].items():
         b = np.array(r["best"])
         for patience in PATIENCE:
             for eps in MIN_IMPROVEMENT:
@@ -145,27 +164,32 @@ def main(argv: list[str] | None = None) -> int:
                              "budget": r["iterations"], "patience": patience,
                              "min_improvement": eps, "mean_iterations": float(used.mean()),
                              **summarize(start, full_gain, kept)})
+    for every in EVAL_EVERY:  # the true loss checked every k-th iteration only (and the last)
+        checked = np.unique(np.r_[np.arange(0, len(paper), every), len(paper) - 1])
+        rows.append({"run": "paper", "budget": report["full"], "eval_every": every,
+                     "mean_iterations": report["full"],
+                     **summarize(start, full_gain, paper[checked].min(axis=0))})
+    return rows
 
-    print(f"\nSGA gain vs budget: {len(images)} crops {crop}x{crop}, {lm.entry.id}; "
-          f"paper {args.full} it = 100% (mean loss {start.mean():.4f} -> "
-          f"{best[-1].mean():.4f}, -{100 * np.mean(1 - best[-1] / start):.2f}%)")
-    print(f"{'run':<10}{'budget':>7}{'early stop':>18}{'mean it':>9}{'of gain':>9}"
-          f"{'loss -%':>9}")
+
+def show(report: dict, plot_path: Path | None = None) -> None:
+    rows = analyze(report)
+    start = np.array(report["amortized_loss"])
+    paper = np.array(report["runs"]["paper"]["best"])
+    print(f"\nSGA gain vs budget: {len(start)} crops {report['crop']}px, {report['model']}; "
+          f"paper {report['full']} it = 100% (mean loss {start.mean():.4f} -> "
+          f"{paper[-1].mean():.4f}, -{100 * np.mean(1 - paper[-1] / start):.2f}%)")
+    print(f"{'run':<10}{'budget':>7}{'variant':>20}{'mean it':>9}{'of gain':>9}{'loss -%':>9}")
     for r in rows:
-        es = (f"P{r['patience']} eps{r['min_improvement']:g}" if "patience" in r else "-")
-        print(f"{r['run']:<10}{r['budget']:>7}{es:>18}{r['mean_iterations']:>9.0f}"
+        variant = (f"P{r['patience']} eps{r['min_improvement']:g}" if "patience" in r else
+                   f"eval every {r['eval_every']}" if "eval_every" in r else "-")
+        print(f"{r['run']:<10}{r['budget']:>7}{variant:>20}{r['mean_iterations']:>9.0f}"
               f"{100 * r['fraction_of_full_gain']:>8.1f}%{r['loss_reduction_pct']:>8.2f}%")
-    report = {"images": [im.name for im in images], "crop": crop, "model": lm.entry.id,
-              "threads": torch.get_num_threads(), "amortized_loss": start.tolist(),
-              "rows": rows, "runs": runs}
-    if args.json:
-        args.json.write_text(json.dumps(report) + "\n")
-    if args.plot:
-        plot(report, args.plot, full_gain)
-    return 0
+    if plot_path:
+        plot(report, rows, plot_path)
 
 
-def plot(report: dict, path: Path, full_gain: float) -> None:
+def plot(report: dict, rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,15 +197,16 @@ def plot(report: dict, path: Path, full_gain: float) -> None:
     start = np.array(report["amortized_loss"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     paper = np.array(report["runs"]["paper"]["best"])
+    full_gain = float((start - paper[-1]).sum())
     t = np.arange(len(paper))
     ax.plot(t[1:], 100 * (start - paper[1:]).sum(axis=1) / full_gain, label="paper schedule")
     for name, marker in (("scaled", "o"), ("scaled-lr", "s")):
-        pts = [(r["budget"], r["fraction_of_full_gain"]) for r in report["rows"]
+        pts = [(r["budget"], r["fraction_of_full_gain"]) for r in rows
                if r["run"] == name and "patience" not in r]
         if pts:
             ax.plot(*zip(*[(b, 100 * f) for b, f in pts], strict=True), marker=marker,
                     linestyle="--", label=f"{name} schedule (one run per budget)")
-    es = [(r["mean_iterations"], 100 * r["fraction_of_full_gain"]) for r in report["rows"]
+    es = [(r["mean_iterations"], 100 * r["fraction_of_full_gain"]) for r in rows
           if r.get("patience") and r["run"] == "paper" and r["min_improvement"] == 1e-4]
     if es:
         ax.scatter(*zip(*es, strict=True), marker="x", color="k",
