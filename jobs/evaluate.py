@@ -519,11 +519,43 @@ def evaluate(args) -> dict:
     }
 
 
+def merge(reports: list[dict], reference: str) -> dict:
+    """Reports on the same images, split by quality (say, one process per core), as one.
+
+    sgarc points are pooled per curve; a classical curve measured by several reports is the
+    same measurement of the same images, so the first one's is kept.
+    """
+    images = reports[0]["images"]
+    if any(r["images"] != images for r in reports[1:]):
+        raise SgarcError("--merge: the reports measured different images")
+    curves: dict[str, dict] = {}
+    for r in reports:
+        for name, curve in r["curves"].items():
+            if name not in curves:
+                curves[name] = {**curve, "points": list(curve["points"])}
+            elif curve["kind"] == "sgarc":
+                curves[name]["points"] += curve["points"]
+    for curve in curves.values():
+        if curve["kind"] == "sgarc":
+            curve["points"].sort(key=lambda p: p["setting"])
+    settings = dict(reports[0]["settings"])
+    settings["qualities"] = sorted({q for r in reports for q in r["settings"]["qualities"]})
+    settings["models"] = {k: v for r in reports for k, v in r["settings"]["models"].items()}
+    settings["reference"] = reference
+    return {**reports[0], "settings": settings, "curves": curves,
+            "seconds": sum(r["seconds"] for r in reports),
+            "merged_from": [r["created"] for r in reports], **compare(curves, reference)}
+
+
 def cmd_eval(args) -> int:
     if args.reference not in BASELINES and not args.reference.startswith("sgarc-"):
         raise SgarcError(f"--reference must be one of {', '.join(BASELINES)} or an sgarc "
                          f"curve name, not {args.reference!r}")
-    report = evaluate(args)
+    if args.merge:
+        report = merge([json.loads(Path(f).read_text()) for f in args.dirs], args.reference)
+        args.dirs, args.crop = report["settings"]["dirs"], report["settings"]["crop"]
+    else:
+        report = evaluate(args)
     for line in _table(report["curves"], report):
         print(line)
     if args.json:
@@ -549,7 +581,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "2000, AVIF and JPEG XL at a sweep of settings; report mean bpp (file sizes) and "
         "mean RGB PSNR per point, BD-rates against --reference, and sgarc's rate saving at "
         "equal PSNR against each classical curve. Evaluate on val folders only.")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="image folder(s), searched recursively")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="image folder(s), searched "
+                   "recursively (with --merge: the JSON reports to merge)")
     p.add_argument("--quality", "-q", default=None, metavar="Q[,Q...]",
                    help="quality levels (default: every shipped one)")
     p.add_argument("--sga-iterations", default="", metavar="N[,N...]",
@@ -573,6 +606,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--registry", default=None, metavar="JSON",
                    help="model registry (default: the shipped one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--merge", action="store_true",
+                   help="instead of measuring, merge the --json reports given as DIR (runs of "
+                        "the same images split by --quality) into one table, JSON and plot")
     p.set_defaults(func=cmd_eval)
     return p
 

@@ -145,3 +145,30 @@ def test_eval_errors_are_clear(tiny_registry, tmp_path, capsys):
     assert main([str(tmp_path), "--baselines", "gif", "--quiet"]) == 2
     assert "unknown baseline" in capsys.readouterr().err
     assert main([str(tmp_path), "--crop", "big", "--quiet"]) == 2
+
+
+def test_merge_pools_reports_split_by_quality(tiny_registry, tmp_path, capsys):
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(64, 64, seed=i)).save(folder / f"{i}.png")
+    common = [str(folder), "--registry", str(tiny_registry), "--quiet"]
+    a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    assert main([*common, "--sga-iterations", "1,3", "--baselines", "jpeg-420",
+                 "--json", str(a)]) == 0
+    assert main([*common, "--baselines", "none", "--seed", "1", "--json", str(b)]) == 0
+    assert main([str(a), str(b), "--merge", "--reference", "jpeg-420", "--json",
+                 str(merged), "--plot", str(tmp_path / "m.png")]) == 0
+    report = json.loads(merged.read_text())
+    curves = report["curves"]
+    assert len(curves["sgarc-amortized"]["points"]) == 2  # one from each report
+    assert len(curves["sgarc-sga-1"]["points"]) == len(curves["sgarc-sga-3"]["points"]) == 1
+    assert len(curves["jpeg-420"]["points"]) == len(BASELINES["jpeg-420"][2])
+    assert report["reference"] == "jpeg-420" and "sgarc-sga-3" in report["sga_gain"]
+
+    other = tmp_path / "other.json"
+    assert main([str(folder), "--registry", str(tiny_registry), "--quiet", "--limit", "1",
+                 "--baselines", "none", "--json", str(other)]) == 0
+    capsys.readouterr()
+    assert main([str(a), str(other), "--merge"]) == 2
+    assert "different images" in capsys.readouterr().err
