@@ -13,9 +13,10 @@ from jobs.options import parse_storage_options
 
 
 def _inference_config(args):
-    from codec.inference import InferenceConfig
+    from codec.inference import DEFAULTS, InferenceConfig
     return InferenceConfig(method=args.method, iterations=args.iterations, lr=args.lr,
-                           seed=args.seed, schedule=args.schedule, patience=args.patience)
+                           seed=args.seed, schedule=args.schedule, patience=args.patience,
+                           eval_every=DEFAULTS.eval_every)
 
 
 def _progress_bar(total: int, desc: str):
@@ -168,7 +169,8 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                         f"{DEFAULTS.min_improvement:g} over this many iterations (0 = off; "
                         f"default {DEFAULTS.patience})")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 5e-3; 1e-4 for ste)")
+                   help="Adam learning rate (default: 1e-2 with the scaled schedule, 5e-3 "
+                        "with the paper's; 1e-4 for ste)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stochastic rounding")
 
 

@@ -17,6 +17,7 @@ from codec.inference import DEFAULTS, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
+ITERATIVE_ONLY = ("schedule", "patience", "eval_every")  # settings amortized encoding ignores
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,8 @@ class EncodeSettings:
 
     def inference(self) -> InferenceConfig:
         return InferenceConfig(method=self.method, iterations=self.iterations, lr=self.lr,
-                               seed=self.seed, schedule=self.schedule, patience=self.patience)
+                               seed=self.seed, schedule=self.schedule, patience=self.patience,
+                               eval_every=DEFAULTS.eval_every)
 
     def resolved(self) -> dict:
         """Settings with the model resolved to its registry entry (id and sha256)."""
@@ -47,7 +49,11 @@ class EncodeSettings:
         # metadata, so they do not count as done by a run that keeps it.
         d.update(model=entry.id, model_sha256=entry.sha256, quality=entry.quality,
                  lmbda=entry.lmbda, iterations=0 if self.method == "amortized" else
-                 self.iterations, metadata_version=META_VERSION)
+                 self.iterations, eval_every=DEFAULTS.eval_every,
+                 metadata_version=META_VERSION)
+        if self.method == "amortized":  # no iterations: amortized fingerprints stay as they were
+            for key in ITERATIVE_ONLY:
+                del d[key]
         self.inference()  # validates method and iterations
         if self.metadata not in METADATA_POLICIES:
             raise ValueError(f"metadata must be one of {METADATA_POLICIES}, not "

@@ -28,7 +28,7 @@ one() {
 down() {
   one 3 0.0067 6000 msh-small-q4
   one 2 0.0035 6000 runs/zoo/q3.ckpt
-  one 1 0.0018 4000 runs/zoo/q2.ckpt
+  one 1 0.0018 3000 runs/zoo/q2.ckpt
 }
 
 up() {

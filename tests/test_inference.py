@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codec.inference import METHODS, InferenceConfig, infer, pixel_mask, rd_terms, sga_round
+from codec.inference import (
+    DEFAULTS,
+    METHODS,
+    InferenceConfig,
+    infer,
+    pixel_mask,
+    rd_terms,
+    sga_round,
+)
 from codec.registry import load
 
 
@@ -89,6 +97,9 @@ def test_scaled_schedule_stretches_the_paper_curve_onto_the_budget():
     short = InferenceConfig(schedule="scaled", iterations=500)
     assert short.tau(175) == pytest.approx(paper.tau(700))
     assert short.tau(500) == pytest.approx(paper.tau(2000))
+    assert (short.learning_rate, InferenceConfig(schedule="scaled", lr=3e-3).learning_rate,
+            InferenceConfig(method="ste", schedule="scaled").learning_rate) == (1e-2, 3e-3, 1e-4)
+    assert (DEFAULTS.iterations, DEFAULTS.schedule, DEFAULTS.eval_every) == (1000, "scaled", 10)
     with pytest.raises(ValueError, match="unknown schedule"):
         InferenceConfig(schedule="linear")
 

@@ -123,7 +123,7 @@ def test_full_spec_loads_and_maps_to_pipeline_objects(tmp_path, monkeypatch):
 def test_defaults(tmp_path):
     spec = load_spec(write_spec(tmp_path, MINIMAL, "my-job.toml"))
     assert spec.name == "my-job"
-    assert (spec.encode.method, spec.encode.iterations, spec.run.shard_size) == ("sga", 2000,
+    assert (spec.encode.method, spec.encode.iterations, spec.run.shard_size) == ("sga", 1000,
                                                                                   16)
     assert not spec.refine.enabled and spec.refine.method == "sga"
     assert not spec.filters.active and spec.to_options().image_filter is None
