@@ -10,7 +10,8 @@ On validation images (centre crops, so a study fits a CPU budget), for one model
   iteration, so the best loss reached by any budget T <= full is read off this one run:
   with the paper's schedule a T-iteration run *is* the first T iterations of it.
 * **scaled**: one run per budget T with the schedule stretched onto T
-  (InferenceConfig(schedule="scaled")), so the temperature anneals fully in T iterations.
+  (InferenceConfig(schedule="scaled")), so the temperature anneals fully in T iterations,
+  at each of `--lrs` (the paper's 5e-3 and the scaled schedule's default 1e-2).
 * **early stopping**: per image, stop when the best true loss has improved by less than
   `min_improvement` (relative) over the last `patience` iterations. Simulated on each
   run's recorded trajectory: an image's trajectory does not depend on when it stops, so
@@ -92,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=None, help="model quality (default model)")
     p.add_argument("--full", type=int, default=2000, help="reference budget (2000)")
     p.add_argument("--budgets", default="250,500,1000", help="budgets for 'scaled' runs")
-    p.add_argument("--lr", type=float, default=None,
-                   help="also run 'scaled' at this learning rate (paper: 5e-3)")
+    p.add_argument("--lrs", default="5e-3,1e-2",
+                   help="Adam learning rates of the 'scaled' runs (default 5e-3 = the paper's, "
+                        "1e-2 = the scaled schedule's default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write all numbers here")
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     runs["paper"] = {"iterations": args.full, "seconds": seconds,
                      "best": best.tolist()}
     print(f"paper {args.full}: {seconds:.0f} s", file=sys.stderr)
-    variants = [("scaled", None)] + ([("scaled-lr", args.lr)] if args.lr else [])
-    for name, lr in variants:
+    for lr in (float(v) for v in args.lrs.split(",") if v):
+        name = f"scaled_lr{lr:g}"
         for T in budgets:
             cfg = InferenceConfig(iterations=T, schedule="scaled", lr=lr, seed=args.seed)
             b, s = run(model, x, lmbda, cfg)
@@ -179,11 +181,11 @@ def show(report: dict, plot_path: Path | None = None) -> None:
     print(f"\nSGA gain vs budget: {len(start)} crops {report['crop']}px, {report['model']}; "
           f"paper {report['full']} it = 100% (mean loss {start.mean():.4f} -> "
           f"{paper[-1].mean():.4f}, -{100 * np.mean(1 - paper[-1] / start):.2f}%)")
-    print(f"{'run':<10}{'budget':>7}{'variant':>20}{'mean it':>9}{'of gain':>9}{'loss -%':>9}")
+    print(f"{'run':<15}{'budget':>7}{'variant':>20}{'mean it':>9}{'of gain':>9}{'loss -%':>9}")
     for r in rows:
         variant = (f"P{r['patience']} eps{r['min_improvement']:g}" if "patience" in r else
                    f"eval every {r['eval_every']}" if "eval_every" in r else "-")
-        print(f"{r['run']:<10}{r['budget']:>7}{variant:>20}{r['mean_iterations']:>9.0f}"
+        print(f"{r['run']:<15}{r['budget']:>7}{variant:>20}{r['mean_iterations']:>9.0f}"
               f"{100 * r['fraction_of_full_gain']:>8.1f}%{r['loss_reduction_pct']:>8.2f}%")
     if plot_path:
         plot(report, rows, plot_path)
@@ -200,12 +202,13 @@ def plot(report: dict, rows: list[dict], path: Path) -> None:
     full_gain = float((start - paper[-1]).sum())
     t = np.arange(len(paper))
     ax.plot(t[1:], 100 * (start - paper[1:]).sum(axis=1) / full_gain, label="paper schedule")
-    for name, marker in (("scaled", "o"), ("scaled-lr", "s")):
+    scaled = sorted({r["run"] for r in rows if r["run"].startswith("scaled_lr")})
+    for name, marker in zip(scaled, "osD^v", strict=False):
         pts = [(r["budget"], r["fraction_of_full_gain"]) for r in rows
                if r["run"] == name and "patience" not in r]
-        if pts:
-            ax.plot(*zip(*[(b, 100 * f) for b, f in pts], strict=True), marker=marker,
-                    linestyle="--", label=f"{name} schedule (one run per budget)")
+        ax.plot(*zip(*[(b, 100 * f) for b, f in pts], strict=True), marker=marker,
+                linestyle="--", label=f"scaled schedule, lr {name[len('scaled_lr'):]} "
+                                      "(one run per budget)")
     es = [(r["mean_iterations"], 100 * r["fraction_of_full_gain"]) for r in rows
           if r.get("patience") and r["run"] == "paper" and r["min_improvement"] == 1e-4]
     if es:
