@@ -32,12 +32,14 @@ def sample_photos() -> dict[str, bytes]:
 
 
 def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> int:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from codec.api import Codec, decode
     from codec.files import atomic_write
     from codec.images import load_image
-    from codec.inference import InferenceConfig
+    from codec.inference import DEFAULTS
 
     out.mkdir(parents=True, exist_ok=True)
     codec = Codec(quality)
@@ -47,7 +49,7 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
     for name, png in photos.items():
         image = load_image(png)
         for method, n in (("amortized", 0), ("sga", iterations)):
-            cfg = InferenceConfig(method=method, iterations=n)
+            cfg = replace(DEFAULTS, method=method, iterations=n)  # the product's settings
             with tqdm(total=n, desc=f"{method} {name}", leave=False, disable=n == 0) as bar:
                 result = codec.encode(image, cfg, progress=bar.update)
             stream = out / f"{name}-{method}.sga"
