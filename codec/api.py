@@ -224,14 +224,19 @@ class Codec:
         Under the paper's schedule, which does not depend on the budget, the stream at t is
         the one a separate t-iteration run gives, for the price of the longest run only
         (sgarc eval's 100 / 500 / 2000 iterations). Seconds are prorated by iterations.
+        Refused for the scaled schedule and early stopping, where a snapshot is not what a
+        shorter run would give.
         """
+        if config.schedule != "paper" or config.patience:
+            raise ValueError("encode_snapshots needs schedule='paper' and patience=0: "
+                             "otherwise a snapshot is not a shorter run")
         lat, elapsed = self._infer([image], config, progress)
+        ran = max(lat.iterations[0], 1)
         out = {}
         for t, (k, z_hat, loss) in sorted(lat.snapshots.items()):
             at_t = replace(lat, k=k, z_hat=z_hat, loss=loss,
                            iterations=[min(t, lat.iterations[0])])
-            out[t] = self._code_one(image, at_t, 0, config,
-                                    elapsed * min(t, config.iterations) / max(config.iterations, 1))
+            out[t] = self._code_one(image, at_t, 0, config, elapsed * min(t, ran) / ran)
         return out
 
     def _infer(self, images: list[PreparedImage], config: InferenceConfig, progress):

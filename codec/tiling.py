@@ -197,7 +197,7 @@ def synthesize_pixels(g_s: nn.Sequential, y_hat: torch.Tensor, height: int, widt
     B = y_hat.shape[0]
     out = np.empty((B, height, width, 3), np.uint8)
     if tile is None:
-        tile = SYNTHESIS_TILE if is_large(B * height * width) else max(*y_hat.shape[-2:], 1)
+        tile = SYNTHESIS_TILE if is_large(height * width) else max(*y_hat.shape[-2:], 1)
 
     def write(core: torch.Tensor, rows: slice, cols: slice) -> None:
         rows = slice(rows.start, min(rows.stop, height))
@@ -264,20 +264,21 @@ def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor,
 
 
 def is_large(pixels: int) -> bool:
-    """Whether an image (or batch) of this many pixels is worth tiling."""
+    """Whether an image of this many pixels is worth tiling. Per image, not per batch: an
+    image's result must not depend on which images share its batch."""
     return pixels > MIN_TILED_PIXELS
 
 
 def analysis(model: MeanScaleHyperprior, x: torch.Tensor) -> torch.Tensor:
     """y = g_a(x): tiled for large inputs (then without gradients), else one pass."""
-    if is_large(x.shape[0] * x.shape[-2] * x.shape[-1]):
+    if is_large(x.shape[-2] * x.shape[-1]):
         return analyze_tiled(model.g_a, x)
     return model.g_a(x)
 
 
 def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
     """x_hat = g_s(y_hat): tiled for large outputs (then without gradients), else one pass."""
-    if is_large(y_hat.shape[0] * y_hat.shape[-2] * y_hat.shape[-1] * Y_STRIDE**2):
+    if is_large(y_hat.shape[-2] * y_hat.shape[-1] * Y_STRIDE**2):
         return synthesize_tiled(model.g_s, y_hat)
     return model.g_s(y_hat)
 
@@ -286,7 +287,7 @@ def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, mask: t
                clamp: bool = False) -> torch.Tensor:
     """Per-image masked SSE of g_s(y_hat) against x: tiled with checkpointing for large
     images (bounded memory, one extra g_s forward in backward), else one pass."""
-    if is_large(x.shape[0] * x.shape[-2] * x.shape[-1]):
+    if is_large(x.shape[-2] * x.shape[-1]):
         return masked_sse_tiled(g_s, y_hat, x, mask, clamp=clamp)
     x_hat = g_s(y_hat)
     if clamp:

@@ -16,7 +16,8 @@ def _inference_config(args):
     from codec.inference import DEFAULTS, InferenceConfig
     return InferenceConfig(method=args.method, iterations=args.iterations, lr=args.lr,
                            seed=args.seed, schedule=args.schedule, patience=args.patience,
-                           eval_every=DEFAULTS.eval_every)
+                           eval_every=DEFAULTS.eval_every,
+                           min_improvement=DEFAULTS.min_improvement)
 
 
 def _progress_bar(total: int, desc: str):

@@ -525,9 +525,15 @@ def merge(reports: list[dict], reference: str) -> dict:
     sgarc points are pooled per curve; a classical curve measured by several reports is the
     same measurement of the same images, so the first one's is kept.
     """
-    images = reports[0]["images"]
-    if any(r["images"] != images for r in reports[1:]):
-        raise SgarcError("--merge: the reports measured different images")
+    same = ("dirs", "limit", "crop", "sga")  # same images, crops and SGA settings
+    first = reports[0]
+    if any(r["images"] != first["images"] or any(r["settings"].get(k) != first["settings"]
+                                                  .get(k) for k in same)
+           for r in reports[1:]):
+        raise SgarcError("--merge: the reports measured different images or settings")
+    qualities = [q for r in reports for q in r["settings"]["qualities"]]
+    if len(set(qualities)) != len(qualities):
+        raise SgarcError("--merge: a quality level is in more than one report")
     curves: dict[str, dict] = {}
     for r in reports:
         for name, curve in r["curves"].items():
@@ -538,11 +544,11 @@ def merge(reports: list[dict], reference: str) -> dict:
     for curve in curves.values():
         if curve["kind"] == "sgarc":
             curve["points"].sort(key=lambda p: p["setting"])
-    settings = dict(reports[0]["settings"])
-    settings["qualities"] = sorted({q for r in reports for q in r["settings"]["qualities"]})
+    settings = dict(first["settings"])
+    settings["qualities"] = sorted(qualities)
     settings["models"] = {k: v for r in reports for k, v in r["settings"]["models"].items()}
     settings["reference"] = reference
-    return {**reports[0], "settings": settings, "curves": curves,
+    return {**first, "settings": settings, "curves": curves,
             "seconds": sum(r["seconds"] for r in reports),
             "merged_from": [r["created"] for r in reports], **compare(curves, reference)}
 

@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
         raise SgarcError(str(exc)) from None
     finally:
         bar.close()
-    steps, init_steps = _checkpoint_steps(checkpoint)
+    steps, init_steps = _checkpoint_steps(checkpoint) or (0, 0)  # --steps 0: none written
     print(f"checkpoint {checkpoint} at step {steps}; log {log_file}")
     if args.export is not None:
         registry = Path(args.registry) if args.registry else REGISTRY

@@ -17,7 +17,8 @@ from codec.inference import DEFAULTS, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
-ITERATIVE_ONLY = ("schedule", "patience", "eval_every")  # settings amortized encoding ignores
+# settings amortized encoding ignores
+ITERATIVE_ONLY = ("schedule", "patience", "eval_every", "min_improvement")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class EncodeSettings:
     def inference(self) -> InferenceConfig:
         return InferenceConfig(method=self.method, iterations=self.iterations, lr=self.lr,
                                seed=self.seed, schedule=self.schedule, patience=self.patience,
-                               eval_every=DEFAULTS.eval_every)
+                               eval_every=DEFAULTS.eval_every,
+                               min_improvement=DEFAULTS.min_improvement)
 
     def resolved(self) -> dict:
         """Settings with the model resolved to its registry entry (id and sha256)."""
@@ -50,7 +52,7 @@ class EncodeSettings:
         d.update(model=entry.id, model_sha256=entry.sha256, quality=entry.quality,
                  lmbda=entry.lmbda, iterations=0 if self.method == "amortized" else
                  self.iterations, eval_every=DEFAULTS.eval_every,
-                 metadata_version=META_VERSION)
+                 min_improvement=DEFAULTS.min_improvement, metadata_version=META_VERSION)
         if self.method == "amortized":  # no iterations: amortized fingerprints stay as they were
             for key in ITERATIVE_ONLY:
                 del d[key]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from codec.metrics import bd_psnr, bd_rate, rate_saving
+from codec.model import MeanScaleHyperprior
+from codec.registry import export_model
 from jobs.evaluate import BASELINES, compare, main, register
 from tests.conftest import smooth_image
 
@@ -152,23 +155,30 @@ def test_merge_pools_reports_split_by_quality(tiny_registry, tmp_path, capsys):
     folder.mkdir()
     for i in range(2):
         Image.fromarray(smooth_image(64, 64, seed=i)).save(folder / f"{i}.png")
-    common = [str(folder), "--registry", str(tiny_registry), "--quiet"]
+    registry = tmp_path / "weights" / "registry.json"  # the tiny model at two qualities
+    registry.parent.mkdir()
+    shutil.copytree(tiny_registry.parent, registry.parent, dirs_exist_ok=True)
+    export_model(MeanScaleHyperprior(N=16, M=24), "tiny-2", quality=2, lmbda=0.02, steps=0,
+                 data="untrained (tests)", registry=registry)
+    common = [str(folder), "--registry", str(registry), "--quiet", "--sga-iterations", "1,3"]
     a, b, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
-    assert main([*common, "--sga-iterations", "1,3", "--baselines", "jpeg-420",
-                 "--json", str(a)]) == 0
-    assert main([*common, "--baselines", "none", "--seed", "1", "--json", str(b)]) == 0
+    assert main([*common, "-q", "1", "--baselines", "jpeg-420", "--json", str(a)]) == 0
+    assert main([*common, "-q", "2", "--baselines", "none", "--json", str(b)]) == 0
     assert main([str(a), str(b), "--merge", "--reference", "jpeg-420", "--json",
                  str(merged), "--plot", str(tmp_path / "m.png")]) == 0
     report = json.loads(merged.read_text())
     curves = report["curves"]
-    assert len(curves["sgarc-amortized"]["points"]) == 2  # one from each report
-    assert len(curves["sgarc-sga-1"]["points"]) == len(curves["sgarc-sga-3"]["points"]) == 1
+    assert [p["setting"] for p in curves["sgarc-amortized"]["points"]] == [1, 2]
+    assert len(curves["sgarc-sga-1"]["points"]) == len(curves["sgarc-sga-3"]["points"]) == 2
     assert len(curves["jpeg-420"]["points"]) == len(BASELINES["jpeg-420"][2])
     assert report["reference"] == "jpeg-420" and "sgarc-sga-3" in report["sga_gain"]
 
     other = tmp_path / "other.json"
-    assert main([str(folder), "--registry", str(tiny_registry), "--quiet", "--limit", "1",
-                 "--baselines", "none", "--json", str(other)]) == 0
+    assert main([str(folder), "--registry", str(registry), "--quiet", "--limit", "1",
+                 "-q", "2", "--sga-iterations", "1,3", "--baselines", "none",
+                 "--json", str(other)]) == 0
     capsys.readouterr()
     assert main([str(a), str(other), "--merge"]) == 2
     assert "different images" in capsys.readouterr().err
+    assert main([str(a), str(a), "--merge"]) == 2
+    assert "more than one report" in capsys.readouterr().err
