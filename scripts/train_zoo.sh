@@ -8,6 +8,9 @@
 # script after an interruption and it continues where the checkpoints left off.
 #
 #   ./scripts/train_zoo.sh            # both chains (about 70 minutes on 2 idle CPU cores)
+#
+# (q1 and q6 got 3,000 and 4,000 steps where 6,000 and 9,000 were planned, to fit the
+# session that trained them; rerun with larger numbers to train them further.)
 #   ./scripts/train_zoo.sh down|up    # one chain
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,24 +19,25 @@ DATA=(--data ../shared/data/bsds500/train --data ../shared/data/wikipedia-photos
 COMMON=(--N 64 --M 96 --crop 128 --batch-size 8 --lr 2e-4 --lr-drop-at 0.85 --quiet)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
-# one Q LAMBDA STEPS INIT: train quality Q for STEPS steps from INIT, export msh-small-qQ.
+# one Q LAMBDA STEPS INIT PARENT: train quality Q for STEPS steps from INIT (the weights of
+# model PARENT), export msh-small-qQ.
 one() {
-  local q=$1 lmbda=$2 steps=$3 init=$4
+  local q=$1 lmbda=$2 steps=$3 init=$4 parent=$5
   python -m jobs.cli train "${DATA[@]}" "${COMMON[@]}" --checkpoint "runs/zoo/q$q.ckpt" \
     --lmbda "$lmbda" --steps "$steps" --init-from "$init" --export "msh-small-q$q" \
-    --quality "$q" --note "fine-tuned from $init, lr 2e-4 (x0.1 for the last 15%)" \
+    --quality "$q" --note "fine-tuned from $parent: $steps steps, lr 2e-4 (x0.1 for the last 15%)" \
     2>>"runs/zoo/q$q.stderr"
 }
 
 down() {
-  one 3 0.0067 6000 msh-small-q4
-  one 2 0.0035 6000 runs/zoo/q3.ckpt
-  one 1 0.0018 3000 runs/zoo/q2.ckpt
+  one 3 0.0067 6000 msh-small-q4 msh-small-q4
+  one 2 0.0035 6000 runs/zoo/q3.ckpt msh-small-q3
+  one 1 0.0018 3000 runs/zoo/q2.ckpt msh-small-q2
 }
 
 up() {
-  one 5 0.025 9000 msh-small-q4
-  one 6 0.0483 4000 runs/zoo/q5.ckpt
+  one 5 0.025 9000 msh-small-q4 msh-small-q4
+  one 6 0.0483 4000 runs/zoo/q5.ckpt msh-small-q5
 }
 
 mkdir -p runs/zoo
