@@ -21,11 +21,14 @@ def test_early_stop_follows_the_rule_of_infer():
 
 
 def test_analyze_reports_fractions_of_the_full_gain():
-    paper = [[1.0, 2.0], [0.9, 1.8], [0.8, 1.6], [0.75, 1.5], [0.7, 1.4]]
+    true = [[1.0, 2.0], [0.9, 1.8], [0.8, 1.6], [0.75, 1.5], [0.77, 1.4]]
+    paper = [[1.0, 2.0], [0.9, 1.8], [0.8, 1.6], [0.75, 1.5], [0.75, 1.4]]
     report = {"amortized_loss": [1.0, 2.0], "full": 4, "budgets": [2],
-              "runs": {"paper": {"iterations": 4, "best": paper},
+              "runs": {"paper": {"iterations": 4, "best": paper, "true": true},
                        "scaled-2": {"iterations": 2, "best": [*paper[:2], [0.75, 1.5]]}}}
     rows = {(r["run"], r["budget"], r.get("eval_every")): r for r in analyze(report)}
     assert rows[("paper", 4, None)]["fraction_of_full_gain"] == 1.0
-    assert abs(rows[("paper", 2, None)]["fraction_of_full_gain"] - 0.6 / 0.9) < 1e-12
-    assert abs(rows[("scaled", 2, None)]["fraction_of_full_gain"] - 0.75 / 0.9) < 1e-12
+    assert abs(rows[("paper", 2, None)]["fraction_of_full_gain"] - 0.6 / 0.85) < 1e-12
+    assert abs(rows[("scaled", 2, None)]["fraction_of_full_gain"] - 0.75 / 0.85) < 1e-12
+    # checked at 0, 5 (past the end) and the last (4) only: image 0 keeps 0.77, not 0.75
+    assert rows[("paper", 4, 5)]["mean_loss"] == (0.77 + 1.4) / 2
