@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def child(args: argparse.Namespace) -> None:
     from codec import tiling
     from codec.api import Codec, decode
     from codec.images import load_image
-    from codec.inference import InferenceConfig
+    from codec.inference import DEFAULTS, InferenceConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,15 +100,18 @@ def child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     work = Path(args.workdir)
     codec = Codec(args.model, device=device)
-    if args.op == "encode":
+    if args.op in ("encode", "sga"):
         image = load_image(work / "photo.jpg")
+        config = (InferenceConfig(method="amortized") if args.op == "encode" else
+                  replace(DEFAULTS, iterations=args.sga_iterations))
         before = peak_rss()
         t0 = time.perf_counter()
-        result = codec.encode(image, InferenceConfig(method="amortized"))
+        result = codec.encode(image, config)
         _sync(device)
         seconds = time.perf_counter() - t0
-        (work / f"{args.mode}.sga").write_bytes(result.data)
-        extra = {"bpp": result.bpp, "psnr": result.psnr}
+        if args.op == "encode":
+            (work / f"{args.mode}.sga").write_bytes(result.data)
+        extra = {"bpp": result.bpp, "psnr": result.psnr, "iterations": result.iterations}
     else:
         data = (work / "tiled.sga").read_bytes()
         before = peak_rss()
@@ -136,7 +140,7 @@ def _sync(device) -> None:
 def run_child(op: str, mode: str, args: argparse.Namespace, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", op, "--mode", mode,
            "--workdir", str(workdir), "--device", args.device, "--threads", str(args.threads)]
-    for name in ("model", "min_tiled_pixels", "tile"):
+    for name in ("model", "min_tiled_pixels", "tile", "sga_iterations"):
         if getattr(args, name) is not None:
             cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     log(f"{op} {mode} ...")
@@ -159,6 +163,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         runs["ratio_seconds"] = tiled["seconds"] / untiled["seconds"]
         runs["ratio_peak_rss"] = tiled["peak_rss"] / untiled["peak_rss"]
         results[op] = runs
+    if args.sga_iterations:  # tiled only: untiled SGA on a 24 MP image needs tens of GiB
+        results["sga"] = {"tiled": run_child("sga", "tiled", args, workdir)}
     from codec import tiling
 
     threshold = tiling.MIN_TILED_PIXELS if args.min_tiled_pixels is None else (
@@ -199,14 +205,16 @@ def format_report(r: dict) -> str:
              "", "| operation | mode | seconds | peak RSS GiB | RSS before GiB |",
              "| --- | --- | ---: | ---: | ---: |"]
     for op, runs in r["results"].items():
-        for mode in MODES:
+        for mode in [m for m in MODES if m in runs]:
             m = runs[mode]
             cuda = (f" (CUDA peak {m['cuda_peak_allocated'] / GIB:.2f} GiB)"
                     if "cuda_peak_allocated" in m else "")
-            lines.append(f"| {op} | {mode} | {m['seconds']:.2f} | {m['peak_rss'] / GIB:.2f}"
+            name = f"SGA, {m['iterations']} it" if op == "sga" else op
+            lines.append(f"| {name} | {mode} | {m['seconds']:.2f} | {m['peak_rss'] / GIB:.2f}"
                          f"{cuda} | {m['rss_before'] / GIB:.2f} |")
-        lines.append(f"| {op} | tiled / untiled | {runs['ratio_seconds']:.2f}x | "
-                     f"{runs['ratio_peak_rss']:.2f}x | |")
+        if "ratio_seconds" in runs:
+            lines.append(f"| {op} | tiled / untiled | {runs['ratio_seconds']:.2f}x | "
+                         f"{runs['ratio_peak_rss']:.2f}x | |")
     lines += ["", f"same stream: {r['same_stream']}; decoded pixels differ by at most "
               f"{r['max_pixel_diff']} level(s)"]
     return "\n".join(lines)
@@ -240,7 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                         "default: codec.tiling's")
     p.add_argument("--workdir", default=None, help="keep the JPEG, streams and pixels here")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
-    p.add_argument("--child", choices=("encode", "decode"), help=argparse.SUPPRESS)
+    p.add_argument("--sga-iterations", type=int, default=0,
+                   help="also time an SGA encode (tiled, default schedule) of this many "
+                        "iterations (0: skip)")
+    p.add_argument("--child", choices=("encode", "decode", "sga"), help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
