@@ -153,7 +153,7 @@ def test_helpers_tile_only_large_images(model, monkeypatch):
 
     whole, calls = run()
     assert calls == {"g_a": 1, "g_s": 2}
-    monkeypatch.setattr(tiling, "MIN_TILED_PIXELS", 2 * 80 * 96 - 1)  # the batch is large now
+    monkeypatch.setattr(tiling, "MIN_TILED_PIXELS", 80 * 96 - 1)  # each image is large now
     monkeypatch.setattr(tiling, "SYNTHESIS_TILE", 3)
     monkeypatch.setattr(tiling, "ANALYSIS_TILE", 48)
     tiled, calls = run()
