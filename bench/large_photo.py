@@ -25,10 +25,8 @@ test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -42,6 +40,8 @@ import numpy as np
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # runnable as `python bench/large_photo.py` without install
     sys.path.insert(0, str(_ROOT))
+
+from bench.common import cpu_model, log  # noqa: E402
 
 GIB = 2.0**30
 MODES = ("untiled", "tiled")
@@ -183,12 +183,7 @@ def machine(args: argparse.Namespace) -> str:
     """The processor (and GPU), threads and torch version, and how busy the CPUs were."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     if args.device.startswith("cuda"):
         cpu += f" + {torch.cuda.get_device_name(torch.device(args.device))}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -218,10 +213,6 @@ def format_report(r: dict) -> str:
     lines += ["", f"same stream: {r['same_stream']}; decoded pixels differ by at most "
               f"{r['max_pixel_diff']} level(s)"]
     return "\n".join(lines)
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def size(text: str) -> tuple[int, int]:

@@ -289,7 +289,4 @@ def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, mask: t
     images (bounded memory, one extra g_s forward in backward), else one pass."""
     if is_large(x.shape[-2] * x.shape[-1]):
         return masked_sse_tiled(g_s, y_hat, x, mask, clamp=clamp)
-    x_hat = g_s(y_hat)
-    if clamp:
-        x_hat = x_hat.clamp(0.0, 1.0)
-    return (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3))
+    return _tile_sse(g_s, y_hat, x, mask, 0, 0, clamp)  # the whole image as one tile

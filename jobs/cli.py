@@ -13,11 +13,11 @@ from jobs.options import parse_storage_options
 
 
 def _inference_config(args):
-    from codec.inference import DEFAULTS, InferenceConfig
-    return InferenceConfig(method=args.method, iterations=args.iterations, lr=args.lr,
-                           seed=args.seed, schedule=args.schedule, patience=args.patience,
-                           eval_every=DEFAULTS.eval_every,
-                           min_improvement=DEFAULTS.min_improvement)
+    """The same InferenceConfig a pipeline run with these options would use."""
+    from pipeline.settings import EncodeSettings
+    return EncodeSettings(method=args.method, iterations=args.iterations, lr=args.lr,
+                          seed=args.seed, schedule=args.schedule,
+                          patience=args.patience).inference()
 
 
 def _progress_bar(total: int, desc: str):
