@@ -40,7 +40,7 @@ from codec.inference import InferenceConfig, infer
 from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
-from codec.registry import REGISTRY, LoadedModel, load
+from codec.registry import REGISTRY, LoadedModel, load, load_point
 
 _WORD = np.dtype(">u4")  # streams are stored as big-endian 32-bit words
 
@@ -66,6 +66,7 @@ class EncodeResult:
     seconds: float
     device: str
     metadata_bytes: int = 0  # META payload (EXIF, ICC, XMP, provenance); part of `bits`
+    rate: int | None = None  # rate point of a variable-rate model (grid index)
 
     @property
     def estimate_overhead(self) -> float:
@@ -153,12 +154,24 @@ def _synthesize(lm: LoadedModel, y_hat: np.ndarray | torch.Tensor, height: int, 
     return tiling.synthesize_pixels(lm.on(device).g_s, y, height, width)[0]
 
 
-def _load_for(model_id: str, registry) -> LoadedModel:
+def _load_for(header: Header, registry) -> LoadedModel:
+    """The model (at the stream's rate point, for a variable-rate model) a stream needs."""
     try:
-        return load(model_id, registry)
+        lm = load(header.model_id, registry)
     except ModelError as exc:
-        raise BitstreamError(f"stream was written with model {model_id!r}, which is not "
-                             f"available: {exc}") from exc
+        raise BitstreamError(f"stream was written with model {header.model_id!r}, which is "
+                             f"not available: {exc}") from exc
+    if (header.rate is None) != (lm.variable is None):
+        raise BitstreamError(f"model {header.model_id!r} is "
+                             f"{'variable' if lm.variable is not None else 'fixed'}-rate but "
+                             f"the stream {'has no' if header.rate is None else 'has a'} "
+                             "rate point")
+    if header.rate is None:
+        return lm
+    try:
+        return lm.at(header.rate)
+    except ModelError as exc:
+        raise BitstreamError(f"invalid rate point: {exc}") from exc
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None = "cpu",
@@ -171,7 +184,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
     bs = parse(data, max_pixels)
     h = bs.header
     meta = unpack(bs.sections["META"]) if read_metadata and "META" in bs.sections else None
-    lm = _load_for(h.model_id, registry)
+    lm = _load_for(h, registry)
     _, k, mu = decode_latents(bs, lm)
     rgb = _synthesize(lm, mu + k, h.height, h.width, torch.device(device or "cpu"))
     alpha = None
@@ -182,11 +195,17 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
 
 
 class Codec:
-    """One loaded model on one device; encodes single images or same-size batches."""
+    """One loaded model on one device (at one rate point, for a variable-rate model);
+    encodes single images or same-size batches.
+
+    `model` is an id, a quality level (1..6: a fixed-rate model of that level, else the
+    rate point it names on the default variable-rate model) or None (the default); `rate`
+    is a grid index of a variable-rate model (codec.variable_rate).
+    """
 
     def __init__(self, model: str | int | None = None, device: str | torch.device | None = None,
-                 registry=REGISTRY) -> None:
-        self.lm = load(model, registry)
+                 registry=REGISTRY, rate: int | None = None) -> None:
+        self.lm = load_point(model, rate, registry)
         self.registry = registry
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self.lm.on(self.device)
@@ -194,6 +213,18 @@ class Codec:
     @property
     def model_id(self) -> str:
         return self.lm.entry.id
+
+    @property
+    def rate(self) -> int | None:
+        """The rate point (grid index) streams are coded at; None for a fixed-rate model."""
+        return self.lm.rate
+
+    def at_rate(self, rate: int) -> Codec:
+        """This codec at another rate point of its variable-rate model (shares the model)."""
+        other = object.__new__(Codec)
+        other.lm, other.registry, other.device = self.lm.at(rate), self.registry, self.device
+        other.model = other.lm.on(self.device)
+        return other
 
     def encode(self, image: PreparedImage, config: InferenceConfig | None = None,
                progress: Callable[[int], None] | None = None) -> EncodeResult:
@@ -269,7 +300,7 @@ class Codec:
         if im.metadata is not None and im.metadata.fields():
             sections["META"] = im.metadata.pack()
         header = Header(lm.entry.id, info.width, info.height, info.color, info.orientation,
-                        info.bit_depth)
+                        info.bit_depth, rate=lm.rate)
         data = pack(Bitstream(header, sections))
         self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
 
@@ -288,7 +319,7 @@ class Codec:
             amortized_psnr=psnr_from_mse(amortized_mse),
             amortized_rd_loss=float(lat.start_loss[i]),
             seconds=inference_seconds + time.perf_counter() - t0, device=str(self.device),
-            metadata_bytes=len(sections.get("META", b"")))
+            metadata_bytes=len(sections.get("META", b"")), rate=lm.rate)
 
     def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray,
                 metadata: Metadata | None) -> None:

@@ -1,8 +1,12 @@
 """The sgarc bitstream: an archive format (layout documented in docs/bitstream.md).
 
     magic "SGAC" | version u8 | width u32 | height u32 | color u8 | orientation u8 |
-    bit_depth u8 | pad_mode u8 | model_id_len u8 | model_id |
+    bit_depth u8 | pad_mode u8 | model_id_len u8 | model_id | [rate u16, version 2] |
     { tag 4s | length u32 | payload }*  |  crc32 u32 (of every byte before it)
+
+Version 1 streams come from fixed-rate models; version 2 adds the rate point of a
+variable-rate model (its grid index, codec.variable_rate). Both are read; a writer uses the
+lowest version that holds its header, so fixed-rate streams are byte-for-byte what they were.
 
 All integers are big-endian. `parse` checks, in order: length, magic, version, checksum,
 header fields, then every section length against the bytes that remain, and raises
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field
 from codec.errors import BitstreamError
 
 MAGIC = b"SGAC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written and read
+VERSIONS = (1, 2)
+MAX_RATE = 0xFFFF
 FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger (padded) image
 PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total stride)
 MAX_MODEL_ID = 64
@@ -34,6 +40,7 @@ _PREFIX = struct.Struct(">4sB")
 _FIELDS = struct.Struct(">IIBBBBB")
 _SECTION = struct.Struct(">4sI")
 _CRC = struct.Struct(">I")
+_RATE = struct.Struct(">H")
 MIN_LENGTH = _PREFIX.size + _FIELDS.size + 1 + _CRC.size
 _MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
@@ -47,6 +54,11 @@ class Header:
     orientation: int = 1  # EXIF orientation of the source, already applied to the pixels
     bit_depth: int = 8  # sample depth of the source (16 when reduced on request)
     pad_mode: str = "replicate"
+    rate: int | None = None  # rate point of a variable-rate model (grid index); None: fixed
+
+    @property
+    def version(self) -> int:
+        return 1 if self.rate is None else 2
 
     @property
     def padded_pixels(self) -> int:
@@ -77,6 +89,8 @@ class Header:
             raise BitstreamError(f"invalid source bit depth {self.bit_depth}")
         if self.pad_mode not in PAD_MODES:
             raise BitstreamError(f"unknown padding mode {self.pad_mode!r}")
+        if self.rate is not None and not 0 <= self.rate <= MAX_RATE:
+            raise BitstreamError(f"invalid rate point {self.rate}")
 
 
 @dataclass
@@ -90,11 +104,13 @@ def pack(bs: Bitstream) -> bytes:
     h.validate()
     ident = h.model_id.encode("ascii")
     parts = [
-        _PREFIX.pack(MAGIC, FORMAT_VERSION),
+        _PREFIX.pack(MAGIC, h.version),
         _FIELDS.pack(h.width, h.height, COLORS.index(h.color), h.orientation, h.bit_depth,
                      PAD_MODES.index(h.pad_mode), len(ident)),
         ident,
     ]
+    if h.rate is not None:
+        parts.append(_RATE.pack(h.rate))
     for tag in SECTION_ORDER:
         if tag in bs.sections:
             payload = bs.sections[tag]
@@ -115,9 +131,10 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     magic, version = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError(f"not an sgarc bitstream (starts with {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise BitstreamError(f"unsupported format version {version}: this sgarc reads version "
-                             f"{FORMAT_VERSION}; use the sgarc release that wrote the file")
+    if version not in VERSIONS:
+        raise BitstreamError(f"unsupported format version {version}: this sgarc reads versions "
+                             f"{', '.join(map(str, VERSIONS))}; use the sgarc release that "
+                             "wrote the file")
     body, (crc,) = data[:-_CRC.size], _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the stream is corrupt or truncated")
@@ -131,11 +148,17 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     except UnicodeDecodeError as exc:
         raise BitstreamError("model id is not ASCII") from exc
     pos += id_len
+    rate = None
+    if version >= 2:
+        if pos + _RATE.size > len(body):
+            raise BitstreamError("truncated header: no rate point")
+        (rate,) = _RATE.unpack_from(body, pos)
+        pos += _RATE.size
     if color >= len(COLORS):
         raise BitstreamError(f"unknown color mode code {color}")
     if pad >= len(PAD_MODES):
         raise BitstreamError(f"unknown padding mode code {pad}")
-    header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad])
+    header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad], rate)
     header.validate(max_pixels)
     sections: dict[str, bytes] = {}
     while pos < len(body):

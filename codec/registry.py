@@ -6,6 +6,12 @@ corrupted or swapped file is refused with a clear error. Nothing is ever downloa
 
 A model file holds the float weights (what training and SGA use) and the frozen coding
 tables (`codec.frozen`, what entropy coding uses), written by `export_model`.
+
+A variable-rate model (codec.variable_rate) has `lmbdas` in its entry and quality 0 (it
+covers every level); its file adds the gains of every rate point. `LoadedModel.at(rate)`
+gives its coding view at one rate point: a plain model with the gains folded in and its
+exact hyper-synthesis, which the rest of the codec uses like a fixed-rate model. The
+quality levels 1..6 name rate points of it (`QUALITY_LMBDAS`, the zoo's λ ladder).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import copy
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,11 +28,16 @@ import torch
 
 from codec.errors import ModelError
 from codec.files import atomic_write
-from codec.frozen import CodingTables, freeze
+from codec.frozen import CodingTables, freeze, freeze_hyper_synthesis
 from codec.model import MeanScaleHyperprior
+from codec.variable_rate import GainedMeanScaleHyperprior, GainTables
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY = WEIGHTS_DIR / "registry.json"
+# The named quality levels: the λ of the fixed-rate zoo msh-small-q1..q6. On a variable-rate
+# model, quality q is its rate point nearest to QUALITY_LMBDAS[q].
+QUALITY_LMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.013, 5: 0.025, 6: 0.0483}
+DEFAULT_QUALITY = 4
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,16 @@ class ModelEntry:
     file: str
     sha256: str
     note: str = ""
+    lmbdas: tuple[float, ...] | None = None  # trained λ points of a variable-rate model
+    default: bool = False  # the model used when none is named
+
+    def __post_init__(self) -> None:
+        if self.lmbdas is not None:
+            object.__setattr__(self, "lmbdas", tuple(float(v) for v in self.lmbdas))
+
+    @property
+    def variable_rate(self) -> bool:
+        return self.lmbdas is not None
 
 
 @dataclass
@@ -48,6 +69,43 @@ class LoadedModel:
     entry: ModelEntry
     model: MeanScaleHyperprior  # float, eval mode, on CPU
     tables: CodingTables
+    variable: GainedMeanScaleHyperprior | None = None  # the whole model, if variable-rate
+    gain_tables: GainTables | None = None
+    rate: int | None = None  # the rate point `model` and `tables` code at (variable-rate)
+    _points: dict[int, LoadedModel] = field(default_factory=dict, repr=False)
+
+    def at(self, rate: int) -> LoadedModel:
+        """This variable-rate model's coding view at grid index `rate` (cached)."""
+        var, gains = self.variable, self.gain_tables
+        if var is None or gains is None:
+            raise ModelError(f"model {self.entry.id} is a fixed-rate model: it has no rate "
+                             "points")
+        if not 0 <= rate <= var.max_rate_index:
+            raise ModelError(f"rate point {rate} is outside 0..{var.max_rate_index} of model "
+                             f"{self.entry.id}")
+        if rate == self.rate:
+            return self
+        if rate not in self._points:
+            if len(self._points) >= 32:  # a target search visits ~10 points per image
+                self._points.pop(next(iter(self._points)))
+            net = var.materialize(gains, rate)
+            tables = replace(self.tables, hs=freeze_hyper_synthesis(net.h_s))
+            entry = replace(self.entry, lmbda=var.rate_lmbda(rate))
+            self._points[rate] = LoadedModel(entry, net, tables, var, gains, rate,
+                                             self._points)
+        return self._points[rate]
+
+    def quality_rate(self, quality: int) -> int:
+        """The rate point that quality level `quality` names on this variable-rate model."""
+        if quality not in QUALITY_LMBDAS:
+            raise ModelError(f"unknown quality {quality}; levels are "
+                             f"{min(QUALITY_LMBDAS)}..{max(QUALITY_LMBDAS)}")
+        return self.rate_for_lmbda(QUALITY_LMBDAS[quality])
+
+    def rate_for_lmbda(self, lmbda: float) -> int:
+        if self.variable is None:
+            raise ModelError(f"model {self.entry.id} is a fixed-rate model")
+        return self.variable.rate_for_lmbda(lmbda)
 
     def on(self, device: torch.device | str) -> MeanScaleHyperprior:
         """The float model on `device`; the CPU copy is never moved, others are cached."""
@@ -79,14 +137,22 @@ def find(model: str | int | None = None, registry: Path = REGISTRY) -> ModelEntr
     for e in known:
         if e.id == model if isinstance(model, str) else e.quality == model:
             return e
-    qualities = ", ".join(str(e.quality) for e in sorted(known, key=lambda e: e.quality))
+    default = _default(known)
+    if isinstance(model, int) and default.variable_rate and model in QUALITY_LMBDAS:
+        return default  # a named rate point of the default model (LoadedModel.quality_rate)
+    qualities = ", ".join(str(e.quality) for e in sorted(known, key=lambda e: e.quality)
+                          if e.quality)
     raise ModelError(f"unknown model {model!r}; known ids: {', '.join(e.id for e in known)}; "
                      f"qualities: {qualities} (see `sgarc models`)")
 
 
 def _default(known: list[ModelEntry]) -> ModelEntry:
-    """The middle quality level: a sensible archive default."""
-    ordered = sorted(known, key=lambda e: e.quality)
+    """The entry marked default, else the middle fixed quality level."""
+    marked = [e for e in known if e.default]
+    if marked:
+        return marked[0]
+    ordered = sorted((e for e in known if not e.variable_rate), key=lambda e: e.quality)
+    ordered = ordered or known
     return ordered[len(ordered) // 2]
 
 
@@ -106,33 +172,85 @@ def load(model: str | int | None = None, registry: Path = REGISTRY) -> LoadedMod
         raise ModelError(f"weights file {path} fails its integrity check (sha256 {digest[:12]}… "
                          f"expected {entry.sha256[:12]}…); reinstall sgarc")
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    weights = {k: v.float() for k, v in state["state_dict"].items()}
+    if entry.variable_rate:
+        var = GainedMeanScaleHyperprior(entry.N, entry.M, entry.lmbdas)
+        var.load_state_dict(weights)
+        var.eval()
+        gains = GainTables.from_state_dict(state["gains"])
+        whole = LoadedModel(entry, var.base, CodingTables.from_state_dict(
+            state["tables"], var.base.h_s), var, gains)
+        return whole.at(var.rate_for_lmbda(QUALITY_LMBDAS[DEFAULT_QUALITY]))
     net = MeanScaleHyperprior(entry.N, entry.M)
-    net.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
+    net.load_state_dict(weights)
     net.eval()
     return LoadedModel(entry, net, CodingTables.from_state_dict(state["tables"], net.h_s))
 
 
-def export_model(model: MeanScaleHyperprior, model_id: str, quality: int, lmbda: float,
-                 steps: int, data: str, note: str = "", registry: Path = REGISTRY,
-                 half: bool = False) -> ModelEntry:
-    """Freeze the coding tables, write the model file and (re)register it atomically."""
+def load_point(model: str | int | None = None, rate: int | None = None,
+               registry: Path = REGISTRY) -> LoadedModel:
+    """A model ready to code: fixed-rate as it is; variable-rate at grid index `rate`, or at
+    the rate point a quality level names, or at its default point (quality 4)."""
+    lm = load(model, registry)
+    if rate is not None:
+        return lm.at(rate)
+    if lm.variable is not None and isinstance(model, int) and lm.entry.quality != model:
+        return lm.at(lm.quality_rate(model))
+    return lm
+
+
+def export_model(model: MeanScaleHyperprior | GainedMeanScaleHyperprior, model_id: str,
+                 quality: int, lmbda: float, steps: int, data: str, note: str = "",
+                 registry: Path = REGISTRY, half: bool = False,
+                 default: bool = False) -> ModelEntry:
+    """Freeze the coding tables, write the model file and (re)register it atomically.
+
+    A variable-rate model is registered with quality 0 and its λ points; its file adds the
+    gain tables, and every rate point's exact hyper-synthesis is checked here (an
+    accumulator bound that fails would otherwise fail at decode time).
+    """
     model = model.cpu().eval()
     if half:  # store fp16, then freeze from exactly the weights the decoder will load
         model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
-    tables = freeze(model)
+    variable = isinstance(model, GainedMeanScaleHyperprior)
+    tables = freeze(model.base if variable else model)
     sd = {k: (v.half() if half and v.is_floating_point() else v)
           for k, v in model.state_dict().items()}
+    payload = {"state_dict": sd, "tables": tables.state_dict()}
+    if variable:
+        gains = model.gain_tables()
+        for index in range(model.max_rate_index + 1):
+            freeze_hyper_synthesis(model.materialize(gains, index).h_s)
+        payload["gains"] = gains.state_dict()
+        quality, lmbda = 0, model.rate_lmbda(model.rate_for_lmbda(
+            QUALITY_LMBDAS[DEFAULT_QUALITY]))
     buf = io.BytesIO()
-    torch.save({"state_dict": sd, "tables": tables.state_dict()}, buf)
+    torch.save(payload, buf)
     registry.parent.mkdir(parents=True, exist_ok=True)
     path = registry.parent / f"{model_id}.pt"
     atomic_write(path, buf.getvalue())
     entry = ModelEntry(model_id, quality, lmbda, model.N, model.M, steps, data, path.name,
-                       hashlib.sha256(buf.getvalue()).hexdigest(), note)
-    others = [e for e in entries(registry) if e.id != model_id and e.quality != quality]
+                       hashlib.sha256(buf.getvalue()).hexdigest(), note,
+                       model.lmbdas if variable else None, default)
+    others = [e for e in entries(registry)
+              if e.id != model_id and (variable or e.quality != quality)]
+    if default:
+        others = [replace(e, default=False) for e in others]
     models = sorted([*others, entry], key=lambda e: e.quality)
-    atomic_write(registry, (json.dumps({"models": [asdict(e) for e in models]}, indent=2)
+    atomic_write(registry, (json.dumps({"models": [_as_json(e) for e in models]}, indent=2)
                              + "\n").encode())
     load.cache_clear()
     return entry
 
+
+
+def _as_json(entry: ModelEntry) -> dict:
+    """The entry as the registry stores it: optional fields only where they are set."""
+    d = asdict(entry)
+    if d["lmbdas"] is None:
+        del d["lmbdas"]
+    else:
+        d["lmbdas"] = list(d["lmbdas"])
+    if not d["default"]:
+        del d["default"]
+    return d

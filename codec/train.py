@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from codec.model import MeanScaleHyperprior
+from codec.variable_rate import GainedMeanScaleHyperprior
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -40,24 +42,73 @@ class TrainConfig:
     # random: fine-tuning a neighbouring quality level reaches a good model in a fraction
     # of the steps. Ignored when resuming, since the checkpoint already holds the weights.
     init_from: str | None = None
+    # Variable-rate training (codec.variable_rate): the λ points, one drawn per crop; empty =
+    # one fixed-rate model at `lmbda`. With --init-from a fixed-rate model, that model's λ
+    # sets the gains' start (GainedMeanScaleHyperprior.init_from_fixed).
+    lmbdas: tuple[float, ...] = ()
+    gain_lr_scale: float = 10.0  # the gains learn this much faster than the transforms
+
+    @property
+    def variable_rate(self) -> bool:
+        return bool(self.lmbdas)
 
 
-def initial_weights(init_from: str) -> tuple[dict[str, torch.Tensor], int]:
-    """The float state dict and the steps it was trained for, from a checkpoint or model id."""
+def initial_weights(init_from: str) -> tuple[dict[str, torch.Tensor], int, float | None]:
+    """The float state dict, the steps it was trained for and its λ (None: a variable-rate
+    model or an unknown one), from a checkpoint or model id."""
     from codec import registry
     if Path(init_from).is_file():
         state = torch.load(init_from, map_location="cpu", weights_only=True)
-        return state["model"], int(state["step"]) + int(state.get("init_steps", 0))
+        config = state.get("config", {})
+        lmbda = None if config.get("lmbdas") else config.get("lmbda")
+        return state["model"], int(state["step"]) + int(state.get("init_steps", 0)), lmbda
     loaded = registry.load(init_from)  # ModelError names the known ids
-    return loaded.model.state_dict(), loaded.entry.steps
+    net = loaded.variable if loaded.variable is not None else loaded.model
+    return (net.state_dict(), loaded.entry.steps,
+            None if loaded.variable is not None else loaded.entry.lmbda)
 
 
-def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float) -> dict[str, torch.Tensor]:
-    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bits = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values())
-    bpp = bits / num_pixels
-    mse = torch.mean((out["x_hat"] - x) ** 2)
-    return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse}
+def build_model(cfg: TrainConfig) -> nn.Module:
+    if cfg.variable_rate:
+        return GainedMeanScaleHyperprior(cfg.N, cfg.M, cfg.lmbdas)
+    return MeanScaleHyperprior(cfg.N, cfg.M)
+
+
+def load_initial(model: nn.Module, init_from: str, cfg: TrainConfig) -> int:
+    """Load --init-from weights into a new model; returns the steps behind them."""
+    weights, steps, lmbda = initial_weights(init_from)
+    fixed_into_variable = cfg.variable_rate and not any(k.startswith("base.") for k in weights)
+    try:
+        if fixed_into_variable:
+            fixed = MeanScaleHyperprior(cfg.N, cfg.M)
+            fixed.load_state_dict(weights)
+            model.init_from_fixed(fixed, lmbda if lmbda is not None else cfg.lmbda)
+        else:
+            model.load_state_dict(weights)
+    except RuntimeError:
+        raise ValueError(f"--init-from {init_from}: its N, M or rate points differ from "
+                         f"N={cfg.N}, M={cfg.M}") from None
+    return steps
+
+
+def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float | torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """Batch means of R + λ·255²·MSE, R and MSE; `lmbda` is a number or one λ per crop."""
+    pixels = x.shape[2] * x.shape[3]
+    bits = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"].values())
+    bpp = bits / pixels
+    mse = torch.mean((out["x_hat"] - x) ** 2, dim=(1, 2, 3))
+    loss = bpp + lmbda * 255.0**2 * mse
+    return {"loss": loss.mean(), "bpp": bpp.mean(), "mse": mse.mean()}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Adam groups: the gains of a variable-rate model learn `gain_lr_scale` times faster."""
+    if not cfg.variable_rate:
+        return [{"params": list(model.parameters())}]
+    gains = [p for n, p in model.named_parameters() if not n.startswith("base.")]
+    base = [p for n, p in model.named_parameters() if n.startswith("base.")]
+    return [{"params": base}, {"params": gains, "lr_scale": cfg.gain_lr_scale}]
 
 
 def image_files(folders: Iterable[str | Path]) -> list[Path]:
@@ -96,6 +147,10 @@ class CropSampler:
             out[i] = a
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
 
+    def rate_points(self, n: int, num_rates: int) -> torch.Tensor:
+        """One trained rate point per crop, uniformly (variable-rate training)."""
+        return torch.from_numpy(self.rng.integers(num_rates, size=n))
+
 
 def train(cfg: TrainConfig, checkpoint: Path, log=print,
           on_record: Callable[[dict], None] | None = None) -> MeanScaleHyperprior:
@@ -109,14 +164,19 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = MeanScaleHyperprior(cfg.N, cfg.M).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = build_model(cfg).to(device)
     step, state, init_steps = 0, None, 0
+    if not checkpoint.exists() and cfg.init_from:
+        init_steps = load_initial(model, cfg.init_from, cfg)
+        log(f"initialized from {cfg.init_from} ({init_steps} steps)")
+    opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         saved = state.get("config", {})
-        changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("N", "M", "lmbda")
-                   if k in saved and saved[k] != getattr(cfg, k)]
+        saved.setdefault("lmbdas", ())
+        changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("N", "M", "lmbda", "lmbdas")
+                   if k in saved and tuple(np.atleast_1d(saved[k])) !=
+                   tuple(np.atleast_1d(getattr(cfg, k)))]
         if changed:
             raise ValueError(f"checkpoint {checkpoint} was trained with other settings "
                              f"({', '.join(changed)}); use another checkpoint path")
@@ -125,14 +185,6 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
         step = state["step"]
         init_steps = int(state.get("init_steps", 0))
         log(f"resumed from {checkpoint} at step {step}")
-    elif cfg.init_from:
-        weights, init_steps = initial_weights(cfg.init_from)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError:
-            raise ValueError(f"--init-from {cfg.init_from}: its N and M differ from "
-                             f"N={cfg.N}, M={cfg.M}") from None
-        log(f"initialized from {cfg.init_from} ({init_steps} steps)")
     sampler = CropSampler(image_files(cfg.data), cfg.crop, cfg.seed + step)
     if state is not None and "rng" in state:
         torch.set_rng_state(state["rng"]["torch"])
@@ -146,9 +198,14 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     while step < cfg.steps:
         lr = cfg.lr * (0.1 if step >= cfg.lr_drop_at * cfg.steps else 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         x = sampler.batch(cfg.batch_size).to(device)
-        terms = rd_loss_terms(x, model(x), cfg.lmbda)
+        if cfg.variable_rate:
+            r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
+            lmbda = model.lmbdas_tensor(device)[r]
+            terms = rd_loss_terms(x, model(x, r), lmbda)
+        else:
+            terms = rd_loss_terms(x, model(x), cfg.lmbda)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -255,7 +255,8 @@ def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict[int,
                                                                       * im.rgb.shape[1])})
     points = {}
     for n, r in rows.items():
-        points[n] = _point(entry.quality, r, model=entry.id, lmbda=entry.lmbda)
+        points[n] = _point(entry.quality if codec.rate is None else codec.rate, r,
+                           model=entry.id, lmbda=entry.lmbda, rate=codec.rate)
         points[n]["rd_loss"] = float(np.mean([row["rd_loss"] for row in r]))
     return points
 
@@ -291,7 +292,8 @@ def compare(curves: dict[str, dict], reference: str, method: str = "pchip") -> d
             c: [_finite(rate_saving((p["bpp"], p["psnr"]), _xy(curves[c]), method))
                 for p in curve["points"]] for c in classical}
     for name, curve in curves.items():
-        base = curves.get("sgarc-amortized")
+        # the amortized curve of the same model: "<prefix>-sga-N" -> "<prefix>-amortized"
+        base = curves.get(name.rsplit("-sga-", 1)[0] + "-amortized")
         if curve["kind"] != "sgarc" or curve["method"] == "amortized" or base is None:
             continue
         gains = []
@@ -431,11 +433,28 @@ def evaluate(args) -> dict:
     from codec.api import Codec
     from codec.inference import InferenceConfig
     from codec.registry import REGISTRY, entries
+    from codec.variable_rate import RATE_STEPS
 
     registry = Path(args.registry) if args.registry else REGISTRY
     known = entries(registry)
+    fixed = [e for e in known if not e.variable_rate]
     qualities = (_int_list(args.quality, "--quality") if args.quality
-                 else sorted(e.quality for e in known))
+                 else sorted(e.quality for e in fixed)) if not args.model or args.zoo else []
+    # (curve prefix, label prefix, codec factory) per sgarc point: the fixed-rate zoo's
+    # levels, then each --model at its rate points (variable-rate) or as it is.
+    sgarc_points: list[tuple[str, str, Callable[[], Any]]] = [
+        ("sgarc", "sgarc", lambda q=q: Codec(q, device=args.device, registry=registry))
+        for q in qualities]
+    for model_id in args.model or []:
+        base = Codec(model_id, device=args.device, registry=registry)
+        if base.lm.variable is None:
+            sgarc_points.append((f"sgarc-{model_id}", model_id, lambda c=base: c))
+            continue
+        var = base.lm.variable
+        rates = (_int_list(args.rates, "--rates") if args.rates
+                 else [r * RATE_STEPS for r in range(var.num_rates)])
+        sgarc_points += [(f"sgarc-{model_id}", model_id, lambda c=base, r=r: c.at_rate(r))
+                         for r in rates]
     iterations = _int_list(args.sga_iterations, "--sga-iterations") if args.sga_iterations \
         else []
     baselines = ([] if args.baselines == "none" else list(BASELINES) if args.baselines == "all"
@@ -454,7 +473,7 @@ def evaluate(args) -> dict:
     pixels = sum(im.rgb.shape[0] * im.rgb.shape[1] for im in images)
 
     work = len(images) * (sum(len(BASELINES[b][2]) for b in baselines)
-                          + len(qualities) * ((not args.no_amortized) + max(iterations,
+                          + len(sgarc_points) * ((not args.no_amortized) + max(iterations,
                                                                              default=0)))
     bar = tqdm(total=work, desc="eval", unit="step", dynamic_ncols=True, disable=args.quiet,
                file=sys.stderr, mininterval=2.0)
@@ -462,16 +481,18 @@ def evaluate(args) -> dict:
     device = None
     t0 = time.time()
     try:
-        for q in qualities:
-            codec = Codec(q, device=args.device, registry=registry)
+        for prefix, label_prefix, make in sgarc_points:
+            codec = make()
             runs = ([] if args.no_amortized else [InferenceConfig(method="amortized")]) + (
                 [InferenceConfig(iterations=max(iterations), snapshots=tuple(iterations),
                                  seed=args.seed)] if iterations else [])
             for cfg in runs:
-                bar.set_description(f"sgarc-{cfg.method} q{q}")
+                bar.set_description(f"{prefix}-{cfg.method} "
+                                    f"{codec.lm.entry.quality or f'r{codec.rate}'}")
                 for n, point in measure_sgarc(codec, images, cfg, bar).items():
-                    name = "sgarc-amortized" if not n else f"sgarc-sga-{n}"
-                    label = "sgarc amortized" if not n else f"sgarc SGA {n} it"
+                    name = f"{prefix}-amortized" if not n else f"{prefix}-sga-{n}"
+                    label = f"{label_prefix} amortized" if not n else \
+                        f"{label_prefix} SGA {n} it"
                     curve = curves.setdefault(name, {"kind": "sgarc", "label": label,
                                                      "method": cfg.method if n else "amortized",
                                                      "iterations": n, "parameter": "quality",
@@ -591,6 +612,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "recursively (with --merge: the JSON reports to merge)")
     p.add_argument("--quality", "-q", default=None, metavar="Q[,Q...]",
                    help="quality levels (default: every shipped one)")
+    p.add_argument("--model", action="append", default=None, metavar="ID",
+                   help="evaluate this model (repeatable) instead of the fixed-rate zoo: a "
+                        "variable-rate model at --rates; add --zoo to measure the zoo too")
+    p.add_argument("--rates", default=None, metavar="R[,R...]",
+                   help="rate points (grid indices) of a variable-rate --model (default: its "
+                        "trained λ points)")
+    p.add_argument("--zoo", action="store_true",
+                   help="with --model: also measure the fixed-rate levels (--quality)")
     p.add_argument("--sga-iterations", default="", metavar="N[,N...]",
                    help="also evaluate SGA at these iteration counts, e.g. 100,500 (about "
                         "0.1 s per iteration at 481x321 on a 2-core CPU)")

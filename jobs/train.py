@@ -74,7 +74,26 @@ def _config(args):
                        steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                        lr=args.lr, lr_drop_at=args.lr_drop_at, seed=args.seed,
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                       init_from=args.init_from)
+                       init_from=args.init_from, lmbdas=_lmbdas(args.lmbdas))
+
+
+def _lmbdas(text: str | None) -> tuple[float, ...]:
+    """--lmbdas: 'default' (codec.variable_rate's ladder) or comma-separated values."""
+    if not text:
+        return ()
+    from codec.variable_rate import DEFAULT_LMBDAS, check_lmbdas
+    if text == "default":
+        return DEFAULT_LMBDAS
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SgarcError(f"--lmbdas {text!r}: expected 'default' or numbers such as "
+                         "0.0018,0.0035,0.0067") from None
+    try:
+        check_lmbdas(values)
+    except ValueError:
+        raise SgarcError(f"--lmbdas {text!r}: give at least two increasing values") from None
+    return values
 
 
 def cmd_train(args) -> int:
@@ -87,8 +106,12 @@ def cmd_train(args) -> int:
     if args.crop < DOWNSAMPLE or args.crop % DOWNSAMPLE:
         raise SgarcError(f"--crop must be a multiple of {DOWNSAMPLE} (the model's total "
                          f"downsampling), not {args.crop}")
-    if (args.export is None) != (args.quality is None):
+    variable = bool(args.lmbdas)
+    if not variable and (args.export is None) != (args.quality is None):
         raise SgarcError("--export ID and --quality Q go together")
+    if variable and args.quality is not None:
+        raise SgarcError("a variable-rate model (--lmbdas) covers every quality level: "
+                         "leave out --quality")
     for folder in args.data:
         if not Path(folder).is_dir():
             raise SgarcError(f"--data {folder}: not a folder")
@@ -132,9 +155,9 @@ def cmd_train(args) -> int:
         registry = Path(args.registry) if args.registry else REGISTRY
         data = args.export_data or " + ".join(_data_name(d) for d in args.data)
         # The registry counts every step behind the weights, the --init-from model's too.
-        entry = export_model(model, args.export, args.quality, cfg.lmbda, init_steps + steps,
-                             f"{data}, {cfg.crop}px crops", note=args.note, registry=registry,
-                             half=True)
+        entry = export_model(model, args.export, args.quality or 0, cfg.lmbda,
+                             init_steps + steps, f"{data}, {cfg.crop}px crops", note=args.note,
+                             registry=registry, half=True, default=args.default)
         print(f"exported {entry.id} (quality {entry.quality}, λ {entry.lmbda}, N {entry.N}, "
               f"M {entry.M}, {entry.steps} steps) to {registry.parent / entry.file}, "
               f"sha256 {entry.sha256[:12]}…")
@@ -165,6 +188,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "beside it (<stem>.log.jsonl)")
     p.add_argument("--lmbda", type=float, default=d.lmbda,
                    help=f"rate-distortion trade-off λ (default {d.lmbda})")
+    p.add_argument("--lmbdas", default=None, metavar="L1,L2,...|default",
+                   help="train one variable-rate model (gain units, codec.variable_rate) over "
+                        "these λ points, one drawn per crop; 'default' is 0.0009·2^k, k=0..8. "
+                        "--lmbda then only gives the λ of a fixed-rate --init-from model when "
+                        "its own is unknown")
     p.add_argument("--N", type=int, default=d.N, help=f"channels of z and the transforms "
                    f"(default {d.N})")
     p.add_argument("--M", type=int, default=d.M, help=f"channels of y (default {d.M})")
@@ -187,6 +215,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "(fine-tuning a neighbouring quality); ignored when resuming")
     p.add_argument("--export", default=None, metavar="ID",
                    help="when done, export the model under this id into the registry (fp16)")
+    p.add_argument("--default", action="store_true",
+                   help="mark the exported model as the default (used when none is named)")
     p.add_argument("--quality", "-q", type=int, default=None,
                    help="quality level of the exported model (with --export); replaces an "
                         "entry with the same level")

@@ -63,3 +63,22 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     base = np.stack([128 + 80 * np.sin(xx / 9.0 + c) * np.cos(yy / 13.0 - c) for c in range(3)],
                     axis=-1)
     return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+TINY_VR_ID = "tiny-vr-test"
+
+
+@pytest.fixture(scope="session")
+def tiny_vr_registry(tmp_path_factory) -> Path:
+    """A registry with a small untrained variable-rate model (3 λ points) beside a fixed one."""
+    from codec.variable_rate import GainedMeanScaleHyperprior
+
+    torch.manual_seed(0)
+    registry = tmp_path_factory.mktemp("vr-weights") / "registry.json"
+    export_model(MeanScaleHyperprior(N=16, M=24), TINY_ID, quality=1, lmbda=0.01, steps=0,
+                 data="untrained (tests)", registry=registry)
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
+    vr.init_from_fixed(MeanScaleHyperprior(N=16, M=24), 2e-5)  # gains 10..40: latents code
+    export_model(vr, TINY_VR_ID, quality=0, lmbda=0.0, steps=0, data="untrained (tests)",
+                 registry=registry, half=True)
+    return registry

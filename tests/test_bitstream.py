@@ -53,7 +53,7 @@ def with_crc(body: bytes) -> bytes:
 
 
 def raw_stream(sections=(), *, width=WIDTH, height=HEIGHT, model_id=TINY_BYTES,
-               magic=MAGIC, version=FORMAT_VERSION, color=0, orientation=1, depth=8, pad=0,
+               magic=MAGIC, version=1, color=0, orientation=1, depth=8, pad=0,
                id_len=None) -> bytes:
     """A stream written field by field (no validation), with a valid CRC.
 

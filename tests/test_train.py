@@ -133,8 +133,40 @@ def test_init_from_starts_a_new_run_from_other_weights(data, tmp_path, capsys):
     wrong = ["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "w.ckpt"),
              "--steps", "1", "--M", "16", "--init-from", str(parent)]
     assert main(wrong) == 2
-    assert "N and M differ" in capsys.readouterr().err
+    assert "N, M or rate points differ" in capsys.readouterr().err
     missing = ["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "m.ckpt"),
                "--steps", "1", "--init-from", "no-such-model"]
     assert main(missing) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_variable_rate_training_fine_tunes_a_fixed_model_and_exports(data, tmp_path, capsys):
+    """--lmbdas trains one gained model from a fixed-rate one; it exports with quality 0 and
+    codes at any of its rate points; quality levels name rate points once it is default."""
+    registry = tmp_path / "weights" / "registry.json"
+    fixed = tmp_path / "fixed.ckpt"
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(fixed), "--steps", "2",
+                 "--lmbda", "0.004"]) == 0
+    ckpt = tmp_path / "vr.ckpt"
+    args = ["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "3",
+            "--lmbdas", "0.002,0.004,0.008", "--init-from", str(fixed)]
+    assert main([*args, "--quality", "2", "--export", "x"]) == 2
+    assert "leave out --quality" in capsys.readouterr().err
+    assert main([*args, "--export", "tiny-vr", "--default", "--registry", str(registry)]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    gain = state["model"]["gain"]
+    assert gain.shape == (3, 8)  # init_from_fixed: step sqrt(0.004 / λ_r), then 3 Adam steps
+    assert torch.allclose(gain[:, 0], torch.tensor([0.5, 1.0, 2.0]) ** 0.5, atol=0.05)
+    (entry,) = entries(registry)
+    assert entry.variable_rate and entry.quality == 0 and entry.default
+    assert main([*args[:-2], "--lmbdas", "0.002,0.01"]) == 2  # other rate points: refused
+    assert "other settings" in capsys.readouterr().err
+
+    image = load_image(data / "0.png")
+    for quality in (1, 6):  # named rate points of the default variable-rate model
+        result = Codec(quality, device="cpu", registry=registry).encode(
+            image, InferenceConfig(method="amortized"))
+        assert result.model_id == "tiny-vr" and result.rate is not None
+        assert decode(result.data, registry=registry).rgb.shape == (96, 96, 3)
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "y.ckpt"),
+                 "--lmbdas", "0.002,0.001"]) == 2

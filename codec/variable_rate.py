@@ -1,0 +1,203 @@
+"""One model, any rate: a Mean-Scale Hyperprior with gain units (Cui et al. 2021).
+
+"Asymmetric Gained Deep Image Compression With Continuous Rate Adaptation" (CVPR 2021):
+per-channel gain vectors, one per trained λ, scale the latents before quantization and
+their inverses scale them back after; interpolating the vectors exponentially between two
+trained λ gives every rate in between from the same transforms. We chose it over
+conditional convolutions or λ-conditioned networks because it adds only 2(N + M) numbers per
+rate point, keeps the transforms (and so the decoder's speed and its exact integer
+hyper-synthesis) exactly those of the fixed-rate model, and works as a fine-tune of a
+trained fixed-rate model (each rate point starts as that model with a quantization step
+1/gain).
+
+For rate point r (gains taken absolute, as in the paper):
+
+    y' = gain_r ⊙ g_a(x)                        coded latent (the lattice is mu' + k)
+    z' = hyper_gain_r ⊙ h_a(g_a(x))             coded hyperlatent
+    (mu', sigma') = gain_r ⊙ h_s(hyper_inverse_gain_r ⊙ ẑ')
+    x̂ = g_s(inverse_gain_r ⊙ ŷ')
+
+The hyper-synthesis predicts the un-gained y and the gain scales its prediction, so the
+entropy model matches the gained latents at every rate point (equivalently: a per-channel
+quantization step 1/gain). Every term is a per-channel product, so a rate point is
+*materialized* by folding its gains into the weights of a plain `MeanScaleHyperprior`
+(`materialize`): inference, SGA, tiling, fast synthesis and the exact coding path run on it
+unchanged.
+
+Exactness (DESIGN.md, decision 1). The gains that reach the coding parameters (gain_r and
+hyper_inverse_gain_r, folded into h_s) must be the same bits on every machine. Interpolating
+them needs exp/log, which differ between math libraries, so the continuous rate is a grid:
+RATE_STEPS points per interval between trained λ, numbered 0 .. (R - 1) * RATE_STEPS, and the
+gains of every grid point are computed once at export and stored in the model file
+(`GainTables`). The stream header carries the grid index; folding a stored float32 gain into
+a float32 weight is one IEEE multiplication, the same everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from codec.entropy_models import gaussian_likelihood
+from codec.model import MeanScaleHyperprior
+
+RATE_STEPS = 32  # grid points per interval between trained λ (λ ratio 2: 2.2% per step)
+GAIN_NAMES = ("gain", "inverse_gain", "hyper_gain", "hyper_inverse_gain")
+
+
+# The trained λ points: 0.0009 · 2^k, k = 0..8 (about 0.1 to beyond 2 bpp on photos).
+DEFAULT_LMBDAS = tuple(round(0.0009 * 2.0**k, 6) for k in range(9))
+
+
+def default_lmbdas() -> tuple[float, ...]:
+    return DEFAULT_LMBDAS
+
+
+def check_lmbdas(lmbdas: tuple[float, ...]) -> None:
+    if len(lmbdas) < 2 or any(b <= a for a, b in itertools.pairwise(lmbdas)):
+        raise ValueError(f"λ points must be at least two increasing values, not {lmbdas}")
+
+
+class GainedMeanScaleHyperprior(nn.Module):
+    """The base transforms plus one (gain, inverse gain, hyper gain, hyper inverse gain) per λ."""
+
+    def __init__(self, N: int = 64, M: int = 96,
+                 lmbdas: tuple[float, ...] | list[float] = DEFAULT_LMBDAS) -> None:
+        super().__init__()
+        lmbdas = tuple(float(v) for v in lmbdas)
+        check_lmbdas(lmbdas)
+        self.N, self.M, self.lmbdas = N, M, lmbdas
+        self.base = MeanScaleHyperprior(N, M)
+        R = len(lmbdas)
+        self.gain = nn.Parameter(torch.ones(R, M))
+        self.inverse_gain = nn.Parameter(torch.ones(R, M))
+        self.hyper_gain = nn.Parameter(torch.ones(R, N))
+        self.hyper_inverse_gain = nn.Parameter(torch.ones(R, N))
+
+    @property
+    def num_rates(self) -> int:
+        return len(self.lmbdas)
+
+    def lmbdas_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.lmbdas, device=device)
+
+    @torch.no_grad()
+    def init_from_fixed(self, fixed: MeanScaleHyperprior, lmbda: float) -> None:
+        """Start from a trained fixed-rate model at `lmbda`: rate point r then codes with the
+        quantization step sqrt(lmbda / λ_r), the high-rate optimum for R + λD (D ∝ step²)."""
+        self.base.load_state_dict(fixed.state_dict())
+        g = torch.tensor([math.sqrt(v / lmbda) for v in self.lmbdas]).view(-1, 1)
+        self.gain.copy_(g.expand_as(self.gain))
+        self.inverse_gain.copy_((1.0 / g).expand_as(self.inverse_gain))
+        self.hyper_gain.fill_(1.0)
+        self.hyper_inverse_gain.fill_(1.0)
+
+    def gains(self, r: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample gains (B, C, 1, 1) for integer rate points r (B,)."""
+        return {name: getattr(self, name).abs()[r][:, :, None, None] for name in GAIN_NAMES}
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> dict:
+        """Training forward at rate point r[i] for image i (uniform-noise relaxation)."""
+        g = self.gains(r)
+        b = self.base
+        y = b.g_a(x)
+        z = b.h_a(y) * g["hyper_gain"]
+        y = y * g["gain"]
+        z_tilde = z + torch.empty_like(z).uniform_(-0.5, 0.5)
+        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+        sigma, mu = b.h_s(z_tilde * g["hyper_inverse_gain"]).chunk(2, dim=1)
+        y_lik = gaussian_likelihood(y_tilde, mu * g["gain"], sigma * g["gain"])
+        z_lik = b.p_z.likelihood(z_tilde)
+        return {"x_hat": b.g_s(y_tilde * g["inverse_gain"]),
+                "likelihoods": {"y": y_lik, "z": z_lik}}
+
+    # ------------------------------------------------------------------ rate points
+
+    @property
+    def max_rate_index(self) -> int:
+        return (self.num_rates - 1) * RATE_STEPS
+
+    def rate_for_lmbda(self, lmbda: float) -> int:
+        """The grid index whose λ is nearest `lmbda` (in log), clamped to the range."""
+        lo, hi = math.log(self.lmbdas[0]), math.log(self.lmbdas[-1])
+        v = min(max(math.log(lmbda), lo), hi)
+        r = max(i for i in range(self.num_rates) if math.log(self.lmbdas[i]) <= v + 1e-12)
+        if r == self.num_rates - 1:
+            return self.max_rate_index
+        a, b = math.log(self.lmbdas[r]), math.log(self.lmbdas[r + 1])
+        return r * RATE_STEPS + round((v - a) / (b - a) * RATE_STEPS)
+
+    def rate_lmbda(self, index: int) -> float:
+        """λ at grid index `index`, interpolated exponentially like the gains."""
+        return float(_interpolate(np.log(self.lmbdas), index, np.exp))
+
+    @torch.no_grad()
+    def gain_tables(self) -> GainTables:
+        """The gains of every grid point, in float64 then stored as float32 (run at export)."""
+        out = {}
+        for name in GAIN_NAMES:
+            logs = np.log(getattr(self, name).detach().abs().double().cpu().numpy())
+            rows = [_interpolate(logs, i, np.exp) for i in range(self.max_rate_index + 1)]
+            out[name] = torch.from_numpy(np.stack(rows).astype(np.float32))
+        return GainTables(**out)
+
+    def materialize(self, tables: GainTables, index: int) -> MeanScaleHyperprior:
+        """A plain MeanScaleHyperprior that computes this model at grid index `index`."""
+        if not 0 <= index <= self.max_rate_index:
+            raise ValueError(f"rate index {index} outside 0..{self.max_rate_index}")
+        return fold(self.base, tables.row(index))
+
+
+def _interpolate(logs: np.ndarray, index: int, exp) -> np.ndarray | float:
+    """exp of the linear interpolation of `logs` (rows = trained points) at a grid index."""
+    r, step = divmod(index, RATE_STEPS)
+    if step == 0:
+        return exp(logs[r])
+    t = step / RATE_STEPS
+    return exp((1.0 - t) * logs[r] + t * logs[r + 1])
+
+
+@dataclass
+class GainTables:
+    """Gains per grid index (rows), float32: what the stored model defines a rate point by."""
+
+    gain: torch.Tensor  # (G, M)
+    inverse_gain: torch.Tensor  # (G, M)
+    hyper_gain: torch.Tensor  # (G, N)
+    hyper_inverse_gain: torch.Tensor  # (G, N)
+
+    def row(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name)[index].float() for name in GAIN_NAMES}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"gains.{name}": getattr(self, name).float() for name in GAIN_NAMES}
+
+    @classmethod
+    def from_state_dict(cls, s: dict[str, torch.Tensor]) -> GainTables:
+        return cls(**{name: s[f"gains.{name}"].float() for name in GAIN_NAMES})
+
+
+@torch.no_grad()
+def fold(base: MeanScaleHyperprior, g: dict[str, torch.Tensor]) -> MeanScaleHyperprior:
+    """Fold per-channel gains into a copy of `base`'s weights (float32 products)."""
+    model = copy.deepcopy(base).cpu().float().eval()
+    gain, inverse, hyper, hyper_inverse = (g[n] for n in GAIN_NAMES)
+    a_last, hs_first, hs_last = model.g_a[-1], model.h_s[0], model.h_s[-1]
+    a_last.weight.mul_(gain.view(-1, 1, 1, 1))          # y' = gain * g_a(x)
+    a_last.bias.mul_(gain)
+    model.h_a[0].weight.div_(gain.view(1, -1, 1, 1))    # h_a reads the un-gained y
+    model.h_a[-1].weight.mul_(hyper.view(-1, 1, 1, 1))  # z' = hyper_gain * h_a(y)
+    model.h_a[-1].bias.mul_(hyper)
+    # h_s(hyper_inverse * z'): ConvTranspose2d weights are (C_in, C_out, k, k)
+    hs_first.weight.mul_(hyper_inverse.view(-1, 1, 1, 1))
+    out_gain = torch.cat([gain, gain])  # (sigma', mu') = gain * (sigma, mu)
+    hs_last.weight.mul_(out_gain.view(-1, 1, 1, 1))
+    hs_last.bias.mul_(out_gain)
+    model.g_s[0].weight.mul_(inverse.view(-1, 1, 1, 1))  # g_s(inverse_gain * y_hat')
+    return model

@@ -1,0 +1,137 @@
+"""The variable-rate model: rate points fold into a plain model, streams carry the point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from codec.api import Codec, decode
+from codec.bitstream import parse
+from codec.errors import BitstreamError, ModelError
+from codec.images import load_image
+from codec.inference import InferenceConfig
+from codec.registry import QUALITY_LMBDAS, find, load, load_point
+from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+from tests.conftest import TINY_ID, TINY_VR_ID, smooth_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _random_gains(model: GainedMeanScaleHyperprior, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (model.gain, model.inverse_gain, model.hyper_gain, model.hyper_inverse_gain):
+            p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def test_materialized_point_is_the_gained_forward():
+    """At a trained point the folded plain model computes what training's forward does."""
+    torch.manual_seed(0)
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032)).eval()
+    _random_gains(vr)
+    x = torch.rand(2, 3, 64, 64)
+    for r in range(vr.num_rates):
+        net = vr.materialize(vr.gain_tables(), r * RATE_STEPS)
+        g = vr.gains(torch.tensor([r, r]))
+        with torch.no_grad():
+            y = vr.base.g_a(x) * g["gain"]
+            z = vr.base.h_a(vr.base.g_a(x)) * g["hyper_gain"]
+            torch.testing.assert_close(net.g_a(x), y, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(net.h_a(net.g_a(x)), z, rtol=1e-4, atol=1e-4)
+            z_hat = torch.round(z)
+            sigma, mu = vr.base.h_s(z_hat * g["hyper_inverse_gain"]).chunk(2, dim=1)
+            mu2, sigma2 = net.hyper_synthesis(z_hat)
+            torch.testing.assert_close(mu2, mu * g["gain"], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(sigma2, sigma * g["gain"], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(net.g_s(torch.round(y)),
+                                       vr.base.g_s(torch.round(y) * g["inverse_gain"]),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_rate_grid_interpolates_between_trained_points():
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
+    _random_gains(vr)
+    tables = vr.gain_tables()
+    assert tables.gain.shape == (2 * RATE_STEPS + 1, 24)
+    half = RATE_STEPS // 2
+    expected = torch.sqrt(vr.gain[0].abs() * vr.gain[1].abs())  # geometric midpoint
+    torch.testing.assert_close(tables.gain[half], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert vr.rate_lmbda(half) == pytest.approx(0.004)
+    assert vr.rate_for_lmbda(0.004) == half
+    assert vr.rate_for_lmbda(1e-9) == 0 and vr.rate_for_lmbda(1.0) == vr.max_rate_index
+
+
+def test_registry_entry_and_named_qualities(tiny_vr_registry):
+    entry = find(TINY_VR_ID, tiny_vr_registry)
+    assert entry.variable_rate and entry.quality == 0 and entry.lmbdas == (0.002, 0.008, 0.032)
+    assert find(None, tiny_vr_registry).id == TINY_ID  # not the default until marked so
+    lm = load(TINY_VR_ID, tiny_vr_registry)
+    assert lm.rate is not None and lm.variable is not None
+    point = lm.at(5)
+    assert point.rate == 5 and point.entry.lmbda == pytest.approx(lm.variable.rate_lmbda(5))
+    assert lm.quality_rate(3) == lm.rate_for_lmbda(QUALITY_LMBDAS[3])
+    with pytest.raises(ModelError, match="outside"):
+        lm.at(lm.variable.max_rate_index + 1)
+    with pytest.raises(ModelError, match="fixed-rate"):
+        load_point(TINY_ID, 3, tiny_vr_registry)
+
+
+@pytest.mark.parametrize("rate", [0, 7, 2 * RATE_STEPS])
+def test_round_trip_at_rate_points(tiny_vr_registry, rate, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(smooth_image(40, 56)).save(path)
+    codec = Codec(TINY_VR_ID, device="cpu", registry=tiny_vr_registry, rate=rate)
+    result = codec.encode(load_image(path), InferenceConfig(method="sga", iterations=3))
+    assert result.rate == rate
+    header = parse(result.data).header
+    assert header.rate == rate and header.version == 2
+    decoded = decode(result.data, registry=tiny_vr_registry)
+    assert decoded.rgb.shape == (40, 56, 3)
+
+
+def test_rate_changes_the_rate(tiny_vr_registry, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(smooth_image(64, 64)).save(path)
+    image = load_image(path)
+    codec = Codec(TINY_VR_ID, device="cpu", registry=tiny_vr_registry, rate=0)
+    low = codec.encode(image, InferenceConfig(method="amortized"))
+    high = codec.at_rate(2 * RATE_STEPS).encode(image, InferenceConfig(method="amortized"))
+    assert high.payload_bits > low.payload_bits
+
+
+def test_fixed_rate_streams_stay_version_1(tiny_vr_registry, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(smooth_image(40, 56)).save(path)
+    result = Codec(TINY_ID, device="cpu", registry=tiny_vr_registry).encode(
+        load_image(path), InferenceConfig(method="amortized"))
+    assert result.data[4] == 1 and result.rate is None
+    assert parse(result.data).header.rate is None
+
+
+def test_stream_and_model_must_agree_on_rate(tiny_vr_registry, tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from codec.bitstream import Bitstream, pack
+
+    path = tmp_path / "a.png"
+    Image.fromarray(smooth_image(40, 56)).save(path)
+    result = Codec(TINY_VR_ID, device="cpu", registry=tiny_vr_registry, rate=3).encode(
+        load_image(path), InferenceConfig(method="amortized"))
+    bs = parse(result.data)
+    no_rate = pack(Bitstream(replace(bs.header, rate=None), bs.sections))
+    with pytest.raises(BitstreamError, match="rate point"):
+        decode(no_rate, registry=tiny_vr_registry)
+    too_high = pack(Bitstream(replace(bs.header, rate=9999), bs.sections))
+    with pytest.raises(BitstreamError, match="rate point"):
+        decode(too_high, registry=tiny_vr_registry)
+    assert np.array_equal(decode(result.data, registry=tiny_vr_registry).rgb,
+                          decode(result.data, registry=tiny_vr_registry).rgb)
