@@ -88,11 +88,12 @@ Alpha policy (``alpha=``)
 Depth policy (``depth=``)
     ``"error"`` (default) raises ImageError("image has 16-bit samples; sgarc codes 8-bit: pass
     depth='reduce' (--depth reduce) to accept the reduction") for any source with more than
-    8 bits per sample. ``"reduce"`` scales to 8 bits by rounding and records ``bit_depth``
-    16: a 16-bit sample v becomes ``(v*255 + 32767) // 65535`` (that is, round(v / 257));
-    ``I`` (32-bit int) samples are clipped to 0..65535 first and treated as 16-bit (Pillow
-    already scales PGM files with other maxvals to that range); ``F`` (32-bit float) samples
-    are taken on the 0..255 scale (the scale Pillow's own F-to-L conversion assumes):
+    8 bits per sample (for ``F``: "image is a 32-bit floating-point image; sgarc takes 8- and
+    16-bit integer images: ..."). ``"reduce"`` scales to 8 bits by rounding and records
+    ``bit_depth`` 16: a 16-bit sample v becomes ``(v*255 + 32767) // 65535`` (that is,
+    round(v / 257)); ``I`` (32-bit int) samples are clipped to 0..65535 first and treated as
+    16-bit (Pillow already scales PGM files with other maxvals to that range); ``F`` (32-bit
+    float) samples are taken on the 0..255 scale (the scale Pillow's own F-to-L conversion assumes):
     clipped to [0, 255], rounded half up, NaN becoming 0. A 16-bit alpha plane is reduced the
     same way before the alpha policy looks at it. Any other value raises ValueError.
 
@@ -157,6 +158,12 @@ _ALPHA_ERROR = "image has an alpha channel; pass alpha='keep' or 'flatten'"
 _DEPTH_ERROR = (
     "image has 16-bit samples; sgarc codes 8-bit: pass depth='reduce' (--depth reduce) "
     "to accept the reduction"
+)
+# Pillow's "F": not a deeper integer image, so the 16-bit message would mislead.
+_FLOAT_ERROR = (
+    "image is a 32-bit floating-point image; sgarc takes 8- and 16-bit integer images: "
+    "convert it, or pass depth='reduce' (--depth reduce) to code it as 8-bit with its "
+    "samples read on the 0..255 scale (clipped)"
 )
 
 _GRAY_MODES = frozenset({"1", "L"})
@@ -491,7 +498,7 @@ def _prepare(
     hidden_16 = mode not in _HIGH_DEPTH_MODES and _has_hidden_high_depth(im, fp)
     high_depth = mode in _HIGH_DEPTH_MODES or hidden_16
     if high_depth and depth == "error":
-        raise ImageError(_DEPTH_ERROR)
+        raise ImageError(_FLOAT_ERROR if mode == "F" else _DEPTH_ERROR)
 
     # Pillow clears im.tile once the pixels are loaded; the 16-bit re-decode needs it.
     tiles = list(getattr(im, "tile", None) or [])
