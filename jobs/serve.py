@@ -10,14 +10,16 @@ three layers that share one behaviour (docs/serve.md):
     validated (:func:`validate_key`: not empty, at most ``MAX_KEY_BYTES`` UTF-8 bytes, no
     NUL or other control character, no backslash, not absolute, no empty, ``.`` or ``..``
     segment), then read as ``bitstreams/<key>.sga`` through :class:`pipeline.storage.Storage`
-    (any fsspec URL, retries with backoff). The key is only ever appended to
-    ``bitstreams/`` and suffixed with ``.sga``, so a request can reach nothing but streams in
-    the archive. Errors are typed, each with its HTTP status: :class:`BadKey` /
-    :class:`BadRequest` 400, :class:`NotFound` 404 (no such stream), :class:`CorruptStream`
-    422 (``codec.errors.BitstreamError``: checksum, truncation, corrupt metadata - ``strip``
-    still gives the pixels, since the META section is then not read), :class:`Unavailable`
-    503 (storage failed after its retries), :class:`ModelUnavailable` 500 (the stream names
-    a model this server does not have).
+    (any fsspec URL, retries with backoff; a name over 255 bytes in its shortened form,
+    :func:`pipeline.keys.bitstream_key`, as the pipeline wrote it). The key is only ever
+    appended to ``bitstreams/`` and suffixed with ``.sga``, so a request can reach nothing
+    but streams in the archive. Errors are typed, each with its HTTP status: :class:`BadKey`
+    / :class:`BadRequest` 400, :class:`NotFound` 404 (no such stream, or a path that cannot
+    exist, e.g. a name too long), :class:`CorruptStream` 422 (``codec.errors.BitstreamError``:
+    checksum, truncation, corrupt metadata - ``strip`` still gives the pixels, since the
+    META section is then not read), :class:`Unavailable` 503 (storage failed after its
+    retries), :class:`ModelUnavailable` 500 (the stream names a model this server does not
+    have).
 
     Output: PNG (default), JPEG or WebP, with the stream's EXIF / ICC / XMP written back as
     ``DecodedImage.save`` does (orientation 1, since pixels are upright; a field the
@@ -74,6 +76,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -95,6 +98,7 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from codec.errors import BitstreamError, ModelError, SgarcError
 from jobs.options import parse_storage_options
+from pipeline.keys import bitstream_key
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -110,13 +114,14 @@ DEFAULT_CACHE_TTL = 600.0
 DEFAULT_CACHE_CONTROL = "private, max-age=300"
 DEFAULT_QUALITY = 90  # JPEG and WebP, unless the request asks
 MAX_KEY_BYTES = 1000  # UTF-8; S3 keys are at most 1024 bytes with "bitstreams/" and ".sga"
-BITSTREAMS = "bitstreams"
-SUFFIX = ".sga"
 
 FORMATS = ("png", "webp", "jpeg")  # also the tie-break order of content negotiation
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _FORMAT_ALIASES = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+# errnos of a path that cannot exist in the archive: 404 like a missing stream, not 503.
+_NO_SUCH_PATH = frozenset(getattr(errno, name) for name in (
+    "ENAMETOOLONG", "ENOTDIR", "EISDIR", "ELOOP", "EILSEQ") if hasattr(errno, name))
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
@@ -463,17 +468,23 @@ class DecodeService:
             flight.done.set()
 
     def read_stream(self, key: str) -> bytes:
-        """The raw .sga bytes of a source key; NotFound / Unavailable on failure."""
+        """The raw .sga bytes of a source key; NotFound / Unavailable on failure.
+
+        A path that cannot exist (a name too long for the filesystem, a file where a folder
+        should be, a symlink loop, ...) is NotFound: only real storage faults are 503."""
         from pipeline.storage import StorageError, StorageNotFound
 
         key = validate_key(key)
+        missing = NotFound(f"no image {key!r} in the archive")
         try:
-            return self.storage.read_bytes(f"{BITSTREAMS}/{key}{SUFFIX}")
+            return self.storage.read_bytes(bitstream_key(key))
         except StorageNotFound:
-            raise NotFound(f"no image {key!r} in the archive") from None
+            raise missing from None
         except StorageError as exc:
-            if isinstance(exc.__cause__, IsADirectoryError | NotADirectoryError):
-                raise NotFound(f"no image {key!r} in the archive") from None
+            cause = exc.__cause__
+            if (isinstance(cause, IsADirectoryError | NotADirectoryError)
+                    or (isinstance(cause, OSError) and cause.errno in _NO_SUCH_PATH)):
+                raise missing from None
             log.warning("reading %r failed: %s", key, exc)
             raise Unavailable("the archive's storage is unavailable; try again later") from exc
         except ValueError as exc:  # the Storage's own key check (should not trigger)

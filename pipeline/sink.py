@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import keys
+
 SCHEMA = pa.schema([
     ("source_key", pa.string()),  # path relative to the input root
     ("source_url", pa.string()),
@@ -25,7 +27,7 @@ SCHEMA = pa.schema([
     ("metadata_bytes", pa.int64()),  # META payload kept (EXIF, ICC, XMP, provenance); 0: none
     ("has_icc", pa.bool_()),  # the source carried an ICC profile
     ("metadata_dropped", pa.string()),  # fields not kept (drop-oversized), e.g. "xmp"
-    ("bitstream_key", pa.string()),  # relative to the output root
+    ("bitstream_key", pa.string()),  # relative to the output root (pipeline/keys.py)
     ("bitstream_bytes", pa.int64()),
     ("bitstream_sha256", pa.string()),  # which bytes this row describes (the key is reused)
     ("bpp", pa.float64()),  # from the bitstream's size
@@ -61,7 +63,8 @@ def part_key(run_id: str, shard_id: str) -> str:
 
 
 def bitstream_key(source_key: str) -> str:
-    return f"bitstreams/{source_key}.sga"
+    """``bitstreams/<source key>.sga``; names over 255 bytes shortened (pipeline/keys.py)."""
+    return keys.bitstream_key(source_key)
 
 
 def source_columns(key: str, url: str, size: int, version: str) -> dict:

@@ -5,10 +5,11 @@ a local directory (bare path or ``file://``), ``s3://``, ``gs://`` or ``memory:/
 same code path serves all of them (DESIGN.md, decision 7); what differs is handled here:
 
 * **Atomic writes** (decision 5). A job is resumable because "the part exists" means "the
-  part is complete". Locally we write a dot-prefixed ``.tmp`` file in the target's
+  part is complete". Locally we write a temp file ``.sgarc-<16 hex>.tmp`` in the target's
   directory, fsync it and ``os.replace`` it over the target, so readers see the old file or
   the new one, never half of one; a crash leaves at most a temp file, which listings skip.
-  On object stores a single PUT (``pipe_file``) is atomic already.
+  The temp name has a fixed short length, so any final name the filesystem allows (255
+  bytes) can be written. On object stores a single PUT (``pipe_file``) is atomic already.
 * **Retries.** Network stores fail transiently (connection resets, throttling, 5xx). Each
   operation is retried with capped exponential backoff and jitter; permanent errors (a
   missing object, a denied request, a bad argument) fail at once. Either way the caller
@@ -32,6 +33,7 @@ import errno
 import os
 import random
 import re
+import secrets
 import sys
 import threading
 import time
@@ -43,7 +45,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import split_protocol
 
-from codec.files import atomic_write, is_temp_name
+from codec.files import is_temp_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -111,7 +113,7 @@ _PERMANENT_TYPES: tuple[type[BaseException], ...] = (
 _PERMANENT_ERRNOS = frozenset(
     getattr(errno, name) for name in (
         "ENOENT", "EACCES", "EPERM", "EISDIR", "ENOTDIR", "EEXIST", "EINVAL", "ENAMETOOLONG",
-        "EROFS", "ENOSYS", "EMSGSIZE", "EREMCHG",
+        "EROFS", "ENOSYS", "EMSGSIZE", "EREMCHG", "ELOOP", "EILSEQ",
     ) if hasattr(errno, name)
 )
 # S3 error codes that mean "slow down / try again".
@@ -179,6 +181,45 @@ def _secret_strings(options: Any, sensitive: bool = False) -> set[str]:
     elif sensitive and isinstance(options, str) and len(options) >= 4:
         found.add(options)
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Local atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic_write_local(path: str, data: bytes) -> None:
+    """Write ``data`` to the local ``path`` atomically and durably.
+
+    As ``codec.files.atomic_write`` (O_EXCL temp file in the same directory, mode 0o666
+    under the umask, fsync, ``os.replace``, directory fsync), but the temp name does not
+    grow with the target's: ``.sgarc-<16 hex>.tmp`` (27 bytes) beside a 255-byte name."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(directory, f".sgarc-{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +555,7 @@ class Storage:
         path = self.full_path(_check_key(key))
         data = bytes(data)
         if self.protocol == "file":
-            run: Callable[[], None] = lambda: atomic_write(path, data)  # noqa: E731
+            run: Callable[[], None] = lambda: _atomic_write_local(path, data)  # noqa: E731
         else:
             run = lambda: self.fs.pipe_file(path, data)  # noqa: E731
         self._call("write", self._unstrip(path), run)

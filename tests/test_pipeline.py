@@ -607,6 +607,69 @@ def test_empty_input_and_named_runs_need_no_actors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. Names at the filesystem's limit
+# ---------------------------------------------------------------------------------------------
+
+LONGEST = "n" * 251 + ".png"  # 255 bytes: the longest name a local disk allows
+AT_LIMIT = "m" * 247 + ".png"  # 251 bytes: "<name>.sga" is exactly 255, kept as it is
+
+
+def check_long_row(data: bytes, row: dict) -> None:
+    """An ok row of a long name: its stream under the shortened name, decodable."""
+    assert row["status"] == "ok", row
+    assert row["bitstream_key"] == sink.bitstream_key(row["source_key"])
+    assert len(row["bitstream_key"].rsplit("/", 1)[1].encode()) <= 255
+    assert_bitstream_decodes(data, row)
+
+
+def test_longest_names_archive_skip_and_serve(tmp_path, local_ray):
+    from jobs.serve import DecodeService
+
+    photos = small_photos(2, size=32)
+    files = {f"long/{LONGEST}": photos["img-00.png"], f"long/{AT_LIMIT}": photos["img-01.png"]}
+    src = write_local(tmp_path / "in", files)
+    out = tmp_path / "out"
+
+    summary = run(str(src), str(out), FAST, RunOptions(shard_size=2, **QUIET))
+
+    assert (summary.images, summary.ok, summary.errors) == (2, 2, 0)
+    rows = by_key(rows_of(out, summary.run_id))
+    check_long_row((out / rows[f"long/{LONGEST}"]["bitstream_key"]).read_bytes(),
+                   rows[f"long/{LONGEST}"])
+    assert rows[f"long/{LONGEST}"]["bitstream_key"] != f"bitstreams/long/{LONGEST}.sga"
+    check_ok_row(out, rows[f"long/{AT_LIMIT}"])  # the plain name still fits
+    assert temp_files(out) == []
+
+    service = DecodeService(str(out), cache_bytes=0)  # the service finds what was written
+    body, _ = service.get(f"long/{LONGEST}")
+    assert Image.open(io.BytesIO(body)).size == (32, 32)
+
+    again = run(str(src), str(out), FAST, RunOptions(shard_size=2, **QUIET))
+    assert (again.images, again.skipped) == (0, 2)
+
+
+def test_longest_name_on_s3(s3, local_ray):
+    import s3fs
+
+    from jobs.serve import DecodeService
+
+    options = s3.storage_options()
+    src_bucket, out_bucket = s3.create_bucket(), s3.create_bucket()
+    client = s3.client()
+    key = f"long/{LONGEST}"
+    client.put_object(Bucket=src_bucket, Key=f"in/{key}", Body=small_photos(1)["img-00.png"])
+    output_url = f"s3://{out_bucket}/out"
+    summary = run(f"s3://{src_bucket}/in", output_url, FAST,
+                  RunOptions(shard_size=2, **QUIET), storage_options=options)
+    assert (summary.images, summary.ok) == (1, 1)
+    fs = s3fs.S3FileSystem(**options)
+    (row,) = rows_of(f"{out_bucket}/out", summary.run_id, filesystem=fs)
+    check_long_row(fs.cat_file(f"{out_bucket}/out/{row['bitstream_key']}"), row)
+    body, _ = DecodeService(output_url, options, cache_bytes=0).get(key)
+    assert Image.open(io.BytesIO(body)).size == (48, 48)
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. A two-node Ray cluster (last: it replaces the session's local Ray while it runs)
 # ---------------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from jobs.serve import (
     negotiate,
     validate_key,
 )
+from pipeline.keys import bitstream_key
 from pipeline.storage import Storage, StorageError
 from tests.conftest import smooth_image
 
@@ -455,6 +456,40 @@ def test_storage_failure_is_503(archive):
     assert status == 503 and headers["retry-after"]
     payload = json.loads(body)
     assert payload["error"] == "storage_unavailable" and "down" not in payload["message"]
+
+
+def test_long_names_are_served_or_404_never_503(archive, tmp_path):
+    """A last segment of 252+ bytes has no plain `<name>.sga` on a local disk: the stream
+    lives under its shortened name (pipeline.keys), and a missing one is a 404."""
+    root = tmp_path / "archive"
+    long_key = "2024/" + "n" * 251 + ".png"  # a 255-byte file name
+    stream = root / bitstream_key(long_key)
+    stream.parent.mkdir(parents=True)
+    stream.write_bytes(archive["streams"][PLAIN])
+    with serving(DecodeService(root)) as address:
+        status, _, body = request(address, image_path(long_key))
+        assert status == 200 and open_image(body).size == SIZES[PLAIN]
+        for missing in ("2024/" + "m" * 251 + ".png", "m" * 300 + ".png"):
+            status, headers, body = request(address, image_path(missing))
+            assert status == 404 and "retry-after" not in headers, body
+            assert json.loads(body)["error"] == "not_found"
+
+
+def test_paths_that_cannot_exist_are_404(archive, tmp_path):
+    """OSErrors that say "no such path can exist" (a name too long for the filesystem, a
+    symlink loop) are 404s; only real storage faults are 503s."""
+
+    class TooLong(Storage):
+        def read_bytes(self, key: str) -> bytes:  # a real ENAMETOOLONG, through Storage
+            return self._call("read", key, lambda: os.stat("/" + "x" * 300))
+
+    with pytest.raises(NotFound):
+        DecodeService(TooLong(str(archive["root"]))).read_stream(PLAIN)
+    root = tmp_path / "archive"
+    (root / "bitstreams").mkdir(parents=True)
+    os.symlink("loop.png.sga", root / "bitstreams" / "loop.png.sga")
+    with pytest.raises(NotFound):
+        DecodeService(root).read_stream("loop.png")
 
 
 def test_service_api(archive):

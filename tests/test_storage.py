@@ -274,6 +274,21 @@ def test_local_atomic_write_leaves_no_temp_files_and_normal_permissions(tmp_path
     assert os.stat(tmp_path / "out/deep/er/x.sga").st_mode == os.stat(tmp_path / "plain").st_mode
 
 
+def test_longest_names_write_read_and_list(store: Storage) -> None:
+    """A 255-byte name (NAME_MAX locally): the temp name of an atomic write must not
+    lengthen it (it used to add ~22 bytes: ENAMETOOLONG from 234 bytes on)."""
+    names = ["n" * 251 + ".jpg", "é" * 125 + "a.png"]  # 255 bytes each (UTF-8)
+    assert [len(n.encode()) for n in names] == [255, 255]
+    for i, name in enumerate(names):
+        store.write_atomic(f"deep/{name}", bytes([i]) * 10)
+        store.write_atomic(f"deep/{name}", bytes([i + 1]) * 10)  # and replaced
+    assert [o.key for o in store.list_images()] == sorted(f"deep/{n}" for n in names)
+    for i, name in enumerate(names):
+        assert store.read_bytes(f"deep/{name}") == bytes([i + 1]) * 10
+    if store.protocol == "file":
+        assert sorted(os.listdir(store.full_path("deep"))) == sorted(names)  # no temp left
+
+
 def test_local_failed_write_is_permanent_and_leaves_nothing(tmp_path) -> None:
     sleeps = Sleeps()
     store = Storage(tmp_path, retries=3, sleep=sleeps)
