@@ -98,7 +98,8 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from codec.errors import BitstreamError, ModelError, SgarcError
 from jobs.options import parse_storage_options
-from pipeline.keys import bitstream_key
+from pipeline.keys import MAX_KEY_BYTES as MAX_KEY_BYTES  # re-exported
+from pipeline.keys import bitstream_key, key_problem
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -113,7 +114,6 @@ DEFAULT_MAX_PIXELS = 100_000_000  # codec.images.DEFAULT_MAX_PIXELS (a test keep
 DEFAULT_CACHE_TTL = 600.0
 DEFAULT_CACHE_CONTROL = "private, max-age=300"
 DEFAULT_QUALITY = 90  # JPEG and WebP, unless the request asks
-MAX_KEY_BYTES = 1000  # UTF-8; S3 keys are at most 1024 bytes with "bitstreams/" and ".sga"
 
 FORMATS = ("png", "webp", "jpeg")  # also the tie-break order of content negotiation
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -184,27 +184,18 @@ def validate_key(key: object) -> str:
     """The source key if it is acceptable, else BadKey saying why.
 
     Accepted: a non-empty relative '/'-separated path of at most MAX_KEY_BYTES UTF-8 bytes,
-    without control characters (NUL included), backslashes, or empty / '.' / '..' segments.
-    Percent-decoding is the HTTP layer's job and is done once, before this.
+    without control characters (NUL included), backslashes, or empty / '.' / '..' segments
+    (:func:`pipeline.keys.key_problem`, which the pipeline applies at planning, so that
+    every archived key can be served). Percent-decoding is the HTTP layer's job and is done
+    once, before this.
     """
     if not isinstance(key, str):
         raise BadKey(f"key must be a string, not {type(key).__name__}")
     if not key:
         raise BadKey("empty key: ask for /images/<key>, e.g. /images/2024/img%201.jpg")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadKey("key is not valid Unicode text") from None
-    if size > MAX_KEY_BYTES:
-        raise BadKey(f"key is {size} bytes long; at most {MAX_KEY_BYTES} are accepted")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
-        raise BadKey("key contains a NUL or another control character")
-    if "\\" in key:
-        raise BadKey("key contains a backslash; keys use '/' between folders")
-    if key.startswith("/"):
-        raise BadKey("key must be relative to the archive, not absolute")
-    if any(part in ("", ".", "..") for part in key.split("/")):
-        raise BadKey("key has an empty, '.' or '..' segment")
+    problem = key_problem(key)
+    if problem is not None:
+        raise BadKey(problem)
     return key
 
 

@@ -2,10 +2,12 @@
 
 An image is skipped when an earlier run already encoded it successfully with the same
 fingerprint (settings + model) from the same source bytes (key, size, version). So reruns
-and nightly runs only do new or changed work. Shard ids hash the fingerprint and the images
-they hold, so the same work always gets the same id, and a shard is done when its Parquet
-part exists. The plan is stored under `<out>/_jobs/<run-id>/plan.json`; an interrupted run
-resumes from it.
+and nightly runs only do new or changed work. An image whose key the decode service could
+not take (a newline in its name, ...) is refused here: its shard records why, and the
+worker writes an error row (stage "plan") without reading it. Shard ids hash the
+fingerprint and the images they hold, so the same work always gets the same id, and a
+shard is done when its Parquet part exists. The plan is stored under
+`<out>/_jobs/<run-id>/plan.json`; an interrupted run resumes from it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import sink
+from pipeline.keys import key_problem
 from pipeline.storage import ObjectInfo, Storage
 
 DONE_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint", "status"]
@@ -33,10 +36,13 @@ class Shard:
     # Refinement runs: the RD loss of each image's stored encoding; a new encoding replaces
     # the stored bitstream only when its RD loss is lower.
     baseline: dict[str, float] | None = None
+    # Images refused at planning (key -> reason): they get an error row, nothing is read.
+    refused: dict[str, str] | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> Shard:
-        return cls(d["id"], [ObjectInfo(**i) for i in d["images"]], d.get("baseline"))
+        return cls(d["id"], [ObjectInfo(**i) for i in d["images"]], d.get("baseline"),
+                   d.get("refused"))
 
 
 @dataclass
@@ -96,9 +102,21 @@ def done_images(output: Storage, fingerprint: str) -> set[tuple[str, int, str]]:
 
 def shard_id(fingerprint: str, images: list[ObjectInfo]) -> str:
     h = hashlib.sha256(fingerprint.encode())
-    for im in images:
-        h.update(f"\0{im.key}\0{im.size}\0{im.version}".encode())
+    for im in images:  # surrogateescape: a name that is not UTF-8 must not stop the plan
+        h.update(f"\0{im.key}\0{im.size}\0{im.version}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
+
+
+def refusal(key: str) -> str | None:
+    """Why an image is refused at planning (its key could not be served), or None.
+
+    Keys are URL paths of the decode service, which takes no control characters,
+    backslashes, non-UTF-8 names, ... (pipeline.keys.key_problem): archiving such an image
+    would make a stream nobody can fetch, so it gets an error row instead."""
+    problem = key_problem(key)
+    if problem is None:
+        return None
+    return f"refused at planning: {problem}; `sgarc serve` could not serve it: rename the file"
 
 
 def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, settings: dict,
@@ -110,7 +128,10 @@ def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, setting
     todo = sorted((im for im in images if (im.key, im.size, im.version) not in done),
                   key=lambda im: im.key)
     chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
-    shards = [Shard(shard_id(fingerprint, c), c) for c in chunks]
+    shards = []
+    for chunk in chunks:
+        refused = {im.key: reason for im in chunk if (reason := refusal(im.key)) is not None}
+        shards.append(Shard(shard_id(fingerprint, chunk), chunk, refused=refused or None))
     return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
                 skipped=len(images) - len(todo))
 

@@ -28,7 +28,7 @@ from pipeline.actors import EncoderActor, layout
 from pipeline.plan import Plan, Shard
 from pipeline.settings import EncodeSettings
 from pipeline.storage import ObjectInfo, Storage
-from pipeline.worker import ShardResult
+from pipeline.worker import ShardResult, source_url
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempt
     if not output.exists(part):
         reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
         s = plan.settings
-        rows = [{**sink.source_columns(im.key, source.url_of(im.key), im.size, im.version),
+        rows = [{**sink.source_columns(im.key, source_url(source, im.key), im.size, im.version),
                  "run_id": plan.run_id, "shard_id": shard.id, "fingerprint": plan.fingerprint,
                  "model_id": s["model"], "quality": s["quality"], "lmbda": s["lmbda"],
                  "method": s["method"], "iterations": s["iterations"],

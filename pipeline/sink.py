@@ -53,7 +53,7 @@ SCHEMA = pa.schema([
     ("fingerprint", pa.string()),
     ("timestamp", pa.timestamp("us", tz="UTC")),
     ("status", pa.string()),  # "ok" or "error"
-    ("error_stage", pa.string()),  # read | decode | encode | write (null when ok)
+    ("error_stage", pa.string()),  # plan | read | decode | encode | write | worker
     ("error", pa.string()),  # the reason, null when ok
 ])
 
@@ -67,10 +67,13 @@ def bitstream_key(source_key: str) -> str:
     return keys.bitstream_key(source_key)
 
 
-def source_columns(key: str, url: str, size: int, version: str) -> dict:
-    """The columns that identify a row's source (what skipping and refinement match on)."""
-    return {"source_key": key, "source_url": url, "source_bytes": size,
-            "source_version": version}
+def source_columns(key: str, url: str | None, size: int, version: str) -> dict:
+    """The columns that identify a row's source (what skipping and refinement match on).
+
+    A name that is not UTF-8 (refused at planning) is stored with U+FFFD where its
+    undecodable bytes were: Parquet strings are UTF-8, and its error row must be written."""
+    return {"source_key": keys.as_text(key), "source_url": url and keys.as_text(url),
+            "source_bytes": size, "source_version": version}
 
 
 def now() -> datetime:

@@ -78,7 +78,15 @@ class ShardEncoder:
                 "iterations": 0 if self.config.method == "amortized" else
                 self.config.iterations, "device": str(self.codec.device)}
         buckets: dict[tuple[int, int], list[tuple[ObjectInfo, PreparedImage]]] = defaultdict(list)
-        for ref, prepared, failure in self._prepared(shard.images):
+        refused = shard.refused or {}
+        for ref in shard.images:
+            if ref.key in refused:  # the plan's decision: a row saying why, nothing read
+                rows.append({**base, **self._source(ref), "status": "error",
+                             "error_stage": "plan", "error": refused[ref.key],
+                             "timestamp": sink.now()})
+                _tick(progress)
+        todo = [ref for ref in shard.images if ref.key not in refused]
+        for ref, prepared, failure in self._prepared(todo):
             if failure is not None:
                 rows.append({**base, **self._source(ref), **failure, "status": "error",
                              "timestamp": sink.now()})
@@ -184,7 +192,8 @@ class ShardEncoder:
                 "encode_seconds": res.seconds}
 
     def _source(self, ref: ObjectInfo) -> dict:
-        return sink.source_columns(ref.key, self.input.url_of(ref.key), ref.size, ref.version)
+        return sink.source_columns(ref.key, source_url(self.input, ref.key), ref.size,
+                                   ref.version)
 
     def _maybe_crash(self, key: str) -> None:
         """Fault injection: die once, hard, when reaching a key containing the marker."""
@@ -195,6 +204,15 @@ class ShardEncoder:
         if needle in key and flag and not Path(flag).exists():
             Path(flag).touch()
             os._exit(17)
+
+
+def source_url(storage: Storage, key: str) -> str | None:
+    """The source's URL, or None for a key Storage refuses (a backslash in a local name:
+    such images are refused at planning, and their error row must still be written)."""
+    try:
+        return storage.url_of(key)
+    except ValueError:
+        return None
 
 
 def _metadata_columns(prepared: PreparedImage) -> dict:

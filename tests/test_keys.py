@@ -1,10 +1,12 @@
-"""pipeline.keys: bitstream names that fit any filesystem."""
+"""pipeline.keys: bitstream names that fit any filesystem, and the keys the service can take."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.keys import MAX_NAME_BYTES, bitstream_key, fit_name
+from pipeline.keys import MAX_NAME_BYTES, as_text, bitstream_key, fit_name, key_problem
+from pipeline.plan import make_plan, refusal
+from pipeline.storage import ObjectInfo, Storage
 
 
 def nbytes(text: str) -> int:
@@ -47,3 +49,35 @@ def test_long_folder_segments_are_shortened_too() -> None:
     folder = key.split("/")[1]
     assert nbytes(folder) <= MAX_NAME_BYTES and not folder.endswith(".sga")
     assert key.endswith("/a.jpg.sga")
+
+
+@pytest.mark.parametrize("key", ["a\nb.jpg", "tab\there.png", "bell\x07.jpg", "del\x7f.jpg",
+                                 "back\\slash.jpg", "caf\udce9.jpg", "/abs.jpg", "a//b.jpg",
+                                 "a/../b.jpg", "k" * 1001])
+def test_keys_the_service_cannot_take_have_a_problem(key: str) -> None:
+    assert key_problem(key)
+
+
+@pytest.mark.parametrize("key", ["a.jpg", "Ferien 2019/Strand ä #1 [a] 100%.png",
+                                 "x" * 255 + "/" + "y" * 255, ".hidden/a.jpg"])
+def test_ordinary_keys_have_none(key: str) -> None:
+    assert key_problem(key) is None
+
+
+def test_as_text_replaces_undecodable_bytes() -> None:
+    assert as_text("caf\udce9.jpg") == "caf\ufffd.jpg"
+    assert as_text("plain ä.jpg") == "plain ä.jpg"
+
+
+def test_plan_refuses_keys_that_could_not_be_served(tmp_path) -> None:
+    images = [ObjectInfo(key, 10, "v") for key in
+              ("a.jpg", "line\nbreak.jpg", "caf\udce9.jpg", "b.jpg")]
+    plan = make_plan(images, "file:///in", Storage(str(tmp_path / "out")), {}, "fp", 2)
+    refused = {k: v for s in plan.shards for k, v in (s.refused or {}).items()}
+    assert set(refused) == {"line\nbreak.jpg", "caf\udce9.jpg"}
+    assert "control character" in refused["line\nbreak.jpg"]
+    assert refused["line\nbreak.jpg"] == refusal("line\nbreak.jpg")
+    assert "refused at planning" in refused["line\nbreak.jpg"]
+    assert plan.num_images == 4  # each still gets its row
+    again = type(plan).from_json(plan.to_json())  # stored and resumed: the same decision
+    assert [s.refused for s in again.shards] == [s.refused for s in plan.shards]

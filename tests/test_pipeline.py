@@ -607,7 +607,7 @@ def test_empty_input_and_named_runs_need_no_actors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Names at the filesystem's limit
+# 8. Names at the filesystem's limit, keys the decode service could not take
 # ---------------------------------------------------------------------------------------------
 
 LONGEST = "n" * 251 + ".png"  # 255 bytes: the longest name a local disk allows
@@ -622,22 +622,30 @@ def check_long_row(data: bytes, row: dict) -> None:
     assert_bitstream_decodes(data, row)
 
 
-def test_longest_names_archive_skip_and_serve(tmp_path, local_ray):
+def test_longest_names_archive_and_unservable_keys_are_refused(tmp_path, local_ray):
     from jobs.serve import DecodeService
 
-    photos = small_photos(2, size=32)
-    files = {f"long/{LONGEST}": photos["img-00.png"], f"long/{AT_LIMIT}": photos["img-01.png"]}
+    photos = small_photos(3, size=32)
+    refused = {"line\nbreak.png": "control character", "tab\there.png": "control character",
+               "back\\slash.png": "backslash", "caf\udce9.png": "UTF-8"}
+    files = {f"long/{LONGEST}": photos["img-00.png"], f"long/{AT_LIMIT}": photos["img-01.png"],
+             **dict.fromkeys(refused, photos["img-02.png"])}
     src = write_local(tmp_path / "in", files)
     out = tmp_path / "out"
 
     summary = run(str(src), str(out), FAST, RunOptions(shard_size=2, **QUIET))
 
-    assert (summary.images, summary.ok, summary.errors) == (2, 2, 0)
+    assert (summary.images, summary.ok, summary.errors) == (6, 2, 4)
     rows = by_key(rows_of(out, summary.run_id))
     check_long_row((out / rows[f"long/{LONGEST}"]["bitstream_key"]).read_bytes(),
                    rows[f"long/{LONGEST}"])
     assert rows[f"long/{LONGEST}"]["bitstream_key"] != f"bitstreams/long/{LONGEST}.sga"
     check_ok_row(out, rows[f"long/{AT_LIMIT}"])  # the plain name still fits
+    for key, reason in refused.items():
+        row = rows[key.replace("\udce9", "\ufffd")]  # Parquet holds UTF-8 text
+        assert (row["status"], row["error_stage"]) == ("error", "plan"), row
+        assert "refused at planning" in row["error"] and reason in row["error"]
+        assert row["width"] is None and row["bitstream_key"] is None  # never read
     assert temp_files(out) == []
 
     service = DecodeService(str(out), cache_bytes=0)  # the service finds what was written
@@ -645,7 +653,7 @@ def test_longest_names_archive_skip_and_serve(tmp_path, local_ray):
     assert Image.open(io.BytesIO(body)).size == (32, 32)
 
     again = run(str(src), str(out), FAST, RunOptions(shard_size=2, **QUIET))
-    assert (again.images, again.skipped) == (0, 2)
+    assert (again.images, again.errors, again.skipped) == (4, 4, 2)  # refused ones retried
 
 
 def test_longest_name_on_s3(s3, local_ray):
