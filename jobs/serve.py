@@ -12,14 +12,15 @@ three layers that share one behaviour (docs/serve.md):
     segment), then read as ``bitstreams/<key>.sga`` through :class:`pipeline.storage.Storage`
     (any fsspec URL, retries with backoff; a name over 255 bytes in its shortened form,
     :func:`pipeline.keys.bitstream_key`, as the pipeline wrote it). The key is only ever
-    appended to ``bitstreams/`` and suffixed with ``.sga``, so a request can reach nothing
+    appended to ``bitstreams/`` and suffixed with ``.sga``, and in a local archive a symlink
+    is followed only while it stays inside ``bitstreams/``, so a request can reach nothing
     but streams in the archive. Errors are typed, each with its HTTP status: :class:`BadKey`
     / :class:`BadRequest` 400, :class:`NotFound` 404 (no such stream, or a path that cannot
     exist, e.g. a name too long), :class:`CorruptStream` 422 (``codec.errors.BitstreamError``:
     checksum, truncation, corrupt metadata - ``strip`` still gives the pixels, since the
-    META section is then not read), :class:`Unavailable` 503 (storage failed after its
-    retries), :class:`ModelUnavailable` 500 (the stream names a model this server does not
-    have).
+    META section is then not read; the message never quotes the stream's bytes),
+    :class:`Unavailable` 503 (storage failed after its retries), :class:`ModelUnavailable`
+    500 (the stream names a model this server does not have).
 
     Output: PNG (default), JPEG or WebP, with the stream's EXIF / ICC / XMP written back as
     ``DecodedImage.save`` does (orientation 1, since pixels are upright; a field the
@@ -98,8 +99,8 @@ from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from codec.errors import BitstreamError, ModelError, SgarcError
 from jobs.options import parse_storage_options
+from pipeline.keys import BITSTREAMS, bitstream_key, key_problem
 from pipeline.keys import MAX_KEY_BYTES as MAX_KEY_BYTES  # re-exported
-from pipeline.keys import bitstream_key, key_problem
 
 if TYPE_CHECKING:
     from pipeline.storage import Storage
@@ -468,7 +469,7 @@ class DecodeService:
         key = validate_key(key)
         missing = NotFound(f"no image {key!r} in the archive")
         try:
-            return self.storage.read_bytes(bitstream_key(key))
+            return self.storage.read_bytes(self._stream_key(key))
         except StorageNotFound:
             raise missing from None
         except StorageError as exc:
@@ -480,6 +481,24 @@ class DecodeService:
             raise Unavailable("the archive's storage is unavailable; try again later") from exc
         except ValueError as exc:  # the Storage's own key check (should not trigger)
             raise BadKey(str(exc)) from None
+
+    def _stream_key(self, key: str) -> str:
+        """The storage key to read for a source key (:func:`pipeline.keys.bitstream_key`).
+
+        In a local archive, symlinks under ``bitstreams/`` are followed only while they stay
+        inside it (``bitstreams/`` itself may be a link, e.g. to another disk): a link to
+        any other file must not turn the service into a reader of that file. The resolved
+        file is read, so the check and the read see the same path."""
+        stream = bitstream_key(key)
+        if self.storage.protocol != "file":
+            return stream
+        base = os.path.realpath(self.storage.full_path(BITSTREAMS))
+        real = os.path.realpath(self.storage.full_path(stream))
+        if real == base or os.path.commonpath([base, real]) != base:
+            log.warning("%s leads out of the archive's %s/ (a symlink); refused", stream,
+                        BITSTREAMS)
+            raise NotFound(f"no image {key!r} in the archive")
+        return f"{BITSTREAMS}/{os.path.relpath(real, base)}"
 
     def health(self) -> dict[str, Any]:
         from codec.registry import REGISTRY, entries
@@ -510,13 +529,32 @@ class DecodeService:
                     log.error("%s: %s", key, exc)
                     raise ModelUnavailable(f"image {key!r}: {exc}") from None
                 hint = "" if strip else " (if only its metadata is damaged, ?strip=1 may help)"
-                raise CorruptStream(f"image {key!r} has a corrupt stream: {exc}{hint}") from None
+                raise CorruptStream(f"image {key!r} has a corrupt stream: "
+                                    f"{content_free(str(exc))}{hint}") from None
             body, report = encode_image(decoded, fmt, quality, strip)
         variant = fmt + (f"-q{quality}" if quality is not None else "") + ("-strip" if strip
                                                                           else "")
         return Rendition(body=body, content_type=CONTENT_TYPES[fmt],
                          etag=f'W/"{digest}.{variant}"', key=key, fmt=fmt,
                          metadata=report.summary())
+
+
+_QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where a repr of bytes or text from the stream starts
+
+
+def content_free(reason: str) -> str:
+    """A codec error message cut before anything it quotes from the stream.
+
+    BitstreamError messages may quote the stream's own bytes (its first bytes, a section
+    tag, a model id); a 422 body must not, or a link to another file would leak that file.
+    Numbers (sizes, versions) stay: they say what is wrong and quote nothing."""
+    quoted = _QUOTED.search(reason)
+    if quoted is None:
+        return reason
+    reason = reason[:quoted.start()]
+    if reason.count("(") > reason.count(")"):
+        reason = reason[:reason.rfind("(")]
+    return reason.rstrip(" (:,;") or "not a valid sgarc bitstream"
 
 
 def encode_image(decoded, fmt: str, quality: int | None = None,

@@ -492,6 +492,46 @@ def test_paths_that_cannot_exist_are_404(archive, tmp_path):
         DecodeService(root).read_stream("loop.png")
 
 
+def test_symlinks_out_of_bitstreams_are_not_followed(archive, tmp_path):
+    """A link under bitstreams/ to a file elsewhere is a 404: the service must not read
+    (and quote) other files. Links that stay inside bitstreams/ work, and bitstreams/
+    itself may be a link (to another disk)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET password=hunter2\n")
+    elsewhere = tmp_path / "disk" / "bitstreams"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "red.png.sga").write_bytes(archive["streams"][PLAIN])
+    (elsewhere / "garbage.png.sga").write_bytes(b"TOP-SECRET bytes, not a stream")
+    (elsewhere / "secret.png.sga").symlink_to(secret)
+    (elsewhere / "outside.png.sga").symlink_to(archive["root"].parent / "outside.sga")
+    (elsewhere / "up.png.sga").symlink_to(tmp_path / "archive" / "other.sga")
+    (elsewhere / "alias.png.sga").symlink_to("red.png.sga")
+    root = tmp_path / "archive"
+    root.mkdir()
+    (root / "other.sga").write_bytes(archive["streams"][PLAIN])  # in the archive, not a stream
+    (root / "bitstreams").symlink_to(elsewhere)
+    with serving(DecodeService(root)) as address:
+        for key in ("red.png", "alias.png"):
+            status, _, body = request(address, image_path(key))
+            assert status == 200 and open_image(body).size == SIZES[PLAIN], key
+        for key in ("secret.png", "outside.png", "up.png"):
+            status, _, body = request(address, image_path(key))
+            assert status == 404, (key, body)
+            assert b"SECRET" not in body and b"hunter2" not in body
+        status, _, body = request(address, image_path("garbage.png"))
+        assert status == 422 and b"SECRET" not in body, body
+        assert "not an sgarc bitstream" in json.loads(body)["message"]
+
+
+def test_corrupt_stream_messages_quote_nothing_from_the_stream():
+    assert serve.content_free("not an sgarc bitstream (starts with b'TOP-', expected "
+                              "b'SGAC')") == "not an sgarc bitstream"
+    assert serve.content_free("unknown section b'XY\\x00Z'") == "unknown section"
+    assert serve.content_free("invalid model id 'hunter2'") == "invalid model id"
+    kept = "checksum mismatch: the stream is corrupt or truncated"
+    assert serve.content_free(kept) == kept
+
+
 def test_service_api(archive):
     service = DecodeService(archive["root"], cache_bytes=0)
     body, content_type = service.get(PHOTO, "jpeg", quality=80, strip_metadata=True)
