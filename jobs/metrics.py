@@ -69,6 +69,7 @@ import duckdb
 import pyarrow as pa
 
 from codec.errors import SgarcError
+from jobs.options import STORAGE_OPTIONS_HELP
 from jobs.options import parse_storage_options as _parse_storage_options
 from pipeline import sink
 from pipeline.storage import Storage, StorageError
@@ -462,8 +463,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--by", choices=WORST_BY, default="psnr",
                    help="worst by lowest PSNR (default), highest bpp or lowest savings")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options for OUTPUT (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=f"for OUTPUT: {STORAGE_OPTIONS_HELP}")
     p.set_defaults(func=cmd_metrics)
     return p
 

@@ -47,6 +47,7 @@ from jobs.metrics import (
     worst_cells,
     worst_images,
 )
+from jobs.options import STORAGE_OPTIONS_HELP
 
 MAX_POINTS = 5000
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -461,8 +462,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="ID", default=None, help="only this run")
     p.add_argument("--worst", metavar="N", type=int, default=20,
                    help="worst images and failures to list (default 20)")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options for OUTPUT (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=f"for OUTPUT: {STORAGE_OPTIONS_HELP}")
     p.set_defaults(func=cmd_report)
     return p
 

@@ -98,7 +98,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote_to_bytes, urlsplit
 
 from codec.errors import BitstreamError, ModelError, SgarcError
-from jobs.options import parse_storage_options
+from jobs.options import STORAGE_OPTIONS_HELP, parse_storage_options
 from pipeline.keys import BITSTREAMS, bitstream_key, key_problem
 from pipeline.keys import MAX_KEY_BYTES as MAX_KEY_BYTES  # re-exported
 
@@ -900,7 +900,7 @@ def build_app(args: dict[str, str]):
     args = dict(args)
     if not args.get("archive"):
         raise ValueError("build_app needs archive=<URL of the archive>")
-    options = json.loads(args["storage_options"]) if args.get("storage_options") else None
+    options = parse_storage_options(args.get("storage_options"))  # JSON or @file, ${ENV}
     replicas: int | str = args.get("replicas", "1")
     replicas = replicas if replicas == "auto" else int(replicas)
     service: dict[str, Any] = {"cache_bytes": int(float(args.get("cache_mb", 256)) * (1 << 20))}
@@ -1014,9 +1014,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-ttl", type=float, default=DEFAULT_CACHE_TTL,
                    help="seconds a cached response is served before it is decoded again "
                         "(default: 600; 0: no expiry)")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
-                        "\"http://minio:9000\"}}' (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=f"{STORAGE_OPTIONS_HELP}, e.g. '{{\"key\": \"${{AWS_ACCESS_KEY_ID}}\", "
+                        "\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse streams that describe larger images (422)")
     p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")

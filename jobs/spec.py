@@ -35,6 +35,7 @@ from typing import Any
 
 from codec.errors import SgarcError
 from codec.inference import DEFAULTS
+from jobs.options import ENV_ANY, ENV_NAME, ENV_REF, expand_env
 from pipeline.storage import IMAGE_EXTENSIONS, ObjectInfo
 
 
@@ -170,7 +171,7 @@ class JobSpec:
         Call it where the run happens (the secrets live there); a missing variable is a
         :class:`SpecError` naming the option and the variable, never a value."""
         env = os.environ if environ is None else environ
-        return _expand(self.storage, env, self.source, ())
+        return expand_env(self.storage, env, f"{self.source}: [storage] options.", SpecError)
 
     # -- secrets -----------------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class JobSpec:
         """Dotted names of sensitive-looking options whose value has no env reference:
         the file itself holds a secret."""
         return [".".join(p) for p, v in _leaves(self.storage, ())
-                if isinstance(v, str) and _is_sensitive(p) and not _ENV_REF.search(v)]
+                if isinstance(v, str) and _is_sensitive(p) and not ENV_REF.search(v)]
 
     def redacted_storage(self) -> dict:
         """The storage options as they may be shown: sensitive literals become '***'."""
@@ -278,8 +279,8 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: str | None = None
         raise SpecError(f"{source}: [storage] options must be a table, not "
                         f"{_type_name(storage)}")
     for dotted, value in _leaves(storage, ()):
-        for ref in _ENV_ANY.findall(value) if isinstance(value, str) else ():
-            if not _ENV_NAME.fullmatch(ref):
+        for ref in ENV_ANY.findall(value) if isinstance(value, str) else ():
+            if not ENV_NAME.fullmatch(ref):
                 raise SpecError(f"{source}: [storage] options.{'.'.join(dotted)}: "
                                 f"${{{ref}}} is not an environment variable name")
 
@@ -503,9 +504,6 @@ def _resolve_path(url: str, base_dir: str) -> str:
 # Environment references and secrets
 # ---------------------------------------------------------------------------------------------
 
-_ENV_ANY = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Same policy as pipeline.storage: values under these names may be credentials.
 _SENSITIVE = re.compile(r"key|secret|token|passw|credential|auth|signature|sas|cert",
                         re.IGNORECASE)
@@ -526,29 +524,12 @@ def _is_sensitive(path: tuple[str, ...]) -> bool:
     return any(_SENSITIVE.search(p) for p in path)
 
 
-def _expand(value: Any, env: Mapping[str, str], source: str, path: tuple[str, ...]) -> Any:
-    if isinstance(value, dict):
-        return {k: _expand(v, env, source, (*path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, env, source, (*path, str(i))) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def sub(m: re.Match) -> str:
-        if m.group(1) not in env:
-            raise SpecError(f"{source}: [storage] options.{'.'.join(path)} refers to "
-                            f"${{{m.group(1)}}}, which is not set in the environment")
-        return env[m.group(1)]
-
-    return _ENV_REF.sub(sub, value)
-
-
 def _redact(value: Any, path: tuple[str, ...]) -> Any:
     if isinstance(value, dict):
         return {k: _redact(v, (*path, str(k))) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, (*path, str(i))) for i, v in enumerate(value)]
-    if isinstance(value, str) and _is_sensitive(path) and not _ENV_REF.search(value):
+    if isinstance(value, str) and _is_sensitive(path) and not ENV_REF.search(value):
         return "***"
     return value
 
