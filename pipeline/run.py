@@ -51,12 +51,16 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
+    """What one call of run/refine did. A resumed run counts the shards committed before
+    the interruption as skipped, like the work of earlier runs: ``images + skipped`` is
+    always the number of images considered, and images/s is this call's rate."""
+
     run_id: str
-    images: int  # rows written by this run
+    images: int  # rows written by this call
     ok: int
     errors: int
-    skipped: int  # done by earlier runs with the same settings
-    shards: int
+    skipped: int  # done by earlier runs with the same settings, or before an interruption
+    shards: int  # shards this call ran
     retried_shards: int
     seconds: float
     resumed: bool
@@ -100,7 +104,7 @@ def _run(input_url: str, output_url: str, settings: EncodeSettings,
     retried = 0
     if pending:
         retried = _execute(plan, pending, source, output, settings, options, storage_options)
-    summary = _summarize(plan, output, resumed, retried, time.perf_counter() - t0)
+    summary = _summarize(plan, pending, output, resumed, retried, time.perf_counter() - t0)
     output.write_atomic(planning.summary_key(plan.run_id),
                         json.dumps(asdict(summary), indent=1).encode())
     return summary
@@ -213,10 +217,14 @@ def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempt
     return ShardResult(shard.id, n, 0, n, 0.0)
 
 
-def _summarize(plan: Plan, output: Storage, resumed: bool, retried: int,
+def _summarize(plan: Plan, ran: list[Shard], output: Storage, resumed: bool, retried: int,
                seconds: float) -> RunSummary:
+    """Counts of the shards this call ran (``ran``); the plan's other shards were committed
+    before an interruption, and their images join the plan's skipped ones."""
     ok = errors = replaced = 0
-    for shard in plan.shards:
+    ran_ids = {s.id for s in ran}
+    done_before = sum(len(s.images) for s in plan.shards if s.id not in ran_ids)
+    for shard in ran:
         part = output.read_bytes(sink.part_key(plan.run_id, shard.id))
         table = sink.read_part(part, ["status", "replaced"])
         status = table["status"].to_pylist()
@@ -224,8 +232,8 @@ def _summarize(plan: Plan, output: Storage, resumed: bool, retried: int,
         errors += status.count("error")
         if "replaced" in table.column_names:
             replaced += table["replaced"].to_pylist().count(True)
-    return RunSummary(plan.run_id, ok + errors, ok, errors, plan.skipped, len(plan.shards),
-                      retried, seconds, resumed, output.url, plan.mode, replaced)
+    return RunSummary(plan.run_id, ok + errors, ok, errors, plan.skipped + done_before,
+                      len(ran), retried, seconds, resumed, output.url, plan.mode, replaced)
 
 
 class _Progress:

@@ -515,9 +515,10 @@ def test_interrupted_driver_resumes_its_run(tmp_path, local_ray):
     settings = EncodeSettings(method="sga", iterations=ITERATIONS)
     summary = run(str(src), str(out), settings, RunOptions(shard_size=1, **QUIET))
 
-    if interrupted:
+    if interrupted:  # what was committed before the signal counts as skipped
         assert summary.resumed and summary.run_id == run_id
-        assert (summary.images, summary.ok, summary.shards) == (8, 8, 8)
+        assert (summary.images + summary.skipped, summary.ok) == (8, summary.images)
+        assert summary.skipped >= done_before and summary.shards == summary.images
     else:
         assert (summary.images, summary.skipped) == (0, 8)
     rows = by_key(rows_of(out, run_id))
@@ -607,7 +608,7 @@ def test_empty_input_and_named_runs_need_no_actors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Names at the filesystem's limit, keys the decode service could not take
+# 8. Names at the filesystem's limit, keys the decode service could not take, resumed counts
 # ---------------------------------------------------------------------------------------------
 
 LONGEST = "n" * 251 + ".png"  # 255 bytes: the longest name a local disk allows
@@ -675,6 +676,29 @@ def test_longest_name_on_s3(s3, local_ray):
     check_long_row(fs.cat_file(f"{out_bucket}/out/{row['bitstream_key']}"), row)
     body, _ = DecodeService(output_url, options, cache_bytes=0).get(key)
     assert Image.open(io.BytesIO(body)).size == (48, 48)
+
+
+def test_resumed_run_counts_the_work_done_before_as_skipped(tmp_path, local_ray):
+    """A run interrupted after one of its three shards: the resumed call reports 2 images
+    and 1 skipped (not 3 images and 0 skipped), so images + skipped is what was asked."""
+    from pipeline.worker import ShardEncoder
+
+    src = write_local(tmp_path / "in", small_photos(3, size=32))
+    out = tmp_path / "out"
+    source, output = Storage(str(src)), Storage(str(out))
+    plan = make_plan(source.list_images(), source.url, output, FAST.resolved(),
+                     FAST.fingerprint(), 1)
+    output.write_atomic(plan_key(plan.run_id), plan.to_json())
+    encoder = ShardEncoder(source.url, output.url, None, FAST, plan.fingerprint, device="cpu")
+    encoder.process(plan.shards[0], plan.run_id)  # committed before the "interruption"
+
+    summary = run(str(src), str(out), FAST, RunOptions(shard_size=1, **QUIET))
+
+    assert summary.resumed and summary.run_id == plan.run_id
+    assert (summary.images, summary.ok, summary.skipped, summary.shards) == (2, 2, 1, 2)
+    assert "2 images (2 ok, 0 errors), 1 skipped, 2 shards" in summary.line()
+    assert stored_summary(out, plan.run_id)["skipped"] == 1
+    assert len(rows_of(out, plan.run_id)) == 3
 
 
 # ---------------------------------------------------------------------------------------------
