@@ -7,8 +7,9 @@
 Rows: decode on the CPU (ms per 768x512 image) and its entropy-decoding share; amortized
 encode; one SGA iteration per image (on CUDA timed on a batch of --sga-batch images); SGA
 images per hour at 2000 iterations; the pipeline's steady-state throughput over a bare
-loop's. Each time is shown beside its floor (the network's FLOPs over the device's measured
-peak, bench/codec_speed.py) and the issue's target beside the measured value. Everything,
+loop's; one training step of the variable-rate model (bench/train_step.py). Each time is
+shown beside its floor (the network's FLOPs over the device's measured peak,
+bench/codec_speed.py) and the issue's target beside the measured value. Everything,
 with the machine, the full codec_speed reports and the pipeline numbers, goes to --json.
 This is a tool, not a test: no target is enforced (the exit status is 0 either way).
 """
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from bench import codec_speed, pipeline_overhead
+from bench import codec_speed, pipeline_overhead, train_step
 from bench.common import ROOT, busy_cpus, cpu_model, log, machine_info
 from codec.registry import REGISTRY
 
-SECTIONS = ("decode", "encode", "sga", "pipeline")
+SECTIONS = ("decode", "encode", "sga", "pipeline", "train")
 SGA_ITERATIONS = 2000  # the paper's budget, the issue's yardstick (sgarc encode defaults to 1000)
 TARGET_IMAGES_PER_HOUR = 2000  # per H100, 768x512 at 2000 iterations
 TARGET_DECODE_RATIO = 1.5  # decode on the 2-core CPU at most 1.5x its floor
@@ -126,9 +127,9 @@ def _row(report: dict, key: str) -> dict:
 
 
 def summarize(cpu: dict | None, dev: dict | None, pipe: dict | None,
-              wanted: set[str]) -> list[SummaryRow]:
-    """The summary rows from the codec_speed reports (cpu, and dev for --device) and the
-    pipeline numbers."""
+              wanted: set[str], train: dict | None = None) -> list[SummaryRow]:
+    """The summary rows from the codec_speed reports (cpu, and dev for --device), the
+    pipeline numbers and the training step's."""
     rows: list[SummaryRow] = []
     if cpu is not None and "decode" in wanted:
         d, e = _row(cpu, "decode"), _row(cpu, "decode_entropy")
@@ -173,6 +174,17 @@ def summarize(cpu: dict | None, dev: dict | None, pipe: dict | None,
             pipe["marginal_ratio"], target=f">= {pipe['target_marginal_ratio']:g}",
             met=pipe["marginal_ratio"] >= pipe["target_marginal_ratio"],
             note=f"marginal; end to end {pipe['end_to_end_ratio']:.2f}"))
+    if train is not None:
+        st = train["settings"]
+        by = {r["variant"]: r for r in train["rows"]}
+        used = by["channels_last"]  # what sgarc train runs by default
+        bf16 = by.get("channels_last+bf16")
+        rows.append(SummaryRow(
+            "train_step_ms", f"training step, {st['device']}, batch {st['batch_size']}x"
+            f"{st['crop']}px", "ms/step", used["measured_ms"], used["floor_ms"], used["ratio"],
+            f"<= {train['target_ratio']:g}x floor", used["ratio"] <= train["target_ratio"],
+            f"channels_last; nchw {by['nchw']['ratio']:.2f}x"
+            + (f", --bf16 {bf16['ratio']:.2f}x" if bf16 else "")))
     return rows
 
 
@@ -220,6 +232,10 @@ def suite_notes(cpu: dict | None, dev: dict | None, wanted: set[str], quick: boo
     if "decode" in wanted and cpu is not None:
         notes.append(f"decode targets (issue): <= {TARGET_DECODE_RATIO:g}x floor on the 2-core "
                      f"CPU, entropy decoding <= {TARGET_ENTROPY_SHARE:g}% of decode.")
+    if "train" in wanted:
+        notes.append("training step: forward, backward and Adam of the variable-rate model "
+                     "(bench/train_step.py); floor = its FLOPs (flop_counter) / the fp32 peak; "
+                     "target (issue): <= 2x floor on the 2-core CPU.")
     if "pipeline" in wanted:
         notes.append("pipeline: steady-state images/s through Ray actors over a bare loop's on "
                      "the same JPEGs (bench/pipeline_overhead.py), amortized, CPU; no FLOP "
@@ -258,7 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         pipe = pipeline_overhead.measure(images=n, repeats=1 if args.quick else 2,
                                          quality=model)
 
-    rows = summarize(cpu, dev, pipe, wanted)
+    train = None
+    if "train" in wanted:
+        log("training step ...")
+        train = train_step.measure(train_step.StepSettings(
+            threads=args.threads, device=device,
+            repeats=args.repeats or (1 if args.quick else 5),
+            **({"batch_size": 2, "crop": 64, "gemm_size": 1024, "gemm_runs": 2}
+               if args.quick else {})))
+
+    rows = summarize(cpu, dev, pipe, wanted, train)
     notes = suite_notes(cpu, dev, wanted, args.quick)
     first = cpu or dev
     machine = machine_info(busy) | {"threads": args.threads or torch.get_num_threads()}
@@ -288,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline_marginal_ratio_min": pipeline_overhead.TARGET_RATIO},
         "summary": [asdict(r) for r in rows], "notes": notes,
         "codec_speed": {r["machine"]["device"]: r for r in (cpu, dev) if r is not None},
-        "pipeline_overhead": pipe,
+        "pipeline_overhead": pipe, "train_step": train,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

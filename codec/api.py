@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from codec.images import (
     save_image,
 )
 from codec.inference import InferenceConfig, infer
+
+if TYPE_CHECKING:
+    from codec.targets import Target
 from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
@@ -67,6 +70,9 @@ class EncodeResult:
     device: str
     metadata_bytes: int = 0  # META payload (EXIF, ICC, XMP, provenance); part of `bits`
     rate: int | None = None  # rate point of a variable-rate model (grid index)
+    target: str | None = None  # "psnr" or "bpp" when coded to a target (codec.targets)
+    target_value: float | None = None
+    target_met: bool | None = None
 
     @property
     def estimate_overhead(self) -> float:
@@ -74,10 +80,17 @@ class EncodeResult:
         return self.payload_bits / self.estimated_bits - 1.0
 
     def summary(self) -> str:
+        rate = f", rate point {self.rate}" if self.rate is not None else ""
+        target = ""
+        if self.target is not None:
+            goal = (f"PSNR ≥ {self.target_value:g} dB" if self.target == "psnr"
+                    else f"≤ {self.target_value:g} bpp")
+            target = f"; target {goal} {'met' if self.target_met else 'MISSED'}"
         return (f"{self.width}x{self.height} {self.bpp:.4f} bpp, PSNR {self.psnr:.2f} dB, "
                 f"bits est {self.estimated_bits:.0f} / actual {self.payload_bits} "
                 f"({100 * self.estimate_overhead:+.2f}%), file {self.bits // 8} B, "
-                f"{self.seconds:.2f} s [{self.method}, {self.iterations} it, {self.device}]")
+                f"{self.seconds:.2f} s [{self.method}, {self.iterations} it, {self.device}"
+                f"{rate}]{target}")
 
 
 @dataclass
@@ -229,6 +242,13 @@ class Codec:
     def encode(self, image: PreparedImage, config: InferenceConfig | None = None,
                progress: Callable[[int], None] | None = None) -> EncodeResult:
         return self.encode_batch([image], config, progress)[0]
+
+    def encode_to_target(self, image: PreparedImage, target: Target,
+                         config: InferenceConfig | None = None,
+                         progress: Callable[[int], None] | None = None) -> EncodeResult:
+        """Encode at the rate point that meets a PSNR or bpp target (codec.targets)."""
+        from codec.targets import encode_to_target
+        return encode_to_target(self, image, target, config or InferenceConfig(), progress)
 
     def encode_batch(self, images: list[PreparedImage], config: InferenceConfig | None = None,
                      progress: Callable[[int], None] | None = None,

@@ -34,7 +34,7 @@ class TrainConfig:
     batch_size: int = 8
     crop: int = 256
     lr: float = 1e-4
-    lr_drop_at: float = 0.9  # fraction of steps after which lr drops by 10x
+    lr_drop_at: float = 0.9  # fraction of steps (or of the time budget) after which lr / 10
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 500
@@ -47,6 +47,15 @@ class TrainConfig:
     # sets the gains' start (GainedMeanScaleHyperprior.init_from_fixed).
     lmbdas: tuple[float, ...] = ()
     gain_lr_scale: float = 10.0  # the gains learn this much faster than the transforms
+    # Speed (bench/train_step.py): channels_last activations (same math, oneDNN's fast
+    # path); bf16 autocast of the hidden layers (variable-rate models; float32 heads).
+    channels_last: bool = True
+    bf16: bool = False
+    # Stop (with a checkpoint) after this many seconds of this call, even before `steps`:
+    # the GPU session's time box (wall clock), fixed-budget studies (bench/train_study.py:
+    # CPU seconds of this process, which other load on the machine does not shrink).
+    time_budget: float | None = None
+    budget_clock: str = "wall"  # "wall" or "cpu"
 
     @property
     def variable_rate(self) -> bool:
@@ -118,20 +127,43 @@ def image_files(folders: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def load_training_images(files: list[Path], crop: int) -> list[np.ndarray]:
+    """The images (uint8 RGB) of at least crop x crop pixels."""
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("RGB"))
+        if min(a.shape[:2]) >= crop:
+            images.append(a)
+    if not images:
+        raise ValueError(f"no training image of at least {crop}x{crop} in {len(files)} files")
+    return images
+
+
+def make_sampler(files: list[Path], crop: int, seed: int, device: torch.device):
+    """On CUDA, images of one size (the GPU session's pack) go to the GPU once
+    (DeviceCropSampler); otherwise crops are cut on the host (CropSampler)."""
+    images = load_training_images(files, crop)
+    if device.type == "cuda" and len({a.shape for a in images}) == 1:
+        return DeviceCropSampler(images, crop, seed, device)
+    return CropSampler(images, crop, seed)
+
+
 class CropSampler:
     """Random crops with horizontal/vertical flips from images held in memory as uint8."""
 
-    def __init__(self, files: list[Path], crop: int, seed: int) -> None:
-        self.images = []
-        for f in files:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"))
-            if min(a.shape[:2]) >= crop:
-                self.images.append(a)
-        if not self.images:
-            raise ValueError(f"no training image of at least {crop}x{crop} in {len(files)} files")
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int) -> None:
+        self.images = images
         self.crop = crop
         self.rng = np.random.default_rng(seed)
+
+    def get_state(self):
+        return self.rng.bit_generator.state
+
+    def set_state(self, state) -> None:
+        """Resume the crop stream (a GPU run's state, a tensor, does not apply here)."""
+        if isinstance(state, dict):
+            self.rng.bit_generator.state = state
 
     def batch(self, n: int) -> torch.Tensor:
         out = np.empty((n, self.crop, self.crop, 3), np.uint8)
@@ -152,6 +184,44 @@ class CropSampler:
         return torch.from_numpy(self.rng.integers(num_rates, size=n))
 
 
+class DeviceCropSampler:
+    """CropSampler's crops and flips, cut on the device from one uint8 tensor of same-size
+    images: no host work and no transfer per step (a GPU would otherwise wait on them)."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int,
+                 device: torch.device) -> None:
+        self.images = torch.from_numpy(np.stack(images)).to(device)  # (n, H, W, 3)
+        self.crop, self.device = crop, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.offsets = torch.arange(crop, device=device)
+
+    def get_state(self):
+        return self.gen.get_state()
+
+    def set_state(self, state) -> None:
+        """Resume the crop stream (a host run's state, a dict, does not apply here)."""
+        if torch.is_tensor(state):
+            self.gen.set_state(state.cpu())
+
+    def _ints(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), generator=self.gen, device=self.device)
+
+    def batch(self, n: int) -> torch.Tensor:
+        count, H, W, _ = self.images.shape
+        i, r, c = self._ints(count, n), self._ints(H - self.crop + 1, n), \
+            self._ints(W - self.crop + 1, n)
+        rows = (r[:, None] + self.offsets)[:, :, None]
+        cols = (c[:, None] + self.offsets)[:, None, :]
+        flip_h, flip_v = self._ints(2, n).bool(), self._ints(2, n).bool()
+        cols = torch.where(flip_h[:, None, None], cols.flip(2), cols)
+        rows = torch.where(flip_v[:, None, None], rows.flip(1), rows)
+        x = self.images[i[:, None, None], rows, cols]  # (n, crop, crop, 3)
+        return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+    def rate_points(self, n: int, num_rates: int) -> torch.Tensor:
+        return self._ints(num_rates, n)
+
+
 def train(cfg: TrainConfig, checkpoint: Path, log=print,
           on_record: Callable[[dict], None] | None = None) -> MeanScaleHyperprior:
     """Train (or resume from `checkpoint`) and return the float model.
@@ -165,6 +235,8 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     step, state, init_steps = 0, None, 0
     if not checkpoint.exists() and cfg.init_from:
         init_steps = load_initial(model, cfg.init_from, cfg)
@@ -185,25 +257,45 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
         step = state["step"]
         init_steps = int(state.get("init_steps", 0))
         log(f"resumed from {checkpoint} at step {step}")
-    sampler = CropSampler(image_files(cfg.data), cfg.crop, cfg.seed + step)
+    sampler = make_sampler(image_files(cfg.data), cfg.crop, cfg.seed + step, device)
     if state is not None and "rng" in state:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-        sampler.rng.bit_generator.state = state["rng"]["sampler"]
+        sampler.set_state(state["rng"]["sampler"])
     log(f"training on {len(sampler.images)} images, device {device}, config {asdict(cfg)}")
     model.train()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     t0, acc, n = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.time
+    started = clock()
+
+    def save() -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state(),
+               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "step": step, "init_steps": init_steps, "config": asdict(cfg),
+                    "rng": rng}, tmp)
+        tmp.replace(checkpoint)
+
     while step < cfg.steps:
-        lr = cfg.lr * (0.1 if step >= cfg.lr_drop_at * cfg.steps else 1.0)
+        if cfg.time_budget is not None and clock() - started > cfg.time_budget:
+            log(f"time budget of {cfg.time_budget:g} s spent at step {step}")
+            save()
+            break
+        # progress through the run: by steps, or by the time box when that ends it first
+        progress = step / cfg.steps
+        if cfg.time_budget:
+            progress = max(progress, (clock() - started) / cfg.time_budget)
+        lr = cfg.lr * (0.1 if progress >= cfg.lr_drop_at else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        x = sampler.batch(cfg.batch_size).to(device)
+        x = sampler.batch(cfg.batch_size).to(device, memory_format=memory_format)
         if cfg.variable_rate:
             r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
             lmbda = model.lmbdas_tensor(device)[r]
-            terms = rd_loss_terms(x, model(x, r), lmbda)
+            terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), lmbda)
         else:
             terms = rd_loss_terms(x, model(x), cfg.lmbda)
         opt.zero_grad(set_to_none=True)
@@ -224,11 +316,5 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
                            "seconds_per_step": seconds})
             t0, acc, n = time.time(), dict.fromkeys(acc, 0.0), 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            tmp = checkpoint.with_suffix(".tmp")
-            rng = {"torch": torch.get_rng_state(), "sampler": sampler.rng.bit_generator.state,
-                   "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "init_steps": init_steps, "config": asdict(cfg),
-                        "rng": rng}, tmp)
-            tmp.replace(checkpoint)
+            save()
     return model

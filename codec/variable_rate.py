@@ -102,19 +102,24 @@ class GainedMeanScaleHyperprior(nn.Module):
         """Per-sample gains (B, C, 1, 1) for integer rate points r (B,)."""
         return {name: getattr(self, name).abs()[r][:, :, None, None] for name in GAIN_NAMES}
 
-    def forward(self, x: torch.Tensor, r: torch.Tensor) -> dict:
-        """Training forward at rate point r[i] for image i (uniform-noise relaxation)."""
+    def forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool = False) -> dict:
+        """Training forward at rate point r[i] for image i (uniform-noise relaxation).
+
+        bf16: the transforms' hidden layers run under bfloat16 autocast and their last
+        layers in float32 (`_transform`), so y, z, mu, sigma and x_hat keep float32
+        precision where rounding and the rate depend on it.
+        """
         g = self.gains(r)
         b = self.base
-        y = b.g_a(x)
-        z = b.h_a(y) * g["hyper_gain"]
+        y = _transform(b.g_a, x, bf16)
+        z = _transform(b.h_a, y, bf16) * g["hyper_gain"]
         y = y * g["gain"]
         z_tilde = z + torch.empty_like(z).uniform_(-0.5, 0.5)
         y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-        sigma, mu = b.h_s(z_tilde * g["hyper_inverse_gain"]).chunk(2, dim=1)
+        sigma, mu = _transform(b.h_s, z_tilde * g["hyper_inverse_gain"], bf16).chunk(2, dim=1)
         y_lik = gaussian_likelihood(y_tilde, mu * g["gain"], sigma * g["gain"])
         z_lik = b.p_z.likelihood(z_tilde)
-        return {"x_hat": b.g_s(y_tilde * g["inverse_gain"]),
+        return {"x_hat": _transform(b.g_s, y_tilde * g["inverse_gain"], bf16),
                 "likelihoods": {"y": y_lik, "z": z_lik}}
 
     # ------------------------------------------------------------------ rate points
@@ -152,6 +157,15 @@ class GainedMeanScaleHyperprior(nn.Module):
         if not 0 <= index <= self.max_rate_index:
             raise ValueError(f"rate index {index} outside 0..{self.max_rate_index}")
         return fold(self.base, tables.row(index))
+
+
+def _transform(layers: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """layers(x); with bf16, all but the last layer under bfloat16 autocast."""
+    if not bf16:
+        return layers(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        h = layers[:-1](x)
+    return layers[-1](h.float())
 
 
 def _interpolate(logs: np.ndarray, index: int, exp) -> np.ndarray | float:

@@ -9,15 +9,23 @@ from pathlib import Path
 
 from codec.errors import SgarcError
 from codec.files import atomic_write
-from jobs.options import parse_storage_options
+from jobs.options import STORAGE_OPTIONS_HELP, parse_storage_options
+
+
+def _settings(args):
+    """The pipeline's EncodeSettings of these options (one place builds them)."""
+    from pipeline.settings import EncodeSettings
+    return EncodeSettings(model=args.model or args.quality, method=args.method,
+                          iterations=args.iterations, lr=args.lr, seed=args.seed,
+                          schedule=args.schedule, patience=args.patience,
+                          alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
+                          metadata=args.metadata, rate=args.rate,
+                          target_psnr=args.target_psnr, target_bpp=args.target_bpp)
 
 
 def _inference_config(args):
     """The same InferenceConfig a pipeline run with these options would use."""
-    from pipeline.settings import EncodeSettings
-    return EncodeSettings(method=args.method, iterations=args.iterations, lr=args.lr,
-                          seed=args.seed, schedule=args.schedule,
-                          patience=args.patience).inference()
+    return _settings(args).inference()
 
 
 def _progress_bar(total: int, desc: str):
@@ -33,12 +41,22 @@ def cmd_encode(args) -> int:
     cfg = _inference_config(args)
     image = load_image(Path(args.input), alpha=args.alpha, depth=args.depth,
                        max_pixels=args.max_pixels, metadata=args.metadata)
-    codec = Codec(args.model if args.model else args.quality, device=args.device)
+    target = _settings(args).target()
+    codec = Codec(args.model if args.model else args.quality, device=args.device,
+                  rate=args.rate)
     total = 0 if cfg.method == "amortized" else cfg.iterations
     with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
-        result = codec.encode(image, cfg, progress=bar.update)
+        if target is None:
+            result = codec.encode(image, cfg, progress=bar.update)
+        else:
+            result = codec.encode_to_target(image, target, cfg, progress=bar.update)
     atomic_write(Path(args.output), result.data)
     print(f"{args.input} -> {args.output}: {result.summary()}")
+    if result.target_met is False:
+        end = "highest" if target.kind == "psnr" else "lowest"
+        print(f"sgarc encode: warning: target {target.describe()} is out of reach of model "
+              f"{result.model_id}: coded at its {end} rate point ({result.bpp:.3f} bpp, "
+              f"{result.psnr:.2f} dB)", file=sys.stderr)
     meta = image.metadata
     if meta is not None and (meta.kept or meta.dropped):
         kept = ", ".join(f"{f} {len(getattr(meta, f))} B" for f in meta.kept) or "nothing"
@@ -109,21 +127,23 @@ def cmd_models(args) -> int:
         return 1
     print(f"{'quality':>7}  {'id':<24} {'lambda':>8} {'N':>4} {'M':>4} {'steps':>8}  data")
     for e in rows:
-        print(f"{e.quality:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
-              f"{e.data}")
+        level = "1..6" if e.variable_rate else e.quality
+        print(f"{level:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
+              f"{e.data}{'  [default]' if e.default else ''}")
+        if e.variable_rate:
+            from codec.variable_rate import RATE_STEPS
+            top = (len(e.lmbdas) - 1) * RATE_STEPS
+            print(f"{'':>9}variable rate: --rate 0..{top} (λ {e.lmbdas[0]:g} .. "
+                  f"{e.lmbdas[-1]:g}, {RATE_STEPS} points per doubling of λ); "
+                  "--quality 1..6 name points of it; --target-psnr / --target-bpp")
     return 0
 
 
 def cmd_run(args, mode: str = "encode") -> int:
 
     from pipeline.run import RunOptions, refine, run
-    from pipeline.settings import EncodeSettings
 
-    settings = EncodeSettings(model=args.model or args.quality, method=args.method,
-                              iterations=args.iterations, lr=args.lr, seed=args.seed,
-                              schedule=args.schedule, patience=args.patience,
-                              alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
-                              metadata=args.metadata)
+    settings = _settings(args)
     storage_options = _storage_options(args)
     options = RunOptions(shard_size=args.shard_size, actors=args.actors, address=args.address,
                          device=args.device, run_id=args.run_id, manifest=args.manifest)
@@ -151,6 +171,16 @@ def _add_codec_options(p: argparse.ArgumentParser) -> None:
                    help="quality level of a shipped model (see `sgarc models`); "
                         "default: the middle level")
     p.add_argument("--model", default=None, help="model id instead of a quality level")
+    p.add_argument("--rate", type=int, default=None, metavar="R",
+                   help="rate point of a variable-rate model: its grid index (see `sgarc "
+                        "models`), finer than --quality")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                      help="per image, the lowest rate point whose PSNR reaches DB "
+                           "(variable-rate model; searched on amortized encodings, then "
+                           "refined there)")
+    goal.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
+                      help="per image, the highest rate point within BPP bits per pixel")
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -208,9 +238,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=None,
                    help="text file listing the keys to encode, one per line (under INPUT)")
     p.add_argument("--run-id", default=None, help="resume (or name) this run")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
-                   "\"http://minio:9000\"}}' (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=STORAGE_OPTIONS_HELP + ", e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                   "\"http://minio:9000\"}}'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT", nargs="?")
     p.add_argument("-o", "--output", dest="output_opt", metavar="OUT", default=None,
                    help="output file (instead of the positional OUT)")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options for a URL input (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=STORAGE_OPTIONS_HELP + ", for a URL input")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse streams that describe larger images")
     p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")
@@ -276,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="show a bitstream's header fields and metadata")
     p.add_argument("input", metavar="FILE", help="a local path or any fsspec URL")
-    p.add_argument("--storage-options", default=None, metavar="JSON",
-                   help="fsspec storage options for a URL (never printed)")
+    p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=STORAGE_OPTIONS_HELP + ", for a URL")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("models", help="list the shipped models")

@@ -10,7 +10,7 @@ key and list the allowed ones):
     [job]      name, input (required), output (required), manifest
     [storage]  options: fsspec options; string values may say "${ENV_VAR}"
     [encode]   quality | model, method, iterations, lr, seed, schedule, patience, alpha,
-               depth, metadata, max_pixels
+               depth, metadata, max_pixels, rate, target_psnr | target_bpp
     [run]      shard_size, actors, gpus, address (Ray Jobs API, http://head:8265), device
     [filters]  extensions, include, exclude (glob patterns on keys), min_bytes, max_bytes
     [refine]   enabled, method, iterations, max_images
@@ -62,6 +62,9 @@ class EncodeSpec:
     depth: str = "error"
     metadata: str = "keep"
     max_pixels: int | None = None  # None: the codec's default limit
+    rate: int | None = None  # rate point of a variable-rate model
+    target_psnr: float | None = None  # per-image targets (codec.targets)
+    target_bpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,9 @@ class JobSpec:
         return EncodeSettings(model=e.model if e.model is not None else e.quality,
                               method=e.method, iterations=e.iterations, lr=e.lr, seed=e.seed,
                               schedule=e.schedule, patience=e.patience,
-                              alpha=e.alpha, depth=e.depth, metadata=e.metadata, **kwargs)
+                              alpha=e.alpha, depth=e.depth, metadata=e.metadata,
+                              rate=e.rate, target_psnr=e.target_psnr, target_bpp=e.target_bpp,
+                              **kwargs)
 
     def refine_settings(self):
         """The refinement pass's settings: [encode] with [refine]'s method and iterations.
@@ -304,11 +309,16 @@ def _encode(v: _Validator, t: dict) -> EncodeSpec:
     from codec.metadata import METADATA_POLICIES
 
     v.keys(t, "encode", ("quality", "model", "method", "iterations", "lr", "seed", "schedule",
-                         "patience", "alpha", "depth", "metadata", "max_pixels"))
+                         "patience", "alpha", "depth", "metadata", "max_pixels", "rate",
+                         "target_psnr", "target_bpp"))
     quality = v.integer(t, "encode", "quality", minimum=0)
     model = v.string(t, "encode", "model")
     if quality is not None and model is not None:
         raise SpecError(f"{v.source}: [encode] give quality or model, not both")
+    target_psnr = v.number(t, "encode", "target_psnr", positive=True)
+    target_bpp = v.number(t, "encode", "target_bpp", positive=True)
+    if target_psnr is not None and target_bpp is not None:
+        raise SpecError(f"{v.source}: [encode] give target_psnr or target_bpp, not both")
     return EncodeSpec(
         quality=quality, model=model,
         method=v.choice(t, "encode", "method", METHODS, default="sga"),
@@ -321,7 +331,9 @@ def _encode(v: _Validator, t: dict) -> EncodeSpec:
         alpha=v.choice(t, "encode", "alpha", ("keep", "flatten", "error"), default="keep"),
         depth=v.choice(t, "encode", "depth", ("error", "reduce"), default="error"),
         metadata=v.choice(t, "encode", "metadata", METADATA_POLICIES, default="keep"),
-        max_pixels=v.integer(t, "encode", "max_pixels", minimum=1))
+        max_pixels=v.integer(t, "encode", "max_pixels", minimum=1),
+        rate=v.integer(t, "encode", "rate", minimum=0),
+        target_psnr=target_psnr, target_bpp=target_bpp)
 
 
 def _run(v: _Validator, t: dict) -> RunSpec:

@@ -17,6 +17,7 @@ from codec.inference import DEFAULTS, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
+_OPTIONAL = ("rate", "target_psnr", "target_bpp")
 # settings amortized encoding ignores
 ITERATIVE_ONLY = ("schedule", "patience", "eval_every", "min_improvement")
 
@@ -34,6 +35,21 @@ class EncodeSettings:
     depth: str = "error"
     max_pixels: int = DEFAULT_MAX_PIXELS
     metadata: str = "keep"  # oversized EXIF / ICC / XMP: refuse ("keep") or "drop-oversized"
+    # variable-rate models: a rate point (grid index), or a per-image target (codec.targets)
+    rate: int | None = None
+    target_psnr: float | None = None
+    target_bpp: float | None = None
+
+    def target(self):
+        """The per-image codec.targets.Target, or None."""
+        from codec.targets import Target
+        if self.target_psnr is not None and self.target_bpp is not None:
+            raise ValueError("give a PSNR target or a bpp target, not both")
+        if self.target_psnr is not None:
+            return Target("psnr", self.target_psnr)
+        if self.target_bpp is not None:
+            return Target("bpp", self.target_bpp)
+        return None
 
     def inference(self) -> InferenceConfig:
         return InferenceConfig(method=self.method, iterations=self.iterations, lr=self.lr,
@@ -43,10 +59,23 @@ class EncodeSettings:
 
     def resolved(self) -> dict:
         """Settings with the model resolved to its registry entry (id and sha256)."""
-        from codec.registry import find
+        from codec.registry import find, load_point
 
         entry = find(self.model)
         d = asdict(self)
+        # Unset rate and target keys are left out, so that fingerprints of runs from before
+        # they existed stay the same; a variable-rate model's rate point is resolved.
+        for key in _OPTIONAL:
+            if d[key] is None:
+                del d[key]
+        if self.target() is not None and not entry.variable_rate:
+            raise ValueError(f"a PSNR or bpp target needs a variable-rate model; {entry.id} "
+                             "is fixed-rate")
+        if self.target() is None and entry.variable_rate:
+            d["rate"] = load_point(self.model, self.rate).rate
+        elif self.rate is not None and not entry.variable_rate:
+            raise ValueError(f"rate points need a variable-rate model; {entry.id} is "
+                             "fixed-rate")
         # metadata_version: streams written before the META section existed carry no
         # metadata, so they do not count as done by a run that keeps it.
         d.update(model=entry.id, model_sha256=entry.sha256, quality=entry.quality,

@@ -42,6 +42,10 @@ SCHEMA = pa.schema([
     ("amortized_rd_loss", pa.float64()),
     ("quality", pa.int32()),
     ("lmbda", pa.float64()),
+    ("rate", pa.int32()),  # rate point of a variable-rate model (grid index); null: fixed
+    ("target", pa.string()),  # "psnr" or "bpp" when coded to a per-image target
+    ("target_value", pa.float64()),
+    ("target_met", pa.bool_()),  # false: the model could not reach it (coded at its end)
     ("model_id", pa.string()),
     ("method", pa.string()),
     ("iterations", pa.int32()),  # the budget set for the run

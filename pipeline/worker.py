@@ -58,7 +58,8 @@ class ShardEncoder:
         self.settings = settings
         self.config = settings.inference()
         self.fingerprint = fingerprint
-        self.codec = Codec(settings.model, device=device)
+        self.codec = Codec(settings.model, device=device, rate=settings.rate)
+        self.target = settings.target()
         self.batch_size = batch_size or (8 if self.codec.device.type == "cuda" else 1)
         self.prefetch = prefetch
 
@@ -146,21 +147,27 @@ class ShardEncoder:
     def _encode(self, bucket, base: dict, progress, baseline: dict[str, float] | None
                 ) -> list[dict]:
         images = [p for _, p in bucket]
-        try:
-            results: list[EncodeResult | Exception] = list(
-                self.codec.encode_batch(images, self.config))
-        except Exception:  # isolate the image that fails: retry one by one
-            results = []
-            for im in images:
-                try:
-                    results.append(self.codec.encode(im, self.config))
-                except Exception as exc:  # any failure becomes an error row
-                    results.append(exc)
+        results: list[EncodeResult | Exception] | None = None
+        if self.target is None:  # with a target each image finds its own rate point
+            try:
+                results = list(self.codec.encode_batch(images, self.config))
+            except Exception:  # isolate the image that fails: retry one by one
+                results = None
+        if results is None:
+            results = [self._encode_one(im) for im in images]
         rows = []
         for (ref, prepared), res in zip(bucket, results, strict=True):
             rows.append(self._row(ref, prepared, res, base, (baseline or {}).get(ref.key)))
             _tick(progress)
         return rows
+
+    def _encode_one(self, image: PreparedImage) -> EncodeResult | Exception:
+        try:
+            if self.target is None:
+                return self.codec.encode(image, self.config)
+            return self.codec.encode_to_target(image, self.target, self.config)
+        except Exception as exc:  # any failure becomes an error row
+            return exc
 
     def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict,
              previous_rd_loss: float | None = None) -> dict:
@@ -189,7 +196,9 @@ class ShardEncoder:
                 "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
                 "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
                 "amortized_rd_loss": res.amortized_rd_loss, "iterations_used": res.iterations,
-                "encode_seconds": res.seconds}
+                "encode_seconds": res.seconds, "rate": res.rate, "lmbda": res.lmbda,
+                "target": res.target, "target_value": res.target_value,
+                "target_met": res.target_met}
 
     def _source(self, ref: ObjectInfo) -> dict:
         return sink.source_columns(ref.key, source_url(self.input, ref.key), ref.size,

@@ -17,7 +17,7 @@ import bench.__main__ as suite
 from tests.conftest import TINY_ID
 
 CODEC_ROWS = {"decode_cpu_ms", "decode_cpu_entropy_share", "encode_cpu_ms", "sga_iteration_ms",
-              "sga_images_per_hour"}
+              "sga_images_per_hour", "train_step_ms"}
 
 
 def test_quick_suite_writes_summary_and_json(tiny_registry, tmp_path, capsys):
@@ -27,7 +27,7 @@ def test_quick_suite_writes_summary_and_json(tiny_registry, tmp_path, capsys):
                        "--json", str(out)]) == 0
 
     report = json.loads(out.read_text())
-    assert report["sections"] == ["decode", "encode", "sga"]
+    assert report["sections"] == ["decode", "encode", "sga", "train"]
     assert report["model"]["id"] == TINY_ID
     assert report["machine"]["logical_cpus"] >= 1
     assert report["pipeline_overhead"] is None
@@ -49,6 +49,10 @@ def test_quick_suite_writes_summary_and_json(tiny_registry, tmp_path, capsys):
     assert cpu["peak_gflops"]["fp32"] > 0 and cpu["peak_gflops"]["fp64"] > 0
     keyed = {r["key"]: r for r in cpu["rows"] if r["key"]}
     assert set(keyed) == {"encode", "decode", "decode_entropy", "sga_iteration"}
+
+    variants = {r["variant"] for r in report["train_step"]["rows"]}
+    assert {"nchw", "channels_last"} <= variants
+    assert report["train_step"]["gflop_per_step"] > 0
 
     table = capsys.readouterr().out
     for r in rows.values():

@@ -61,3 +61,23 @@ def test_alpha_needs_a_decision_when_asked(tmp_path, capsys):
     assert main(["encode", str(path), str(tmp_path / "a.sga"), "--alpha", "error",
                  "--method", "amortized"]) == 2
     assert "alpha" in capsys.readouterr().err
+
+
+def test_encode_to_a_psnr_target(tmp_path, capsys):
+    from skimage import data
+
+    path = tmp_path / "crop.png"
+    Image.fromarray(data.astronaut()[100:196, 150:246]).save(path)
+    stream = tmp_path / "crop.sga"
+    assert main(["encode", str(path), str(stream), "--model", "msh-vr", "-m", "amortized",
+                 "--target-psnr", "31"]) == 0
+    out = capsys.readouterr()
+    assert "target PSNR ≥ 31 dB met" in out.out and "rate point" in out.out
+    assert main(["encode", str(path), str(stream), "--model", "msh-vr", "-m", "amortized",
+                 "--target-psnr", "80"]) == 0
+    out = capsys.readouterr()
+    assert "MISSED" in out.out and "out of reach" in out.err
+    assert main(["encode", str(path), str(stream), "--target-bpp", "1"]) == 2  # fixed default
+    assert "variable-rate" in capsys.readouterr().err
+    assert main(["models"]) == 0
+    assert "variable rate" in capsys.readouterr().out

@@ -641,8 +641,8 @@ def test_pipeline_rows_record_metadata(tmp_path, tiny_registry, monkeypatch):
     (src / "trip" / "IMG_0042.jpg").write_bytes(source("JPEG"))
     (src / "plain.png").write_bytes(source("PNG", exif=None, icc=None, xmp=None))
     (src / "big.png").write_bytes(png_with_chunks(itxt_xmp(xmp_of_size(2 << 20), False)))
-    monkeypatch.setattr(worker, "Codec",
-                        lambda model, device=None: Codec(registry=tiny_registry, device="cpu"))
+    monkeypatch.setattr(worker, "Codec", lambda model, device=None, rate=None:
+                        Codec(registry=tiny_registry, device="cpu"))
 
     def rows(policy: str) -> dict[str, dict]:
         settings = EncodeSettings(method="amortized", metadata=policy)

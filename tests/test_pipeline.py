@@ -749,3 +749,31 @@ def test_two_node_cluster(tmp_path, two_node_cluster):
               if a["ActorClassName"] == "EncoderActor"]
     assert len(actors) == 2, actors
     assert len({a["Address"]["NodeID"] for a in actors}) == 2
+
+
+def test_per_image_psnr_target(tmp_path, local_ray):
+    """[encode] target_psnr: each image coded at its own rate point of the variable-rate
+    model, the target and what was reached in its row; a rerun skips them."""
+    photos = small_photos(3)
+    src = write_local(tmp_path / "in", photos)
+    out = tmp_path / "out"
+    settings = EncodeSettings(model="msh-vr", method="amortized", target_psnr=30.0)
+    summary = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
+    assert (summary.ok, summary.errors) == (3, 0)
+    rows = by_key(rows_of(out, summary.run_id))
+    for row in rows.values():
+        check_ok_row(out, row)
+        assert row["target"] == "psnr" and row["target_value"] == 30.0
+        assert row["target_met"] is True and row["psnr"] >= 30.0
+        assert row["rate"] is not None and row["model_id"] == "msh-vr"
+    assert len({row["rate"] for row in rows.values()}) > 1  # found per image
+    again = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
+    assert again.skipped == 3
+    with pytest.raises(ValueError, match="variable-rate"):
+        EncodeSettings(model=4, target_psnr=30.0).fingerprint()
+
+
+def test_fingerprints_of_fixed_rate_runs_did_not_change():
+    """Adding rate points and targets must not make existing archives redo their work."""
+    assert EncodeSettings(method="amortized").fingerprint() == "482e408a3cc34686"
+    assert EncodeSettings().fingerprint() == "7af51ee93667b2de"

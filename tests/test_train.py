@@ -170,3 +170,29 @@ def test_variable_rate_training_fine_tunes_a_fixed_model_and_exports(data, tmp_p
         assert decode(result.data, registry=registry).rgb.shape == (96, 96, 3)
     assert main(["--data", str(data), *TINY, "--checkpoint", str(tmp_path / "y.ckpt"),
                  "--lmbdas", "0.002,0.001"]) == 2
+
+
+def test_device_sampler_cuts_the_same_kind_of_crops():
+    """The GPU session's sampler (images on the device) gives crops of the images, with
+    flips, and resumes its stream from its state; run here on the CPU device."""
+    import numpy as np
+
+    from codec.train import DeviceCropSampler
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(3)]
+    sampler = DeviceCropSampler(images, 16, seed=1, device=torch.device("cpu"))
+    state = sampler.get_state()
+    x = sampler.batch(6)
+    assert x.shape == (6, 3, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1
+    for crop in (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        found = False
+        for im in images:
+            for variant in (im, im[:, ::-1], im[::-1], im[::-1, ::-1]):
+                windows = np.lib.stride_tricks.sliding_window_view(variant, (16, 16, 3))
+                if (windows == crop).all(axis=(-3, -2, -1)).any():
+                    found = True
+        assert found
+    sampler.set_state(state)
+    assert torch.equal(sampler.batch(6), x)
+    assert sampler.rate_points(5, 9).max() < 9

@@ -135,3 +135,82 @@ def test_stream_and_model_must_agree_on_rate(tiny_vr_registry, tmp_path):
         decode(too_high, registry=tiny_vr_registry)
     assert np.array_equal(decode(result.data, registry=tiny_vr_registry).rgb,
                           decode(result.data, registry=tiny_vr_registry).rgb)
+
+
+def _sample_crop(size: int = 96):
+    """A crop of a real photo (scikit-image's sample), as the codec takes it."""
+    import io
+
+    from PIL import Image
+
+    skimage = pytest.importorskip("skimage")
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()[100:100 + size, 150:150 + size]).save(buf, "PNG")
+    return load_image(buf.getvalue())
+
+
+def test_first_true_bisects_monotone_predicates():
+    from codec.targets import _first_true
+
+    calls = []
+
+    def at_least(k):
+        def pred(i):
+            calls.append(i)
+            return i >= k
+        return pred
+
+    for k in (0, 1, 37, 256):
+        calls.clear()
+        assert _first_true(at_least(k), 0, 256) == k
+        assert len(calls) <= 10  # log2(257) + 1 encodings
+    assert _first_true(at_least(300), 0, 256) is None
+
+
+@pytest.mark.parametrize("goal_at", [0.25, 0.75])
+def test_target_psnr_on_the_shipped_model(goal_at):
+    """The shipped variable-rate model reaches a PSNR target between its ends, at a rate
+    point whose amortized PSNR meets it, and flags one it cannot reach."""
+    from codec.targets import Target
+
+    image = _sample_crop()
+    codec = Codec("msh-vr", device="cpu")
+    amortized = InferenceConfig(method="amortized")
+    top = codec.lm.variable.max_rate_index
+    low, high = (codec.at_rate(r).encode(image, amortized) for r in (0, top))
+    assert high.psnr > low.psnr + 3 and high.bpp > low.bpp
+    goal = low.psnr + goal_at * (high.psnr - low.psnr)
+    result = codec.encode_to_target(image, Target("psnr", goal),
+                                    InferenceConfig(method="sga", iterations=5))
+    assert result.target == "psnr" and result.target_met and result.psnr >= goal
+    assert 0 < result.rate < top and parse(result.data).header.rate == result.rate
+    assert decode(result.data).rgb.shape == (96, 96, 3)
+
+    unreachable = codec.encode_to_target(image, Target("psnr", high.psnr + 20), amortized)
+    assert unreachable.target_met is False and unreachable.rate == top
+    assert "MISSED" in unreachable.summary()
+
+
+def test_target_bpp_on_the_shipped_model():
+    from codec.targets import Target
+
+    image = _sample_crop()
+    codec = Codec("msh-vr", device="cpu")
+    amortized = InferenceConfig(method="amortized")
+    top = codec.lm.variable.max_rate_index
+    low, high = (codec.at_rate(r).encode(image, amortized) for r in (0, top))
+    budget = (low.bpp + high.bpp) / 2
+    result = codec.encode_to_target(image, Target("bpp", budget), amortized)
+    assert result.target_met and result.bpp <= budget and 0 < result.rate < top
+    too_small = codec.encode_to_target(image, Target("bpp", low.bpp / 10), amortized)
+    assert too_small.target_met is False and too_small.rate == 0
+
+
+def test_target_needs_a_variable_rate_model(tiny_vr_registry):
+    from codec.targets import Target
+
+    codec = Codec(TINY_ID, device="cpu", registry=tiny_vr_registry)
+    with pytest.raises(ModelError, match="variable-rate"):
+        codec.encode_to_target(_sample_crop(), Target("psnr", 30))
+    with pytest.raises(ValueError):
+        Target("psnr", -1)
