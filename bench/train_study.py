@@ -65,14 +65,9 @@ def score(model: GainedMeanScaleHyperprior, images: list[np.ndarray]) -> list[fl
 
 
 def crops(files: list[Path], size: int) -> list[np.ndarray]:
-    from PIL import Image
-
+    """Centre crops of the images at least `size` pixels on each side."""
     out = []
-    for f in files:
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("RGB"))
-        if min(a.shape[:2]) < size:
-            continue
+    for a in load_training_images(files, size):
         r, c = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
         out.append(np.ascontiguousarray(a[r:r + size, c:c + size]))
     return out

@@ -2,8 +2,10 @@
 
 Used for bitstreams, decoded images, model files and pipeline outputs on local disks. The
 temporary file lives in the destination's directory (so the rename stays on one
-filesystem), is dot-prefixed and ends in `.tmp` (listings skip leftovers of a crash), is
-created with O_EXCL and mode 0o666 (the umask applies, as for a plain open), fsynced, then
+filesystem), is named `.sgarc-<16 hex>.tmp` (dot-prefixed and ending in `.tmp`, so
+listings skip leftovers of a crash; 27 bytes whatever the target's name, so a target with a
+255-byte name can still be written), is created with O_EXCL and mode 0o666 (the umask
+applies, as for a plain open), fsynced, then
 renamed over the target; it is removed if anything fails.
 """
 
@@ -25,11 +27,11 @@ def is_temp_name(name: str) -> bool:
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file; on a clean exit it replaces `path` atomically and durably."""
     path = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(directory, f".sgarc-{secrets.token_hex(8)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)
             break

@@ -33,7 +33,6 @@ import errno
 import os
 import random
 import re
-import secrets
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import split_protocol
 
-from codec.files import is_temp_name
+from codec.files import atomic_write, is_temp_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -184,42 +183,12 @@ def _secret_strings(options: Any, sensitive: bool = False) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Local atomic writes
-# ---------------------------------------------------------------------------------------------
 
 
 def _atomic_write_local(path: str, data: bytes) -> None:
-    """Write ``data`` to the local ``path`` atomically and durably.
-
-    As ``codec.files.atomic_write`` (O_EXCL temp file in the same directory, mode 0o666
-    under the umask, fsync, ``os.replace``, directory fsync), but the temp name does not
-    grow with the target's: ``.sgarc-<16 hex>.tmp`` (27 bytes) beside a 255-byte name."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        tmp = os.path.join(directory, f".sgarc-{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where the OS allows it
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Write ``data`` to the local ``path`` atomically and durably (codec.files: a
+    fixed-length temp name beside the target, fsync, ``os.replace``, directory fsync)."""
+    atomic_write(path, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,7 +524,8 @@ class Storage:
         path = self.full_path(_check_key(key))
         data = bytes(data)
         if self.protocol == "file":
-            run: Callable[[], None] = lambda: _atomic_write_local(path, data)  # noqa: E731
+            # codec.files: a fixed-length temp name beside the target, fsync, os.replace
+            run: Callable[[], None] = lambda: atomic_write(path, data)  # noqa: E731
         else:
             run = lambda: self.fs.pipe_file(path, data)  # noqa: E731
         self._call("write", self._unstrip(path), run)

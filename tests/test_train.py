@@ -196,3 +196,19 @@ def test_device_sampler_cuts_the_same_kind_of_crops():
     sampler.set_state(state)
     assert torch.equal(sampler.batch(6), x)
     assert sampler.rate_points(5, 9).max() < 9
+
+
+def test_compacted_checkpoint_resumes(data, tmp_path):
+    from codec.train import compact_checkpoint
+
+    ckpt = tmp_path / "c.ckpt"
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "2"]) == 0
+    before = ckpt.stat().st_size
+    compact_checkpoint(ckpt)
+    assert ckpt.stat().st_size < before
+    moments = torch.load(ckpt, weights_only=True)["optimizer"]["state"][0]["exp_avg"]
+    assert moments.dtype == torch.bfloat16
+    assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "4"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 4
+    assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
