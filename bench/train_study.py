@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 
 from bench.common import log, machine_info
 from codec.inference import InferenceConfig, infer
-from codec.train import TrainConfig, image_files, train
+from codec.train import TrainConfig, image_files, load_training_images, train
 from codec.variable_rate import DEFAULT_LMBDAS, RATE_STEPS, GainedMeanScaleHyperprior
 
 DATA = ["../shared/data/bsds500/train", "../shared/data/wikipedia-photos/train"]
