@@ -8,6 +8,7 @@ can starve other work and deadlock a 2-core machine) and an explicit torch threa
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,21 @@ import ray
 
 from pipeline.plan import Shard
 from pipeline.worker import ShardEncoder, ShardResult
+
+
+def start_ray(address: str | None = None) -> None:
+    """Connect to `address`, or start the embedded local Ray, so that only sgarc speaks.
+
+    Ray keeps its own logs in its session folder (/tmp/ray/session_latest/logs by default;
+    `ray.init(_temp_dir=...)` moves it); the terminal gets no worker output and none of
+    Ray's notices. The one Ray prints on every new local cluster, that it enabled token
+    authentication, is silenced: the embedded cluster keeps Ray's default (token
+    authentication on), there is just nothing for the user to do about it.
+    """
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
 
 
 @ray.remote(max_restarts=0, max_concurrency=1)

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline import plan as planning
 from pipeline import sink
-from pipeline.actors import EncoderActor, layout
+from pipeline.actors import EncoderActor, layout, start_ray
 from pipeline.plan import Plan, Shard
 from pipeline.settings import EncodeSettings
 from pipeline.storage import ObjectInfo, Storage
@@ -147,8 +147,7 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
         warnings.warn(f"Ray is already initialized in this process; using that cluster, "
                       f"not address={options.address!r}", stacklevel=3)
     if started_ray:
-        ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        start_ray(options.address)
     lay = layout(ray.cluster_resources(), options.actors)
     lay = type(lay)(min(lay.count, len(pending)), lay.num_gpus, lay.num_cpus,
                     lay.torch_threads)

@@ -81,3 +81,26 @@ def test_encode_to_a_psnr_target(tmp_path, capsys):
     assert "variable-rate" in capsys.readouterr().err
     assert main(["models"]) == 0
     assert "variable rate" in capsys.readouterr().out
+
+
+def test_run_prints_only_what_sgarc_means_to_say(tmp_path):
+    """The embedded Ray starts with Ray's defaults (token authentication on) and none of its
+    notices reach the terminal."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(smooth_image(32, 32)).save(src / "a.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(src),
+                           str(tmp_path / "out"), "-m", "amortized", "--actors", "1"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "encode run" in proc.stdout
+    assert "Token authentication" not in proc.stdout + proc.stderr
+    assert "INFO" not in proc.stdout + proc.stderr
