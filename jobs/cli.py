@@ -146,13 +146,16 @@ def cmd_run(args, mode: str = "encode") -> int:
     settings = _settings(args)
     storage_options = _storage_options(args)
     options = RunOptions(shard_size=args.shard_size, actors=args.actors, address=args.address,
-                         device=args.device, run_id=args.run_id, manifest=args.manifest)
+                         device=args.device, run_id=args.run_id, manifest=args.manifest,
+                         dry_run=args.dry_run)
     if mode == "refine":
         summary = refine(args.input, args.output, settings, options, storage_options,
                          max_images=args.max_images)
     else:
         summary = run(args.input, args.output, settings, options, storage_options)
     print(summary.line())
+    if summary.dry_run:
+        return 0
     print(f"metrics: {summary.output_url.rstrip('/')}/metrics/run={summary.run_id}/")
     return 0 if summary.errors == 0 else 1
 
@@ -238,6 +241,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=None,
                    help="text file listing the keys to encode, one per line (under INPUT)")
     p.add_argument("--run-id", default=None, help="resume (or name) this run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only: print how many images would be encoded and skipped, in "
+                        "how many shards; starts no Ray and writes nothing")
     p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
                    help=STORAGE_OPTIONS_HELP + ", e.g. '{\"client_kwargs\": {\"endpoint_url\": "
                    "\"http://minio:9000\"}}'")

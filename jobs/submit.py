@@ -46,7 +46,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # ---------------------------------------------------------------------------------------------
 
 
-def run_spec(spec: JobSpec, *, progress: bool = True, echo=print) -> list:
+def run_spec(spec: JobSpec, *, progress: bool = True, echo=print,
+             dry_run: bool = False) -> list:
     """Run the spec's passes in this process; their RunSummary objects, in order.
 
     The coverage pass encodes what is new or changed (the pipeline skips what an earlier
@@ -278,6 +279,9 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
                    "[run] address; none: run here)")
     p.add_argument("--local", action="store_true",
                    help="run here even if the spec names a cluster")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan here and print what each pass would encode and skip, in how "
+                        "many shards; starts no Ray, submits nothing, writes nothing")
     p.add_argument("--wait", action="store_true",
                    help="cluster: print the job's logs until it ends; exit 1 unless it "
                    "succeeded")
@@ -313,7 +317,7 @@ def cmd_submit(args) -> int:
     result: dict[str, Any] = {"started": started, "status": "failed", "exit_code": 2}
     try:
         spec = _spec_from_args(args)
-        address = None if args.local else (args.address or spec.run.address)
+        address = None if args.local or args.dry_run else (args.address or spec.run.address)
         if address:
             client = job_client(address)
             job_id = submit_cluster(spec, address, client=client)
@@ -334,7 +338,7 @@ def cmd_submit(args) -> int:
         print(f"running {spec.name} here: {redact_url(spec.input_url)} -> "
               f"{redact_url(spec.output_url)}", flush=True)
         summaries = run_spec(spec, progress=not args.no_progress,
-                             echo=lambda line: print(line, flush=True))
+                             echo=lambda line: print(line, flush=True), dry_run=args.dry_run)
         result.update(status="succeeded", exit_code=0,
                       summaries=[asdict(s) for s in summaries],
                       run_ids=[s.run_id for s in summaries],

@@ -47,6 +47,7 @@ class RunOptions:
     actor_env: dict[str, str] = field(default_factory=dict)  # env vars for actor processes
     # Filters the listing (extensions, include/exclude patterns, sizes) before planning.
     image_filter: Callable[[list[ObjectInfo]], list[ObjectInfo]] | None = None
+    dry_run: bool = False  # plan and count only: no Ray, no plan, no bitstreams written
 
 
 @dataclass
@@ -67,8 +68,13 @@ class RunSummary:
     output_url: str
     mode: str = "encode"
     replaced: int = 0  # refinement runs: bitstreams replaced by a better encoding
+    dry_run: bool = False  # images and shards are what a run would do; nothing was written
 
     def line(self) -> str:
+        if self.dry_run:
+            return (f"{self.mode} dry run: would encode {self.images} images in "
+                    f"{self.shards} shards, skip {self.skipped} (done with the same "
+                    f"settings); planned in {self.seconds:.1f} s, nothing written")
         rate = self.images / self.seconds if self.seconds else 0.0
         refined = f", {self.replaced} replaced" if self.mode == "refine" else ""
         return (f"{self.mode} run {self.run_id}: {self.images} images ({self.ok} ok"
@@ -101,6 +107,13 @@ def _run(input_url: str, output_url: str, settings: EncodeSettings,
     plan, resumed = _load_or_make_plan(source, output, settings, options, mode, max_images)
     pending = [s for s in plan.shards
                if not output.exists(sink.part_key(plan.run_id, s.id))]
+    if options.dry_run:
+        todo = {s.id for s in pending}
+        done_before = sum(len(s.images) for s in plan.shards if s.id not in todo)
+        return RunSummary(plan.run_id, sum(len(s.images) for s in pending), 0, 0,
+                          plan.skipped + done_before, len(pending), 0,
+                          time.perf_counter() - t0, resumed, output.url, plan.mode,
+                          dry_run=True)
     retried = 0
     if pending:
         retried = _execute(plan, pending, source, output, settings, options, storage_options)
@@ -136,7 +149,8 @@ def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSetting
     else:
         plan = planning.make_plan(images, source.url, output, settings.resolved(),
                                   fingerprint, options.shard_size, options.run_id)
-    output.write_atomic(planning.plan_key(plan.run_id), plan.to_json())
+    if not options.dry_run:
+        output.write_atomic(planning.plan_key(plan.run_id), plan.to_json())
     return plan, False
 
 

@@ -777,3 +777,23 @@ def test_fingerprints_of_fixed_rate_runs_did_not_change():
     """Adding rate points and targets must not make existing archives redo their work."""
     assert EncodeSettings(method="amortized").fingerprint() == "482e408a3cc34686"
     assert EncodeSettings().fingerprint() == "7af51ee93667b2de"
+
+
+def test_dry_run_counts_without_running_or_writing(tmp_path, local_ray):
+    """--dry-run plans and counts (to encode, skipped, shards) and writes nothing: no plan,
+    no bitstream, no metrics; a real run afterwards does what it said."""
+    photos = small_photos(3)
+    src = write_local(tmp_path / "in", photos)
+    out = tmp_path / "out"
+    options = RunOptions(shard_size=2, **QUIET)
+    first = run(str(src), str(out), FAST, RunOptions(shard_size=2, dry_run=True, **QUIET))
+    assert first.dry_run and (first.images, first.skipped, first.shards) == (3, 0, 2)
+    assert "would encode 3 images in 2 shards" in first.line()
+    assert not out.exists() or not any(out.rglob("*"))
+    done = run(str(src), str(out), FAST, options)
+    assert done.ok == 3
+    write_local(src, {"new.png": small_photos(4)["img-03.png"]})
+    again = run(str(src), str(out), FAST, RunOptions(shard_size=2, dry_run=True, **QUIET))
+    assert (again.images, again.skipped, again.shards) == (1, 3, 1)
+    runs = {p.name for p in (out / "metrics").iterdir()}
+    assert runs == {f"run={done.run_id}"}
