@@ -20,6 +20,7 @@ import copy
 import hashlib
 import io
 import json
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,7 @@ REGISTRY = WEIGHTS_DIR / "registry.json"
 # model, quality q is its rate point nearest to QUALITY_LMBDAS[q].
 QUALITY_LMBDAS = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.013, 5: 0.025, 6: 0.0483}
 DEFAULT_QUALITY = 4
+_POINTS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -85,15 +87,17 @@ class LoadedModel:
                              f"{self.entry.id}")
         if rate == self.rate:
             return self
-        if rate not in self._points:
-            if len(self._points) >= 32:  # a target search visits ~10 points per image
-                self._points.pop(next(iter(self._points)))
-            net = var.materialize(gains, rate)
-            tables = replace(self.tables, hs=freeze_hyper_synthesis(net.h_s))
-            entry = replace(self.entry, lmbda=var.rate_lmbda(rate))
-            self._points[rate] = LoadedModel(entry, net, tables, var, gains, rate,
-                                             self._points)
-        return self._points[rate]
+        with _POINTS_LOCK:  # decoders in threads (the decode service) share the cache
+            point = self._points.pop(rate, None)
+            if point is None:
+                if len(self._points) >= 32:  # least recently used out; a target search
+                    self._points.pop(next(iter(self._points)))  # visits ~9 per image
+                net = var.materialize(gains, rate)
+                tables = replace(self.tables, hs=freeze_hyper_synthesis(net.h_s))
+                entry = replace(self.entry, lmbda=var.rate_lmbda(rate))
+                point = LoadedModel(entry, net, tables, var, gains, rate, self._points)
+            self._points[rate] = point  # (re)inserted last: most recently used
+        return point
 
     def quality_rate(self, quality: int) -> int:
         """The rate point that quality level `quality` names on this variable-rate model."""
