@@ -158,10 +158,7 @@ def load_training_images(files: list[Path], crop: int) -> list[np.ndarray]:
 def make_sampler(files: list[Path], crop: int, seed: int, device: torch.device):
     """On CUDA, images of one size (the GPU session's pack) go to the GPU once
     (DeviceCropSampler); otherwise crops are cut on the host (CropSampler)."""
-    images = load_training_images(files, crop)
-    if device.type == "cuda" and len({a.shape for a in images}) == 1:
-        return DeviceCropSampler(images, crop, seed, device)
-    return CropSampler(images, crop, seed)
+    return sampler_for(load_training_images(files, crop), crop, seed, device)
 
 
 class CropSampler:
@@ -237,6 +234,154 @@ class DeviceCropSampler:
         return self._ints(num_rates, n)
 
 
+def sampler_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of the crop stream of a run (re)started at `step` without saved random
+    states: worker `rank` of a data-parallel run (rank 0: also a single process's)."""
+    return seed + step + rank * 2**32
+
+
+def sampler_for(images: list[np.ndarray], crop: int, seed: int, device: torch.device):
+    """make_sampler's choice for images already in memory."""
+    if device.type == "cuda" and len({a.shape for a in images}) == 1:
+        return DeviceCropSampler(images, crop, seed, device)
+    return CropSampler(images, crop, seed)
+
+
+def memory_format_of(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def load_checkpoint(checkpoint: Path, cfg: TrainConfig, device: torch.device | str
+                    ) -> dict | None:
+    """The saved state to resume from (None: no checkpoint yet). A checkpoint trained with
+    another N, M or λ is refused (ValueError)."""
+    if not checkpoint.exists():
+        return None
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    saved = state.get("config", {})
+    saved.setdefault("lmbdas", ())
+    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("N", "M", "lmbda", "lmbdas")
+               if k in saved and tuple(np.atleast_1d(saved[k])) !=
+               tuple(np.atleast_1d(getattr(cfg, k)))]
+    if changed:
+        raise ValueError(f"checkpoint {checkpoint} was trained with other settings "
+                         f"({', '.join(changed)}); use another checkpoint path")
+    return state
+
+
+def restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> tuple[int, int]:
+    """Load a checkpoint's model and optimizer; returns (step, steps behind --init-from)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), int(state.get("init_steps", 0))
+
+
+def rng_state(sampler, device: torch.device) -> dict:
+    """This process's random states: torch (CPU, CUDA) and the crop sampler's."""
+    return {"torch": torch.get_rng_state(), "sampler": sampler.get_state(),
+            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def set_rng_state(rng: dict, sampler, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    sampler.set_state(rng["sampler"])
+
+
+def checkpoint_state(model: nn.Module, opt: torch.optim.Optimizer, step: int, init_steps: int,
+                     cfg: TrainConfig, rng: dict, world_size: int = 1) -> dict:
+    """The checkpoint format (one for a single process and a data-parallel run): model,
+    optimizer, step, init_steps, config, rng (rank 0's; a data-parallel run adds every
+    worker's under rng["workers"]) and world_size (workers that trained the last steps;
+    each drew batch_size crops per step)."""
+    return {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "init_steps": init_steps, "config": asdict(cfg), "rng": rng,
+            "world_size": world_size}
+
+
+def save_checkpoint(checkpoint: Path, state: dict) -> None:
+    """Write a checkpoint atomically (a temp file beside it, then a rename)."""
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(checkpoint)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: TrainConfig,
+               lr: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """One optimizer step on a batch of `batch_size` crops (per worker, for a DDP model,
+    whose backward averages the gradients over the workers); returns rd_loss_terms."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    x = sampler.batch(cfg.batch_size).to(device, memory_format=memory_format_of(cfg))
+    if cfg.variable_rate:
+        r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
+        lmbda = unwrap(model).lmbdas_tensor(device)[r]
+        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), lmbda)
+    else:
+        terms = rd_loss_terms(x, model(x), cfg.lmbda)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return terms
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: TrainConfig,
+              step: int, device: torch.device, save: Callable[[int], None], log=print,
+              on_record: Callable[[dict], None] | None = None,
+              agree: Callable[[float], float] | None = None,
+              mean_over_workers: Callable[[dict], dict] | None = None) -> int:
+    """The training loop from `step` to cfg.steps (or the time budget); returns the step
+    reached. `save(step)` is called every checkpoint_every steps, at the end and when the
+    time budget is spent. A data-parallel run passes `agree` (rank 0's value of a number,
+    here the elapsed time, so every worker drops the lr and stops at the same step) and
+    `mean_over_workers` (the logged means over all workers' crops)."""
+    model.train()
+    t0, acc, n = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
+    clock = time.process_time if cfg.budget_clock == "cpu" else time.time
+    started = clock()
+    while step < cfg.steps:
+        elapsed = 0.0
+        if cfg.time_budget is not None:
+            elapsed = clock() - started
+            if agree is not None:
+                elapsed = agree(elapsed)
+            if elapsed > cfg.time_budget:
+                log(f"time budget of {cfg.time_budget:g} s spent at step {step}")
+                save(step)
+                break
+        # progress through the run: by steps, or by the time box when that ends it first
+        progress = step / cfg.steps
+        if cfg.time_budget:
+            progress = max(progress, elapsed / cfg.time_budget)
+        lr = cfg.lr * (0.1 if progress >= cfg.lr_drop_at else 1.0)
+        terms = train_step(model, opt, sampler, cfg, lr, device)
+        step, n = step + 1, n + 1
+        for k in acc:
+            acc[k] += terms[k].item()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            means = {k: v / n for k, v in acc.items()}
+            if mean_over_workers is not None:
+                means = mean_over_workers(means)
+            psnr = -10 * math.log10(max(means["mse"], 1e-12))
+            seconds = (time.time() - t0) / n
+            log(f"step {step} loss {means['loss']:.4f} bpp {means['bpp']:.4f} "
+                f"psnr {psnr:.2f} lr {lr:g} {seconds:.3f}s/step")
+            if on_record is not None:
+                on_record({"step": step, **means, "psnr": psnr, "lr": lr,
+                           "seconds_per_step": seconds})
+            t0, acc, n = time.time(), dict.fromkeys(acc, 0.0), 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save(step)
+    return step
+
+
 def train(cfg: TrainConfig, checkpoint: Path, log=print,
           on_record: Callable[[dict], None] | None = None) -> MeanScaleHyperprior:
     """Train (or resume from `checkpoint`) and return the float model.
@@ -246,90 +391,29 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     the model, the optimizer, the step and the random states (torch and crop sampler), so
     a resumed run draws the same crops and noise as one that was never stopped. Resuming
     with a different N, M or lambda than the checkpoint's is refused (ValueError).
+    jobs/train_cluster.py runs the same steps data-parallel on a Ray cluster.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    step, state, init_steps = 0, None, 0
-    if not checkpoint.exists() and cfg.init_from:
+    model = build_model(cfg).to(device).to(memory_format=memory_format_of(cfg))
+    state = load_checkpoint(checkpoint, cfg, device)
+    step, init_steps = 0, 0
+    if state is None and cfg.init_from:
         init_steps = load_initial(model, cfg.init_from, cfg)
         log(f"initialized from {cfg.init_from} ({init_steps} steps)")
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        saved = state.get("config", {})
-        saved.setdefault("lmbdas", ())
-        changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("N", "M", "lmbda", "lmbdas")
-                   if k in saved and tuple(np.atleast_1d(saved[k])) !=
-                   tuple(np.atleast_1d(getattr(cfg, k)))]
-        if changed:
-            raise ValueError(f"checkpoint {checkpoint} was trained with other settings "
-                             f"({', '.join(changed)}); use another checkpoint path")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        init_steps = int(state.get("init_steps", 0))
+    if state is not None:
+        step, init_steps = restore(model, opt, state)
         log(f"resumed from {checkpoint} at step {step}")
-    sampler = make_sampler(image_files(cfg.data), cfg.crop, cfg.seed + step, device)
+    sampler = make_sampler(image_files(cfg.data), cfg.crop, sampler_seed(cfg.seed, step), device)
     if state is not None and "rng" in state:
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        sampler.set_state(state["rng"]["sampler"])
+        set_rng_state(state["rng"], sampler, device)
     log(f"training on {len(sampler.images)} images, device {device}, config {asdict(cfg)}")
-    model.train()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    t0, acc, n = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
-    clock = time.process_time if cfg.budget_clock == "cpu" else time.time
-    started = clock()
 
-    def save() -> None:
-        tmp = checkpoint.with_suffix(".tmp")
-        rng = {"torch": torch.get_rng_state(), "sampler": sampler.get_state(),
-               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "step": step, "init_steps": init_steps, "config": asdict(cfg),
-                    "rng": rng}, tmp)
-        tmp.replace(checkpoint)
+    def save(step: int) -> None:
+        save_checkpoint(checkpoint, checkpoint_state(model, opt, step, init_steps, cfg,
+                                                     rng_state(sampler, device)))
 
-    while step < cfg.steps:
-        if cfg.time_budget is not None and clock() - started > cfg.time_budget:
-            log(f"time budget of {cfg.time_budget:g} s spent at step {step}")
-            save()
-            break
-        # progress through the run: by steps, or by the time box when that ends it first
-        progress = step / cfg.steps
-        if cfg.time_budget:
-            progress = max(progress, (clock() - started) / cfg.time_budget)
-        lr = cfg.lr * (0.1 if progress >= cfg.lr_drop_at else 1.0)
-        for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        x = sampler.batch(cfg.batch_size).to(device, memory_format=memory_format)
-        if cfg.variable_rate:
-            r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
-            lmbda = model.lmbdas_tensor(device)[r]
-            terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), lmbda)
-        else:
-            terms = rd_loss_terms(x, model(x), cfg.lmbda)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step, n = step + 1, n + 1
-        for k in acc:
-            acc[k] += terms[k].item()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            psnr = -10 * math.log10(max(acc["mse"] / n, 1e-12))
-            seconds = (time.time() - t0) / n
-            log(f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} "
-                f"psnr {psnr:.2f} lr {lr:g} {seconds:.3f}s/step")
-            if on_record is not None:
-                on_record({"step": step, "loss": acc["loss"] / n, "bpp": acc["bpp"] / n,
-                           "mse": acc["mse"] / n, "psnr": psnr, "lr": lr,
-                           "seconds_per_step": seconds})
-            t0, acc, n = time.time(), dict.fromkeys(acc, 0.0), 0
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save()
+    run_steps(model, opt, sampler, cfg, step, device, save, log, on_record)
     return model

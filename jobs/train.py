@@ -25,6 +25,29 @@ what ``sgarc eval`` and docs/results.md measure on.
 * ``--export ID --quality Q``: when training has reached ``--steps``, freeze the model into
   the registry (fp16 weights, coding tables, sha256; codec.registry.export_model). An
   existing entry with the same id *or* the same quality level is replaced.
+
+On a Ray cluster (jobs/train_cluster.py), e.g. fine-tuning the shipped model on a sample of
+one's own archive::
+
+    sgarc train --address ray://head:10001 --data s3://photos/originals --sample 2000 \\
+        --storage-options @s3.json \\
+        --init-from msh-vr --lmbdas default --N 64 --M 96 --crop 128 --lr 2e-5 \\
+        --steps 20000 --checkpoint runs/mine.ckpt \\
+        --export msh-vr-mine --registry runs/registry.json
+
+* ``--address local|auto|ray://HOST:10001``: data-parallel training through Ray Train
+  (``TorchTrainer``, DDP): ``local`` starts an in-process Ray here, the others join a
+  cluster. ``--workers W`` (default: one per GPU, or one per node on a CPU cluster), each
+  drawing ``--batch-size`` crops per step from its own crop stream, so a step sees W x
+  batch-size crops. GPUs are used when the cluster has them.
+* ``--data`` may then also be an fsspec URL (``s3://``, ``gs://``, ...; ``--storage-options``
+  as for ``sgarc run``). ``--sample N`` (default 2000) images are drawn from those listed,
+  the same ones for the same ``--seed``; each worker reads its share once and keeps one
+  window of at most ``--window`` pixels a side of each (default 1024; 0: whole images).
+  A local folder must be at the same path on every node.
+* The checkpoint (the same format: ``sgarc train`` without ``--address`` resumes it, and the
+  other way round) and the log are written here, by the driver, from what rank 0 sends;
+  log records add ``workers``, the checkpoint ``world_size``.
 """
 
 from __future__ import annotations
@@ -36,6 +59,7 @@ import time
 from pathlib import Path
 
 from codec.errors import SgarcError
+from jobs.options import STORAGE_OPTIONS_HELP
 
 
 def log_path(checkpoint: Path) -> Path:
@@ -98,12 +122,53 @@ def _lmbdas(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def _check_data(args) -> None:
+    """--data: folders with images here; with --address also URLs (listed later)."""
+    from codec.train import image_files
+
+    cluster_only = [name for name, value in (("--workers", args.workers),
+                    ("--sample", args.sample), ("--window", args.window),
+                    ("--storage-options", args.storage_options)) if value is not None]
+    if args.address is None and cluster_only:
+        raise SgarcError(f"{', '.join(cluster_only)}: for training on a Ray cluster; add "
+                         "--address (local: an in-process Ray here)")
+    for folder in args.data:
+        if _is_url(folder):
+            if args.address is None:
+                raise SgarcError(f"--data {folder}: a URL is read on a Ray cluster; add "
+                                 "--address (local: an in-process Ray here)")
+        elif not Path(folder).is_dir():
+            raise SgarcError(f"--data {folder}: not a folder")
+    if args.address is None and not image_files(args.data):
+        raise SgarcError(f"no images under {', '.join(args.data)}")
+
+
+def _train_on_cluster(args, cfg, checkpoint: Path, log, on_record):
+    from jobs.options import parse_storage_options
+    from jobs.train_cluster import DEFAULT_SAMPLE, DEFAULT_WINDOW, ClusterOptions, train_cluster
+
+    if args.window and args.window < args.crop:
+        raise SgarcError(f"--window {args.window} is smaller than --crop {args.crop}")
+    options = ClusterOptions(
+        address=args.address, workers=args.workers,
+        sample=DEFAULT_SAMPLE if args.sample is None else args.sample,
+        window=DEFAULT_WINDOW if args.window is None else args.window,
+        storage_options=parse_storage_options(args.storage_options),
+        timeout=args.timeout)
+    return train_cluster(cfg, checkpoint, options, log=log, on_record=on_record)
+
+
 def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from codec.model import DOWNSAMPLE
     from codec.registry import REGISTRY, export_model
-    from codec.train import image_files, train
+    from codec.train import train
+    from pipeline.storage import StorageError
 
     if args.crop < DOWNSAMPLE or args.crop % DOWNSAMPLE:
         raise SgarcError(f"--crop must be a multiple of {DOWNSAMPLE} (the model's total "
@@ -114,11 +179,7 @@ def cmd_train(args) -> int:
     if variable and args.quality is not None:
         raise SgarcError("a variable-rate model (--lmbdas) covers every quality level: "
                          "leave out --quality")
-    for folder in args.data:
-        if not Path(folder).is_dir():
-            raise SgarcError(f"--data {folder}: not a folder")
-    if not image_files(args.data):
-        raise SgarcError(f"no images under {', '.join(args.data)}")
+    _check_data(args)
     if any(Path(folder).name == "val" for folder in args.data):
         print("sgarc train: warning: training on a 'val' folder; sgarc eval measures on "
               "those", file=sys.stderr)
@@ -146,9 +207,14 @@ def cmd_train(args) -> int:
                         psnr=f"{record['psnr']:.2f}")
 
     try:
-        model = train(cfg, checkpoint, log=log, on_record=on_record)
-    except ValueError as exc:  # mismatched checkpoint, no image large enough for the crop
-        raise SgarcError(str(exc)) from None
+        if args.address is None:
+            model = train(cfg, checkpoint, log=log, on_record=on_record)
+        else:
+            model = _train_on_cluster(args, cfg, checkpoint, log, on_record)
+    except SgarcError:
+        raise
+    except (ValueError, StorageError) as exc:  # mismatched checkpoint, no image large
+        raise SgarcError(str(exc)) from None    # enough for the crop, unreadable --data
     finally:
         bar.close()
     steps, init_steps = _checkpoint_steps(checkpoint) or (0, 0)  # --steps 0: none written
@@ -167,7 +233,10 @@ def cmd_train(args) -> int:
 
 
 def _data_name(folder: str) -> str:
-    """bsds500/train for ../shared/data/bsds500/train: the set and split, not the machine."""
+    """bsds500/train for ../shared/data/bsds500/train: the set and split, not the machine
+    (a URL as it is)."""
+    if _is_url(folder):
+        return folder
     parts = Path(folder).resolve().parts
     return "/".join(parts[-2:]) if len(parts) >= 2 else folder
 
@@ -182,9 +251,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Train a Mean-Scale Hyperprior on random crops (with flips) of the images "
         "in the --data folders, minimizing R + λ·255²·MSE. Train only on the shared data's "
         "train folders (../shared/data/*/train); the val folders are for sgarc eval. "
-        "Rerunning with the same --checkpoint resumes. Uses CUDA when present.")
-    p.add_argument("--data", action="append", required=True, metavar="DIR",
-                   help="image folder (repeatable), searched recursively")
+        "Rerunning with the same --checkpoint resumes. Uses CUDA when present. With --address, "
+        "data-parallel on a Ray cluster's workers, --data may be s3:// or other fsspec URLs.")
+    p.add_argument("--data", action="append", required=True, metavar="DIR|URL",
+                   help="image folder (repeatable), searched recursively; with --address "
+                        "also an fsspec URL such as s3://bucket/prefix")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="checkpoint file; resumed from when it exists. The JSONL log goes "
                         "beside it (<stem>.log.jsonl)")
@@ -238,6 +309,27 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "--data folders' set/split names)")
     p.add_argument("--note", default="", help="note stored in the registry entry")
     p.add_argument("--quiet", action="store_true", help="log lines only, no progress bar")
+    c = p.add_argument_group(
+        "training on a Ray cluster",
+        "data-parallel training through Ray Train (DDP; GPUs when the cluster has them). The "
+        "checkpoint and log are written here, in the same format as without --address")
+    c.add_argument("--address", default=None, metavar="local|auto|ray://HOST:10001",
+                   help="train on Ray workers: 'local' starts an in-process Ray here, 'auto' "
+                        "joins the cluster this machine belongs to, ray:// a remote one")
+    c.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="data-parallel workers, each taking --batch-size crops per step "
+                        "(default: one per GPU, or one per node on a CPU cluster)")
+    c.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="train on N images drawn (by --seed, deterministically) from those "
+                        "listed under --data (default 2000); each worker reads its share once")
+    c.add_argument("--window", type=int, default=None, metavar="PIXELS",
+                   help="keep one random window of at most PIXELS a side of each sampled "
+                        "image, which bounds memory to about N x PIXELS² x 3 bytes over the "
+                        "cluster (default 1024; 0: whole images)")
+    c.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
+                   help=STORAGE_OPTIONS_HELP + ", for --data URLs")
+    c.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help=argparse.SUPPRESS)  # tests: give up waiting on the cluster
     p.set_defaults(func=cmd_train)
     return p
 
