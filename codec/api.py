@@ -99,6 +99,8 @@ class DecodedImage:
     alpha: np.ndarray | None  # uint8 (H, W)
     header: Header
     metadata: Metadata | None = None  # None: the stream has none, or it was not read
+    source: bytes | None = None  # the source file itself (jpeg-lossless / original routes)
+    source_format: str | None = None  # its Pillow format
 
     def to_pil(self):
         from codec.images import to_pil
@@ -109,10 +111,15 @@ class DecodedImage:
         """Write the image atomically with its metadata where the format can carry it.
 
         What went back and what was skipped (and why) is in the report; metadata never makes
-        a save fail: if Pillow refuses it, the pixels are written without it.
+        a save fail: if Pillow refuses it, the pixels are written without it. A stream that
+        holds the source file writes that file, byte for byte, when asked for its format.
         """
-        img = self.to_pil()
         fmt = output_format(path, format)
+        if not strip_metadata and not params and self.original_for(fmt):
+            from codec.files import atomic_write
+            atomic_write(path, self.source)
+            return RestoreReport(restored=list(self.metadata.kept) if self.metadata else [])
+        img = self.to_pil()
         if strip_metadata:
             extra, report = {}, RestoreReport(stripped=True)
         else:
@@ -126,6 +133,11 @@ class DecodedImage:
             report = RestoreReport(skipped=[(name, f"refused by the {fmt} writer ({exc})")
                                             for name in report.restored] + report.skipped)
         return report
+
+    def original_for(self, fmt: str) -> bool:
+        """Whether the source file itself is the answer to a request for Pillow format fmt."""
+        from codec.routes import same_format
+        return self.source is not None and same_format(self.source_format, fmt)
 
 
 def default_device() -> torch.device:
@@ -197,6 +209,9 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
     bs = parse(data, max_pixels)
     h = bs.header
     meta = unpack(bs.sections["META"]) if read_metadata and "META" in bs.sections else None
+    if h.route != "learned":  # the source file itself (codec.routes)
+        from codec.routes import decode_source
+        return decode_source(bs, meta, max_pixels, read_metadata)
     lm = _load_for(h, registry)
     _, k, mu = decode_latents(bs, lm)
     rgb = _synthesize(lm, mu + k, h.height, h.width, torch.device(device or "cpu"))

@@ -2,11 +2,14 @@
 
     magic "SGAC" | version u8 | width u32 | height u32 | color u8 | orientation u8 |
     bit_depth u8 | pad_mode u8 | model_id_len u8 | model_id | [rate u16, version 2] |
-    { tag 4s | length u32 | payload }*  |  crc32 u32 (of every byte before it)
+    [route u8, version 3] | { tag 4s | length u32 | payload }*  |  crc32 u32 (of all before)
 
 Version 1 streams come from fixed-rate models; version 2 adds the rate point of a
-variable-rate model (its grid index, codec.variable_rate). Both are read; a writer uses the
-lowest version that holds its header, so fixed-rate streams are byte-for-byte what they were.
+variable-rate model (its grid index, codec.variable_rate). Version 3 holds the source file
+itself instead of latents (codec.routes): a route byte (1 jpeg-lossless: a bit-exact JPEG XL
+transcode in JXLJ; 2 original: the file as it was in ORIG) and no model (an empty id). All
+are read; a writer uses the lowest version that holds its header, so learned streams are
+byte-for-byte what they were (version 1 or 2, implicitly route 0, learned).
 
 All integers are big-endian. `parse` checks, in order: length, magic, version, checksum,
 header fields, then every section length against the bytes that remain, and raises
@@ -24,17 +27,23 @@ from dataclasses import dataclass, field
 from codec.errors import BitstreamError
 
 MAGIC = b"SGAC"
-FORMAT_VERSION = 2  # the newest version written and read
-VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest version written and read
+VERSIONS = (1, 2, 3)
 MAX_RATE = 0xFFFF
 FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger (padded) image
 PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total stride)
 MAX_MODEL_ID = 64
 COLORS = ("RGB", "L")
 PAD_MODES = ("replicate",)
-# z stream, y stream, optional lossless alpha, optional metadata (codec.metadata)
-SECTION_ORDER = ("ZLAT", "YLAT", "ALPH", "META")
-REQUIRED_SECTIONS = ("ZLAT", "YLAT")
+ROUTES = ("learned", "jpeg-lossless", "original")  # route codes 0, 1, 2 (codec.routes)
+# learned: z stream, y stream, optional lossless alpha; jpeg-lossless: the JPEG XL transcode
+# of the source JPEG; original: the source file. Then optional metadata (codec.metadata).
+ROUTE_SECTIONS = {"learned": ("ZLAT", "YLAT", "ALPH", "META"),
+                  "jpeg-lossless": ("JXLJ", "META"), "original": ("ORIG", "META")}
+ROUTE_REQUIRED = {"learned": ("ZLAT", "YLAT"), "jpeg-lossless": ("JXLJ",),
+                  "original": ("ORIG",)}
+SECTION_ORDER = ("ZLAT", "YLAT", "ALPH", "JXLJ", "ORIG", "META")  # every tag, in order
+REQUIRED_SECTIONS = ROUTE_REQUIRED["learned"]
 
 _PREFIX = struct.Struct(">4sB")
 _FIELDS = struct.Struct(">IIBBBBB")
@@ -55,9 +64,12 @@ class Header:
     bit_depth: int = 8  # sample depth of the source (16 when reduced on request)
     pad_mode: str = "replicate"
     rate: int | None = None  # rate point of a variable-rate model (grid index); None: fixed
+    route: str = "learned"  # or "jpeg-lossless" / "original": the source file, no model
 
     @property
     def version(self) -> int:
+        if self.route != "learned":
+            return 3
         return 1 if self.rate is None else 2
 
     @property
@@ -67,8 +79,13 @@ class Header:
                 * -(-self.height // PAD_MULTIPLE) * PAD_MULTIPLE)
 
     def validate(self, max_pixels: int = FORMAT_MAX_PIXELS) -> None:
-        if not (isinstance(self.model_id, str) and 0 < len(self.model_id) <= MAX_MODEL_ID
-                and _MODEL_ID.fullmatch(self.model_id)):
+        if self.route not in ROUTES:
+            raise BitstreamError(f"unknown route {self.route!r}")
+        if self.route != "learned":  # the source file itself: no model, no rate point
+            if self.model_id != "" or self.rate is not None:
+                raise BitstreamError(f"a {self.route} stream has no model id or rate point")
+        elif not (isinstance(self.model_id, str) and 0 < len(self.model_id) <= MAX_MODEL_ID
+                  and _MODEL_ID.fullmatch(self.model_id)):
             raise BitstreamError(f"invalid model id {self.model_id!r}")
         if self.width < 1 or self.height < 1:
             raise BitstreamError(f"invalid image size {self.width}x{self.height}")
@@ -111,13 +128,16 @@ def pack(bs: Bitstream) -> bytes:
     ]
     if h.rate is not None:
         parts.append(_RATE.pack(h.rate))
-    for tag in SECTION_ORDER:
+    if h.version >= 3:
+        parts.append(bytes([ROUTES.index(h.route)]))
+    order = ROUTE_SECTIONS[h.route]
+    for tag in order:
         if tag in bs.sections:
             payload = bs.sections[tag]
             parts += [_SECTION.pack(tag.encode("ascii"), len(payload)), payload]
-    unknown = set(bs.sections) - set(SECTION_ORDER)
+    unknown = set(bs.sections) - set(order)
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}")
+        raise ValueError(f"sections {sorted(unknown)} do not belong in a {h.route} stream")
     body = b"".join(parts)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -141,25 +161,39 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     pos = _PREFIX.size  # MIN_LENGTH guarantees the fixed fields are present
     w, h, color, orientation, depth, pad, id_len = _FIELDS.unpack_from(body, pos)
     pos += _FIELDS.size
-    if id_len == 0 or id_len > MAX_MODEL_ID or pos + id_len > len(body):
+    # an empty id only in version 3 (no model), where the route byte must then say so
+    if ((id_len == 0 and version < 3) or id_len > MAX_MODEL_ID
+            or pos + id_len > len(body)):
         raise BitstreamError(f"invalid model id length {id_len}")
     try:
         model_id = body[pos:pos + id_len].decode("ascii")
     except UnicodeDecodeError as exc:
         raise BitstreamError("model id is not ASCII") from exc
     pos += id_len
-    rate = None
-    if version >= 2:
+    rate, route = None, "learned"
+    if version == 2:
         if pos + _RATE.size > len(body):
             raise BitstreamError("truncated header: no rate point")
         (rate,) = _RATE.unpack_from(body, pos)
         pos += _RATE.size
+    elif version == 3:
+        if pos >= len(body):
+            raise BitstreamError("truncated header: no route")
+        code = body[pos]
+        pos += 1
+        if code >= len(ROUTES):
+            raise BitstreamError(f"unknown route code {code}")
+        if code == 0:  # one encoding per stream: version 1 and 2 hold learned streams
+            raise BitstreamError("route 0 (learned) is written as version 1 or 2, not 3")
+        route = ROUTES[code]
     if color >= len(COLORS):
         raise BitstreamError(f"unknown color mode code {color}")
     if pad >= len(PAD_MODES):
         raise BitstreamError(f"unknown padding mode code {pad}")
-    header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad], rate)
+    header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad], rate,
+                    route)
     header.validate(max_pixels)
+    order = ROUTE_SECTIONS[route]
     sections: dict[str, bytes] = {}
     while pos < len(body):
         if pos + _SECTION.size > len(body):
@@ -169,15 +203,16 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
         tag = raw_tag.decode("ascii", errors="replace")
         if tag not in SECTION_ORDER:
             raise BitstreamError(f"unknown section {raw_tag!r}")
-        if tag in sections or any(SECTION_ORDER.index(t) > SECTION_ORDER.index(tag)
-                                  for t in sections):
+        if tag not in order:
+            raise BitstreamError(f"section {tag} does not belong in a {route} stream")
+        if tag in sections or any(order.index(t) > order.index(tag) for t in sections):
             raise BitstreamError(f"section {tag} repeated or out of order")
         if length > len(body) - pos:
             raise BitstreamError(f"section {tag} claims {length} bytes, only "
                                  f"{len(body) - pos} remain")
         sections[tag] = body[pos:pos + length]
         pos += length
-    missing = [t for t in REQUIRED_SECTIONS if t not in sections]
+    missing = [t for t in ROUTE_REQUIRED[route] if t not in sections]
     if missing:
         raise BitstreamError(f"missing section(s) {', '.join(missing)}")
     return Bitstream(header, sections)
