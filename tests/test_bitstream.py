@@ -8,11 +8,14 @@ recomputed CRC32 so that the check under test, not the checksum, is what fires.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import struct
 import time
+import tracemalloc
 import zlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -37,12 +40,17 @@ from codec.errors import BitstreamError
 from codec.images import load_image
 from codec.inference import InferenceConfig
 from codec.registry import load
-from tests.conftest import TINY_ID, smooth_image
+from tests.conftest import TINY_ID, TINY_VR_ID, smooth_image
 
 HEIGHT, WIDTH = 40, 56
 FUZZ_MAX_PIXELS = 10_000
 TINY_BYTES = TINY_ID.encode()
 FUZZ = settings(max_examples=300, deadline=None, database=None)
+FUZZ_HEADERS = settings(max_examples=200, deadline=None, database=None)
+# What one decode of a forged stream may take, whatever size its header declares: the work
+# is bounded by what the stream's sections can hold (docs/bitstream.md, Work bound).
+DECODE_SECONDS = 5.0
+DECODE_TRACED_BYTES = 48 << 20  # numpy's allocations (tracemalloc sees them, not torch's)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -112,6 +120,15 @@ def stream(one_thread, tiny_registry) -> bytes:
     image = load_image(buf.getvalue())
     codec = Codec(registry=tiny_registry, device="cpu")
     return codec.encode(image, InferenceConfig(method="amortized")).data
+
+
+@pytest.fixture(scope="module")
+def vr_stream(one_thread, tiny_vr_registry) -> bytes:
+    """The same image coded by the tiny variable-rate model at rate point 32 (version 2)."""
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(HEIGHT, WIDTH)).save(buf, format="PNG")
+    codec = Codec(TINY_VR_ID, registry=tiny_vr_registry, device="cpu", rate=32)
+    return codec.encode(load_image(buf.getvalue()), InferenceConfig(method="amortized")).data
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +415,54 @@ def test_decode_work_bounded_by_max_pixels(tiny_registry, monkeypatch):
     assert seen[0] <= 16 * FUZZ_MAX_PIXELS, seen
 
 
+def resized(data: bytes, width: int, height: int) -> bytes:
+    """A real stream with another image size written into its header, CRC recomputed."""
+    bs = parse(data)
+    bs.header = dataclasses.replace(bs.header, width=width, height=height)
+    return pack(bs)
+
+
+def bounded_decode(data: bytes, registry, **kwargs):
+    """decode(data) -> (DecodedImage or BitstreamError, seconds, peak traced bytes)."""
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        result = decode(data, registry=registry, **kwargs)
+    except BitstreamError as exc:
+        result = exc
+    finally:
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return result, seconds, peak
+
+
+@pytest.mark.parametrize("width, height, keyword", [
+    (9990, 9990, "stream too short for the declared image"),
+    (1 << 14, 1 << 14, "stream too short for the declared image"),
+    (FORMAT_MAX_PIXELS >> 6, 64, "stream too short for the declared image"),
+    (1000, 1000, "corrupt latent stream"),  # within what 16 bytes of ZLAT may hold
+    (128, 64, "corrupt latent stream"),  # the data runs out
+])
+@pytest.mark.parametrize("which", ["fixed", "variable"])
+def test_forged_image_size_is_refused(stream, vr_stream, tiny_vr_registry, width, height,
+                                      keyword, which):
+    """The decode bomb: a real 56x40 stream whose header claims a far larger image."""
+    data = resized(stream if which == "fixed" else vr_stream, width, height)
+    result, seconds, peak = bounded_decode(data, tiny_vr_registry,
+                                           max_pixels=FORMAT_MAX_PIXELS)
+    assert isinstance(result, BitstreamError) and keyword in str(result), result
+    assert seconds < DECODE_SECONDS and peak < DECODE_TRACED_BYTES, (seconds, peak)
+
+
+def test_work_bound_keeps_real_streams(stream, vr_stream, tiny_vr_registry):
+    for data in (stream, vr_stream, resized(stream, 64, 64), resized(vr_stream, 50, 64)):
+        result, _, _ = bounded_decode(data, tiny_vr_registry)
+        h = parse(data).header
+        assert not isinstance(result, BitstreamError), result
+        assert result.rgb.shape == (h.height, h.width, 3)
+
+
 # ----------------------------------------------------------------------------- fuzzing
 
 
@@ -498,3 +563,81 @@ def test_fuzz_decode_payload_overwrites(stream, tiny_registry, edits):
         event("decoded")
         assert decoded.rgb.shape == (HEIGHT, WIDTH, 3)
     assert time.perf_counter() - t0 < 5
+
+
+def forged(model_id: str, version: int, rate: int | None, width: int, height: int,
+           sections: list[tuple[bytes, bytes]], color: int = 0, orientation: int = 1,
+           depth: int = 8) -> bytes:
+    """A stream written field by field, any version / model / rate combination, valid CRC."""
+    ident = model_id.encode()
+    body = struct.pack(">4sB", MAGIC, version)
+    body += struct.pack(">IIBBBBB", width, height, color, orientation, depth, 0, len(ident))
+    body += ident + (b"" if rate is None else struct.pack(">H", rate))
+    for tag, payload in sections:
+        body += struct.pack(">4sI", tag, len(payload)) + payload
+    return with_crc(body)
+
+
+_DIMENSION = st.one_of(st.integers(1, 200), st.integers(1, 1 << 16),
+                       st.sampled_from([9990, 1 << 14, (1 << 16) - 1]))
+# A latent payload: the real one (of either model), a prefix or suffix of it, random words,
+# random bytes (often not a whole number of words), or nothing.
+_PAYLOAD = st.one_of(
+    st.tuples(st.sampled_from(["real", "prefix", "suffix"]), st.integers(0, 64)),
+    st.lists(st.integers(0, (1 << 32) - 1), max_size=48).map(
+        lambda w: np.array(w, ">u4").tobytes()),
+    st.binary(max_size=64),
+)
+
+
+def _payload(choice, real: bytes) -> bytes:
+    if isinstance(choice, bytes):
+        return choice
+    kind, n = choice
+    return {"real": real, "prefix": real[:n], "suffix": real[n:]}[kind]
+
+
+_RARELY = st.integers(0, 9).map(lambda i: i == 0)
+_decode_groups = coding._decode_groups
+
+
+def _decode_groups_within_capacity(words, counts, offsets, sizes, models, costs):
+    """The entropy decoder is never asked for more symbols than the words can hold."""
+    assert coding.min_stream_bits(counts, costs) <= 32 * len(words), (counts, len(words))
+    return _decode_groups(words, counts, offsets, sizes, models, costs)
+
+
+@FUZZ_HEADERS
+@given(model=st.sampled_from([TINY_ID, TINY_VR_ID]), wrong_version=_RARELY,
+       rate=st.one_of(st.sampled_from([0, 32, 64]), st.integers(65, 0xFFFF)),
+       no_rate_field=_RARELY, width=_DIMENSION, height=_DIMENSION,
+       z=_PAYLOAD, y=_PAYLOAD, source=st.sampled_from(["fixed", "variable"]),
+       extra=st.sampled_from([None, None, None, "ALPH", "META"]),
+       extra_payload=st.binary(max_size=32))
+def test_fuzz_forged_headers(stream, vr_stream, tiny_vr_registry, model, wrong_version, rate,
+                             no_rate_field, width, height, z, y, source, extra, extra_payload):
+    """Forged headers (any size up to the format limit, version, model, rate field) over
+    real, cut or random sections, CRC recomputed: a clean BitstreamError or a correctly
+    sized image, within a time and memory bound that does not grow with the declared size."""
+    real = parse(stream if source == "fixed" else vr_stream).sections
+    sections = [(b"ZLAT", _payload(z, real["ZLAT"])), (b"YLAT", _payload(y, real["YLAT"]))]
+    if extra == "ALPH":
+        sections.append((b"ALPH", pack_alpha(extra_payload * (width * height % 7 + 1))))
+    elif extra == "META":
+        sections.append((b"META", extra_payload or real["META"]))
+    version = (1 if model == TINY_ID else 2) if not wrong_version else (2 if model == TINY_ID
+                                                                          else 1)
+    field = None if version == 1 or no_rate_field else rate
+    data = forged(model, version, field, width, height, sections)
+    with mock.patch.object(coding, "_decode_groups", _decode_groups_within_capacity):
+        result, seconds, peak = bounded_decode(data, tiny_vr_registry,
+                                               max_pixels=FORMAT_MAX_PIXELS)
+    if isinstance(result, BitstreamError):
+        event(re.sub(r"[\d']\S*", "#", str(result))[:48])
+    else:
+        event("decoded")
+        h = parse(data).header
+        assert result.rgb.shape == (h.height, h.width, 3)
+        assert (h.rate is None) == (model == TINY_ID) and h.rate in (None, 0, 32, 64)
+    assert seconds < DECODE_SECONDS, seconds
+    assert peak < DECODE_TRACED_BYTES, peak

@@ -138,3 +138,129 @@ def test_out_of_range_latents_are_refused(model_and_tables):
     z_hat[0, 0, 0] = LATENT_LIMIT + 1
     with pytest.raises(ValueError, match="codable range"):
         coding.encode_z(tables, z_hat)
+
+
+# ------------------------------------------------------------------ work bound
+
+
+def _shipped_tables():
+    from codec.registry import load
+
+    return load("msh-small-q4").tables
+
+
+def test_quantized_cdf_is_what_constriction_codes_with(model_and_tables):
+    for tables in (model_and_tables[1], _shipped_tables()):
+        for pmf in list(tables.z_pmfs) + list(tables.y_pmfs)[::9]:
+            cdf = coding.quantized_cdf(pmf)
+            assert cdf[0] == 0 and cdf[-1] == 1 << 24 and (np.diff(cdf) >= 1).all()
+            model = coding._Categorical(pmf, perfect=False)
+            symbols = range(len(pmf)) if len(pmf) <= 200 else np.r_[0:60, len(pmf) - 60:len(pmf)]
+            assert coding._coded_cumulative(model, symbols) == [int(cdf[s]) for s in symbols]
+
+
+def _cheap_and_adversarial_groups(rng, pmfs, costs, n_max):
+    """(table, symbols) groups: runs of the most probable symbol (the cheapest stream),
+    runs of symbol 1 at the end (cheap once the coder's state is small), random symbols,
+    and trailing first symbols (which a drained coder yields for free)."""
+    groups = []
+    for table in rng.choice(len(pmfs), int(rng.integers(1, 4)), replace=False):
+        table = int(table)
+        n = int(rng.integers(1, n_max)) if rng.random() < 0.5 else costs[table].tail + 50
+        peak = int(np.argmax(pmfs[table]))
+        v = np.full(n, peak, np.int64)
+        mode = rng.integers(0, 4)
+        if mode == 1:
+            v[-int(rng.integers(1, n + 1)):] = 1
+        elif mode == 2:
+            v = rng.integers(0, len(pmfs[table]) - 1, n)
+        elif mode == 3:
+            v[-int(rng.integers(1, 40)):] = 0
+        groups.append((table, v))
+    return groups
+
+
+def test_min_stream_bits_is_a_lower_bound_and_nearly_tight(model_and_tables):
+    rng = np.random.default_rng(5)
+    ratios = []
+    for tables in (model_and_tables[1], _shipped_tables()):
+        for pmfs, costs, models in zip((tables.z_pmfs, tables.y_pmfs), coding.table_costs(tables),
+                                       coding._models(tables), strict=True):
+            sizes = np.array([len(p) - 1 for p in pmfs])
+            offsets = np.zeros(len(pmfs), np.int64)
+            for _ in range(12):
+                groups = _cheap_and_adversarial_groups(rng, pmfs, costs, 60_000)
+                counts = [(t, len(v)) for t, v in groups]
+                words = coding._encode_groups(groups, offsets, sizes, models, costs)
+                need = coding.min_stream_bits(counts, costs)
+                assert need <= 32 * len(words), (counts, need, len(words))
+                ratios.append(need / max(32 * len(words), 1))
+                decoded = coding._decode_groups(words, counts, offsets, sizes, models, costs)
+                assert all(np.array_equal(a, v) for a, (_, v) in zip(decoded, groups,
+                                                                      strict=True))
+    assert max(ratios) > 0.9  # the bound is close for the cheapest streams
+
+
+def test_a_stream_too_short_is_refused_before_decoding(model_and_tables, monkeypatch):
+    _, tables = model_and_tables
+    z_hat = np.zeros((16, 2, 3), np.int64)
+    words = coding.encode_z(tables, z_hat)
+    assert np.array_equal(coding.decode_z(tables, words, z_hat.shape), z_hat)
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded although the stream cannot hold the symbols")
+
+    monkeypatch.setattr(coding, "_decode_groups", never)
+    with pytest.raises(coding.BitstreamError, match="stream too short for the declared image"):
+        coding.decode_z(tables, words, (16, 300, 400))
+    index = np.full((24, 200, 300), 64, np.int64)  # sigma ~ 4.6: ~4 bits a symbol
+    with pytest.raises(coding.BitstreamError, match="stream too short for the declared image"):
+        coding.decode_y(tables, words, index)
+
+
+def _raw_encode(groups, models):
+    """What a plain constriction encoder writes, free symbols included (no escapes here)."""
+    coder = coding.constriction.stream.stack.AnsCoder()
+    for table, s in reversed(groups):
+        coder.encode_reverse(s.astype(np.int32), models[table])
+    return coder.get_compressed()
+
+
+def test_symbols_decoded_without_data_are_refused_and_never_written(model_and_tables):
+    _, tables = model_and_tables
+    zc, yc = coding.table_costs(tables)
+    z_models, y_models = coding._models(tables)
+    sizes = np.array([len(p) - 1 for p in tables.z_pmfs])
+    lo = np.zeros(len(sizes), np.int64)
+    peak = int(np.argmax(tables.z_pmfs[0]))
+    # A drained coder: everything after the real data decodes as symbol 0, for free.
+    body = np.full(500, peak, np.int64)
+    words = _raw_encode([(0, body)], z_models)
+    for extra in (1, 7, 5000):
+        with pytest.raises(coding.BitstreamError, match=r"without data|ran out"):
+            coding._decode_groups(words, [(0, 500 + extra)], lo, sizes, z_models, zc)
+    with pytest.raises(coding.BitstreamError, match="ran out"):
+        coding._decode_groups(words, [(0, 500), (1, 10)], lo, sizes, z_models, zc)
+    # Trailing first symbols in a real group: held for free by a plain encoder (refused),
+    # escaped by ours (decoded back exactly).
+    values = np.concatenate([body, np.zeros(30, np.int64)])
+    with pytest.raises(coding.BitstreamError, match="without data"):
+        coding._decode_groups(_raw_encode([(0, values)], z_models), [(0, 530)], lo, sizes,
+                              z_models, zc)
+    words = coding._encode_groups([(0, values)], lo, sizes, z_models, zc)
+    assert np.array_equal(coding._decode_groups(words, [(0, 530)], lo, sizes, z_models, zc)[0],
+                          values)
+    # A free symbol behind a non-empty state: x = c of the last symbol < f of the first
+    # symbol of the table before it.
+    f0 = [int(c.cdf[1]) for c in yc]
+    big, small = int(np.argmax(f0)), int(np.argmin(f0))
+    assert f0[big] > f0[small]  # c of symbol 1 of `small` is f0[small]
+    y_sizes = np.array([len(p) - 1 for p in tables.y_pmfs])
+    y_lo = np.zeros(len(y_sizes), np.int64)
+    groups = [(big, np.zeros(3, np.int64)), (small, np.ones(1, np.int64))]
+    counts = [(big, 3), (small, 1)]
+    with pytest.raises(coding.BitstreamError, match="without data"):
+        coding._decode_groups(_raw_encode(groups, y_models), counts, y_lo, y_sizes, y_models, yc)
+    words = coding._encode_groups(groups, y_lo, y_sizes, y_models, yc)
+    out = coding._decode_groups(words, counts, y_lo, y_sizes, y_models, yc)
+    assert all(np.array_equal(a, v) for a, (_, v) in zip(out, groups, strict=True))

@@ -207,7 +207,150 @@ def test_byte_lru_evicts_least_recent_and_expires():
 
 
 def test_default_max_pixels_matches_the_codec():
-    assert serve.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
+    assert serve.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS  # fetch_decode, as sgarc decode
+
+
+def test_the_service_allows_fewer_pixels_than_the_cli(archive):
+    assert serve.SERVE_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
+    assert DecodeService(archive["root"]).max_pixels == serve.SERVE_MAX_PIXELS
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sgarc")
+    serve.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", "--archive", "x"])
+    assert args.max_pixels == serve.SERVE_MAX_PIXELS
+    assert args.decode_memory_mb * (1 << 20) == serve.DEFAULT_DECODE_BYTES
+    assert args.queue_timeout == serve.DEFAULT_QUEUE_TIMEOUT
+    for flag, value in (("--max-pixels", "0"), ("--decode-memory-mb", "0"),
+                        ("--queue-timeout", "-1")):
+        with pytest.raises(serve.SgarcError, match=flag):
+            serve.cmd_serve(parser.parse_args(["serve", "--archive", "x", flag, value]))
+
+
+def test_byte_budget_is_first_come_first_served():
+    budget = serve.ByteBudget(100)
+    assert budget.acquire(60) == 60
+    assert budget.acquire(50, timeout=0.05) is None  # does not fit in time
+    assert budget.acquire(40, timeout=0) == 40  # fits
+    order: list[str] = []
+
+    def take(name: str, size: int) -> None:
+        got = budget.acquire(size, timeout=10)
+        order.append(name)
+        budget.release(got)
+
+    big = threading.Thread(target=take, args=("big", 1000))  # clamped to 100: runs alone
+    big.start()
+    while budget.stats()["waiting"] < 1:
+        time.sleep(0.005)
+    small = threading.Thread(target=take, args=("small", 1))  # fits, but waits its turn
+    small.start()
+    while budget.stats()["waiting"] < 2:
+        time.sleep(0.005)
+    assert order == []
+    budget.release(60)
+    budget.release(40)
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"]
+    stats = budget.stats()
+    assert stats["in_flight_bytes"] == 0 and stats["peak_bytes"] == 100
+    assert stats["refused"] == 1 and stats["waiting"] == 0
+    with pytest.raises(ValueError):
+        serve.ByteBudget(0)
+
+
+def _pixels_needed(key: str) -> int:
+    w, h = SIZES[key]
+    return 64 * -(-w // 64) * 64 * -(-h // 64) * serve.DECODE_BYTES_PER_PIXEL
+
+
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """codec.api.decode, slowed down, counting the decodes running at once."""
+    import codec.api
+
+    real = codec.api.decode
+    state = {"running": 0, "most": 0, "delay": 0.3}
+    lock = threading.Lock()
+
+    def decode_slowly(*args, **kwargs):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        try:
+            time.sleep(state["delay"])
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(codec.api, "decode", decode_slowly)
+    return state
+
+
+def test_decoded_bytes_in_flight_are_bounded(archive, slow_decode):
+    # Room for one of these images at a time: requests for different images queue.
+    budget = _pixels_needed(PLAIN) + 10_000
+    service = DecodeService(archive["root"], cache_bytes=0, max_decodes=4,
+                            decode_bytes=budget, queue_timeout=30)
+    asks = [(PLAIN, "png", False), (PHOTO, "webp", False), (ODD, "png", False),
+            (PLAIN, "png", True)]  # four different decodes
+    with serving(service) as address, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda a: request(address, image_path(a[0], f"format={a[1]}&strip={int(a[2])}")),
+            asks))
+    assert [status for status, _, _ in results] == [200] * 4
+    assert slow_decode["most"] == 1 and service.decodes == 4
+    stats = service.health()["decoding"]
+    assert stats["peak_bytes"] <= budget and stats["in_flight_bytes"] == 0
+    assert stats["max_pixels"] == serve.SERVE_MAX_PIXELS
+
+    # With room for all of them (the default budget), they run together.
+    service = DecodeService(archive["root"], cache_bytes=0, max_decodes=4)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda a: service.get(a[0], a[1], strip_metadata=a[2]), asks))
+    assert slow_decode["most"] > 1
+
+
+def test_no_room_in_time_is_503_busy(archive, slow_decode):
+    slow_decode["delay"] = 1.5
+    service = DecodeService(archive["root"], cache_bytes=0,
+                            decode_bytes=_pixels_needed(PLAIN) + 10_000, queue_timeout=0.2)
+    with serving(service) as address, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(request, address, image_path(PLAIN))
+        while slow_decode["running"] == 0:
+            time.sleep(0.01)
+        status, headers, body = request(address, image_path(PHOTO))
+        assert status == 503 and headers["retry-after"]
+        assert json.loads(body)["error"] == "busy"
+        assert first.result()[0] == 200
+    assert service.health()["decoding"]["refused"] == 1
+
+
+def test_forged_image_size_is_refused_before_decoding(archive, tmp_path):
+    """A real stream whose header claims 7000 x 7000 pixels (within the service's limit),
+    CRC recomputed: the codec sees that its latent sections cannot hold such an image."""
+    import dataclasses
+
+    from codec.bitstream import pack, parse
+
+    bs = parse(archive["streams"][PLAIN])
+    bs.header = dataclasses.replace(bs.header, width=7000, height=7000)
+    root = tmp_path / "forged"
+    (root / "bitstreams").mkdir(parents=True)
+    (root / "bitstreams" / "bomb.png.sga").write_bytes(pack(bs))
+    service = DecodeService(root, cache_bytes=0)
+    with serving(service) as address:
+        t0 = time.perf_counter()
+        status, _, body = request(address, image_path("bomb.png"))
+        assert status == 422 and time.perf_counter() - t0 < 5
+        assert "stream too short for the declared image" in json.loads(body)["message"]
+        bs.header = dataclasses.replace(bs.header, width=8000, height=8000)  # 64 MP
+        (root / "bitstreams" / "big.png.sga").write_bytes(pack(bs))
+        status, _, body = request(address, image_path("big.png"))
+        assert status == 422 and "exceeds the limit" in json.loads(body)["message"]
+    assert service.decodes == 1  # the one over the pixel limit never reached the decoder
 
 
 # ---------------------------------------------------------------------------------------------
