@@ -20,7 +20,8 @@ def _settings(args):
                           schedule=args.schedule, patience=args.patience,
                           alpha=args.alpha, depth=args.depth, max_pixels=args.max_pixels,
                           metadata=args.metadata, rate=args.rate,
-                          target_psnr=args.target_psnr, target_bpp=args.target_bpp)
+                          target_psnr=args.target_psnr, target_bpp=args.target_bpp,
+                          min_psnr=args.min_psnr)
 
 
 def _inference_config(args):
@@ -35,24 +36,32 @@ def _progress_bar(total: int, desc: str):
 
 
 def cmd_encode(args) -> int:
+    from codec import routes
     from codec.api import Codec
     from codec.images import load_image
 
     cfg = _inference_config(args)
-    image = load_image(Path(args.input), alpha=args.alpha, depth=args.depth,
+    source = Path(args.input).read_bytes()
+    image = load_image(source, alpha=args.alpha, depth=args.depth, name=Path(args.input).name,
                        max_pixels=args.max_pixels, metadata=args.metadata)
-    target = _settings(args).target()
+    settings = _settings(args)
+    target = settings.target()
     codec = Codec(args.model if args.model else args.quality, device=args.device,
                   rate=args.rate)
     total = 0 if cfg.method == "amortized" else cfg.iterations
     with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
-        if target is None:
-            result = codec.encode(image, cfg, progress=bar.update)
-        else:
-            result = codec.encode_to_target(image, target, cfg, progress=bar.update)
-    atomic_write(Path(args.output), result.data)
-    print(f"{args.input} -> {args.output}: {result.summary()}")
-    if result.target_met is False:
+        routed = routes.encode(codec, image, source, settings.policy(), cfg, target,
+                               progress=bar.update)
+    atomic_write(Path(args.output), routed.data)
+    print(f"{args.input} -> {args.output}: {routed.summary()}")
+    result = routed.learned
+    if routed.route != "learned":
+        why = ("the learned stream would be larger" if routed.learned is None
+               or settings.policy().allows(result.psnr) else
+               f"the learned stream ({result.psnr:.2f} dB) is below the floor")
+        print(f"sgarc encode: stored as {routed.route} (the source file, bit-exact): {why}",
+              file=sys.stderr)
+    elif target is not None and result.target_met is False:
         end = "highest" if target.kind == "psnr" else "lowest"
         print(f"sgarc encode: warning: target {target.describe()} is out of reach of model "
               f"{result.model_id}: coded at its {end} rate point ({result.bpp:.3f} bpp, "
@@ -78,6 +87,7 @@ def _read_input(args) -> bytes:
 
 def cmd_decode(args) -> int:
     from codec.api import decode
+    from codec.images import output_format
 
     output = args.output_opt or args.output
     if not output:
@@ -88,8 +98,11 @@ def cmd_decode(args) -> int:
     args.output = output
     report = decoded.save(Path(output), strip_metadata=args.strip_metadata)
     h = decoded.header
+    how = f"model {h.model_id}" if h.route == "learned" else f"route {h.route}"
+    if decoded.original_for(output_format(output)) and not args.strip_metadata:
+        how += ", the original file byte for byte"
     print(f"{args.input} -> {args.output}: {h.width}x{h.height} {h.color}"
-          f"{'+alpha' if decoded.alpha is not None else ''}, model {h.model_id}, "
+          f"{'+alpha' if decoded.alpha is not None else ''}, {how}, "
           f"{time.perf_counter() - t0:.2f} s; {report.summary()}")
     return 0
 
@@ -103,8 +116,13 @@ def cmd_info(args) -> int:
     h = bs.header
     print(f"file:        {args.input} ({len(data)} bytes, "
           f"{len(data) * 8 / (h.width * h.height):.4f} bpp)")
-    print(f"model:       {h.model_id}")
-    print(f"size:        {h.width}x{h.height} (padding: {h.pad_mode})")
+    print(f"route:       {h.route}" + ("" if h.route == "learned" else
+                                          " (the source file, bit-exact; no model)"))
+    if h.route == "learned":
+        print(f"model:       {h.model_id}" + ("" if h.rate is None else
+                                              f", rate point {h.rate}"))
+    print(f"size:        {h.width}x{h.height}"
+          + (f" (padding: {h.pad_mode})" if h.route == "learned" else ""))
     print(f"color:       {h.color}, source bit depth {h.bit_depth}")
     print(f"orientation: source EXIF orientation {h.orientation} (pixels stored upright)")
     for tag, payload in bs.sections.items():
@@ -113,8 +131,13 @@ def cmd_info(args) -> int:
         meta = unpack(bs.sections["META"])  # a corrupt record: one clear error, exit status 2
         for label, text in describe(meta):
             print(f"{label + ':':<12} {text}")
+    elif h.route == "original":
+        import hashlib
+        print(f"sha256:      {hashlib.sha256(bs.sections['ORIG']).hexdigest()} (the file)")
     else:
         print("metadata:    none")
+    if h.route != "learned":
+        print("metadata:    EXIF / ICC / XMP as in the stored file")
     return 0
 
 
@@ -184,6 +207,10 @@ def _add_codec_options(p: argparse.ArgumentParser) -> None:
                            "refined there)")
     goal.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
                       help="per image, the highest rate point within BPP bits per pixel")
+    p.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                   help="quality floor: an image whose learned stream would be below DB is "
+                        "stored bit-exactly instead (JPEG XL transcode of a JPEG, else the "
+                        "original file); streams are never bigger than the source + 32 bytes")
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:

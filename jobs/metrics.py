@@ -32,7 +32,8 @@ with ``status = 'ok'``:
 ``bytes_out``        sum of ``bitstream_bytes`` over ok rows
 ``savings_pct``      100 × (1 − bytes_out / bytes_in); negative when the streams are larger
 ``mean_bpp``         mean ``bpp`` over ok rows (per image, not weighted by pixels)
-``mean_psnr``        mean ``psnr`` (dB) over ok rows
+``mean_psnr``        mean ``psnr`` (dB) over ok rows of the learned route (the
+                     jpeg-lossless and original routes are exact: PSNR_CAP, 100 dB)
 ``refined``          ok rows refined by iterative inference: ``iterations > 0`` and
                      ``amortized_rd_loss > 0`` (SGA and the paper's ablations)
 ``rd_gain_pct``      100 × mean over refined rows of
@@ -48,6 +49,12 @@ with ``status = 'ok'``:
 ``encode_seconds``   sum of ``encode_seconds`` over ok rows; ``mean_encode_seconds`` its mean
 ``methods``          the inference methods of the run's rows, sorted
 ===================  ==========================================================================
+
+Per run and route (:func:`route_summaries`, DESIGN.md decision 9: where the codec wins),
+over ok rows; a row without ``route`` (written before routes existed) is ``learned``:
+``images`` and ``image_share`` (% of the run's ok rows), ``bytes_in``, ``bytes_out`` and
+``byte_share`` (% of the run's stored bytes), ``savings_pct``, ``mean_psnr``, and
+``floor_met`` / ``floor_missed`` (rows with a floor that their stream reaches / misses).
 
 Means and gains are None where no row qualifies (a run of failures, an amortized run).
 Refinement runs (which keep the stored stream unless a new encoding beats it) count every
@@ -215,7 +222,8 @@ SELECT run,
        CAST(coalesce(sum(source_bytes) FILTER (WHERE is_ok), 0) AS BIGINT) AS bytes_in,
        CAST(coalesce(sum(bitstream_bytes) FILTER (WHERE is_ok), 0) AS BIGINT) AS bytes_out,
        avg(bpp) FILTER (WHERE is_ok) AS mean_bpp,
-       avg(psnr) FILTER (WHERE is_ok) AS mean_psnr,
+       avg(psnr) FILTER (WHERE is_ok AND coalesce(route, 'learned') = 'learned')
+           AS mean_psnr,
        count(*) FILTER (WHERE is_refined) AS refined,
        100 * avg((amortized_rd_loss - rd_loss) / amortized_rd_loss) FILTER (WHERE is_refined)
            AS rd_gain_pct,
@@ -242,6 +250,41 @@ def run_summaries(con: duckdb.DuckDBPyConnection, run: str | None = None) -> lis
         r["methods"] = r["methods"] or []
         out.append({k: r[k] for k in keys})
     return out
+
+
+_ROUTES_SQL = """
+SELECT run, coalesce(route, 'learned') AS route,
+       count(*) AS images,
+       CAST(coalesce(sum(source_bytes), 0) AS BIGINT) AS bytes_in,
+       CAST(coalesce(sum(bitstream_bytes), 0) AS BIGINT) AS bytes_out,
+       avg(psnr) AS mean_psnr,
+       count(*) FILTER (WHERE floor_met) AS floor_met,
+       count(*) FILTER (WHERE NOT floor_met) AS floor_missed
+FROM metrics WHERE status = 'ok' AND ($run IS NULL OR run = $run)
+GROUP BY ALL
+"""
+ROUTE_ORDER = ("learned", "jpeg-lossless", "original")  # codec.bitstream.ROUTES
+
+
+def route_summaries(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
+    """One dict per run and route, runs oldest first, routes in ROUTE_ORDER (fields in the
+    module docstring)."""
+    rows = _rows(con, _ROUTES_SQL, {"run": run})
+    order = {r: i for i, r in enumerate(runs(con))}
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        t = totals.setdefault(r["run"], [0, 0])
+        t[0] += r["images"]
+        t[1] += r["bytes_out"]
+    for r in rows:
+        images, stored = totals[r["run"]]
+        r["image_share"] = 100.0 * r["images"] / images if images else None
+        r["byte_share"] = 100.0 * r["bytes_out"] / stored if stored else None
+        r["savings_pct"] = (100.0 * (1.0 - r["bytes_out"] / r["bytes_in"])
+                            if r["bytes_in"] else None)
+    rank = {name: i for i, name in enumerate(ROUTE_ORDER)}
+    return sorted(rows, key=lambda r: (order.get(r["run"], len(order)), r["run"],
+                                       rank.get(r["route"], len(rank)), r["route"]))
 
 
 def runs(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -358,6 +401,15 @@ SUMMARY_HEADER = ["run", "started (UTC)", "images", "ok", "failed", "in", "out",
 GAIN_HEADER = ["run", "refined", "RD gain", "bpp saved", "PSNR gain dB"]
 WORST_HEADER = ["run", "key", "size", "in", "out", "savings", "bpp", "PSNR dB", "method"]
 FAILURE_HEADER = ["run", "key", "stage", "error", "fixed later"]
+ROUTE_HEADER = ["run", "route", "images", "% images", "in", "out", "% bytes", "savings",
+                "PSNR dB", "floor met", "below floor"]
+
+
+def route_cells(r: dict) -> list[str]:
+    return [r["run"], r["route"], str(r["images"]), fmt(r["image_share"], ".1f", "%"),
+            format_bytes(r["bytes_in"]), format_bytes(r["bytes_out"]),
+            fmt(r["byte_share"], ".1f", "%"), fmt(r["savings_pct"], ".1f", "%"),
+            fmt(r["mean_psnr"], ".2f"), str(r["floor_met"]), str(r["floor_missed"])]
 
 
 def gain_cells(s: dict) -> list[str]:
@@ -484,6 +536,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
                 print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
             return 0
         summaries = run_summaries(con)
+        by_route = route_summaries(con)
         worst = worst_images(con, by=args.by, n=args.worst) if args.worst else []
         failed = failures(con, n=args.worst) if args.worst else []
         total_failed = sum(s["failures"] for s in summaries)
@@ -491,13 +544,17 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         con.close()
     if args.json:
         print(json.dumps(jsonable({"output": display_url(args.output), "runs": summaries,
-                                   "worst": worst, "worst_by": args.by, "failures": failed,
-                                   "failures_total": total_failed}), indent=1))
+                                   "routes": by_route, "worst": worst, "worst_by": args.by,
+                                   "failures": failed, "failures_total": total_failed}),
+                         indent=1))
         return 0
     images = sum(s["images"] for s in summaries)
     print(f"metrics under {display_url(args.output)}: {len(summaries)} run"
           f"{'s' if len(summaries) != 1 else ''}, {images} rows\n")
     print(format_table(SUMMARY_HEADER, [summary_cells(s) for s in summaries]))
+    if by_route:
+        print("\nroutes: how the images are stored (share of the run's images and bytes)")
+        print(format_table(ROUTE_HEADER, [route_cells(r) for r in by_route]))
     refined = [s for s in summaries if s["refined"]]
     if refined:
         print("\nrefinement vs the amortized start (refined images only)")

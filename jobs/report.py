@@ -2,8 +2,9 @@
 
     write_report("archive/", "report.html")             # or s3://bucket/archive
 
-The page holds the per-run summary and the refinement gains (definitions in
-:mod:`jobs.metrics`), three plots - bpp against PSNR per image (coloured by method when
+The page holds the per-run summary, how the images are stored (share of images and of bytes
+per route: learned, jpeg-lossless, original) and the refinement gains (definitions in
+:mod:`jobs.metrics`), three plots - bpp against PSNR per learned stream (coloured by method when
 there are several, else by run), the histogram of per-image savings
 1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings
 across runs - then the worst images and the failures. Plots are inline SVG drawn here
@@ -32,6 +33,7 @@ from codec.files import atomic_write
 from jobs.metrics import (
     FAILURE_HEADER,
     GAIN_HEADER,
+    ROUTE_HEADER,
     SUMMARY_HEADER,
     WORST_HEADER,
     MetricsError,
@@ -42,6 +44,8 @@ from jobs.metrics import (
     failures,
     gain_cells,
     parse_storage_options,
+    route_cells,
+    route_summaries,
     run_summaries,
     summary_cells,
     worst_cells,
@@ -69,13 +73,14 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) 
 
 def scatter_points(con: duckdb.DuckDBPyConnection, limit: int = MAX_POINTS
                    ) -> tuple[list[dict], int]:
-    """(points, total): bpp, psnr, method, run, key of ok rows; a deterministic sample of
-    ``limit`` of them (by a hash of run and key) when there are more."""
-    total = _rows(con, "SELECT count(*) AS n FROM metrics WHERE status = 'ok' "
-                       "AND bpp IS NOT NULL AND psnr IS NOT NULL")[0]["n"]
-    points = _rows(con, """
-        SELECT bpp, psnr, method, run, source_key FROM metrics
-        WHERE status = 'ok' AND bpp IS NOT NULL AND psnr IS NOT NULL
+    """(points, total): bpp, psnr, method, run, key of ok rows of the learned route (the
+    lossless routes have no distortion to plot); a deterministic sample of ``limit`` of
+    them (by a hash of run and key) when there are more."""
+    where = ("status = 'ok' AND bpp IS NOT NULL AND psnr IS NOT NULL "
+             "AND coalesce(route, 'learned') = 'learned'")
+    total = _rows(con, f"SELECT count(*) AS n FROM metrics WHERE {where}")[0]["n"]
+    points = _rows(con, f"""
+        SELECT bpp, psnr, method, run, source_key FROM metrics WHERE {where}
         ORDER BY hash(run, source_key), run, source_key LIMIT $n""", {"n": limit})
     return points, total
 
@@ -113,6 +118,7 @@ def collect(con: duckdb.DuckDBPyConnection, worst: int = 20) -> dict:
     points, total = scatter_points(con)
     return {
         "summaries": run_summaries(con),
+        "routes": route_summaries(con),
         "points": points,
         "points_total": total,
         "histogram": savings_histogram(con),
@@ -349,7 +355,7 @@ svg .line { fill: none; stroke-width: 2; }
 
 _NUMERIC_COLUMNS = {"images", "ok", "failed", "in", "out", "savings", "bpp", "PSNR dB",
                     "encode s", "s/image", "refined", "RD gain", "bpp saved", "PSNR gain dB",
-                    "size"}
+                    "size", "% images", "% bytes", "floor met", "below floor"}
 
 
 def _table(header: Sequence[str], rows: list[list[str]], classes: dict[str, str] | None = None
@@ -383,6 +389,14 @@ def render(data: dict, source: str, generated: datetime | None = None) -> str:
         '<h2 id="runs">Runs</h2>',
         _table(SUMMARY_HEADER, [summary_cells(s) for s in summaries]),
     ]
+    if data.get("routes"):
+        parts += ['<h2 id="routes">Routes</h2>',
+                  '<p class="note">How the images are stored: learned (the codec), '
+                  "jpeg-lossless (the JPEG XL transcode of a JPEG, bit-exact) or original "
+                  "(the source file), by the job's policy (a PSNR floor; never bigger than "
+                  "the source). Shares of each run's images and stored bytes; PSNR of the "
+                  "lossless routes is exact (100 dB).</p>",
+                  _table(ROUTE_HEADER, [route_cells(r) for r in data["routes"]])]
     refined = [s for s in summaries if s["refined"]]
     if refined:
         parts += ["<h2>Refinement against the amortized start</h2>",
@@ -402,8 +416,8 @@ def render(data: dict, source: str, generated: datetime | None = None) -> str:
                if hist["clipped"] else "")
     parts += [
         '<h2>Plots</h2>',
-        f'<figure id="scatter">{scatter}<figcaption>bpp against PSNR, one point per encoded '
-        f"image.{esc(sample)}</figcaption>"
+        f'<figure id="scatter">{scatter}<figcaption>bpp against PSNR, one point per learned '
+        f"stream.{esc(sample)}</figcaption>"
         f'<div class="legend">{legend_html}</div></figure>',
         f'<figure id="savings">{histogram_svg(hist)}<figcaption>Savings per image, '
         f"1 − bitstream bytes / source bytes, {hist['n']} images, bins of "

@@ -14,6 +14,7 @@ key and list the allowed ones):
     [run]      shard_size, actors, gpus, address (Ray Jobs API, http://head:8265), device
     [filters]  extensions, include, exclude (glob patterns on keys), min_bytes, max_bytes
     [refine]   enabled, method, iterations, max_images
+    [policy]   min_psnr (the quality floor, dB; codec.routes)
 
 Secrets stay out of the file: ``${NAME}`` in a storage option is replaced by the
 environment variable NAME when the run starts (:meth:`JobSpec.storage_options`), on the
@@ -103,6 +104,14 @@ class RefineSpec:
 
 
 @dataclass(frozen=True)
+class PolicySpec:
+    """The owner's rules (codec.routes): a quality floor; "never bigger than the source" is
+    always on. Both passes (coverage and refinement) keep them."""
+
+    min_psnr: float | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     input: str  # as written in the file
@@ -113,6 +122,7 @@ class JobSpec:
     run: RunSpec = field(default_factory=RunSpec)
     filters: FilterSpec = field(default_factory=FilterSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
     source: str = "<spec>"  # the file it came from (for messages)
     base_dir: str = "."  # relative local paths are relative to this (the file's folder)
     text: str = field(default="", repr=False, compare=False)  # the TOML as written
@@ -140,7 +150,7 @@ class JobSpec:
                               schedule=e.schedule, patience=e.patience,
                               alpha=e.alpha, depth=e.depth, metadata=e.metadata,
                               rate=e.rate, target_psnr=e.target_psnr, target_bpp=e.target_bpp,
-                              **kwargs)
+                              min_psnr=self.policy.min_psnr, **kwargs)
 
     def refine_settings(self):
         """The refinement pass's settings: [encode] with [refine]'s method and iterations.
@@ -194,7 +204,7 @@ class JobSpec:
         return (f"JobSpec(name={self.name!r}, input={self.input!r}, output={self.output!r}, "
                 f"storage={self.redacted_storage()!r}, encode={self.encode!r}, "
                 f"run={self.run!r}, filters={self.filters!r}, refine={self.refine!r}, "
-                f"source={self.source!r})")
+                f"policy={self.policy!r}, source={self.source!r})")
 
     def describe(self) -> str:
         """A human summary (secrets redacted), one setting per line."""
@@ -231,6 +241,9 @@ class JobSpec:
         lines.append("refine:   " + (f"{rf.method}, {rf.iterations} it, "
                                      f"{rf.max_images or 'all'} images per run"
                                      if rf.enabled else "off"))
+        floor = self.policy.min_psnr
+        lines.append("policy:   " + ("" if floor is None else f"PSNR >= {floor:g} dB, ")
+                     + "never bigger than the source")
         return "\n".join(lines)
 
 
@@ -293,14 +306,17 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: str | None = None
     run = _run(v, data.get("run", {}))
     filters = _filters(v, data.get("filters", {}))
     refine = _refine(v, data.get("refine", {}))
+    policy_table = data.get("policy", {})
+    v.keys(policy_table, "policy", ("min_psnr",))
+    policy = PolicySpec(min_psnr=v.number(policy_table, "policy", "min_psnr", positive=True))
     spec = JobSpec(name=name, input=input_, output=output, manifest=manifest, storage=storage,
-                   encode=encode, run=run, filters=filters, refine=refine, source=source,
-                   base_dir=base_dir or os.getcwd(), text=text)
+                   encode=encode, run=run, filters=filters, refine=refine, policy=policy,
+                   source=source, base_dir=base_dir or os.getcwd(), text=text)
     _check_settings(spec)
     return spec
 
 
-_TABLES = ("job", "storage", "encode", "run", "filters", "refine")
+_TABLES = ("job", "storage", "encode", "run", "filters", "refine", "policy")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 

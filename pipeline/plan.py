@@ -38,11 +38,14 @@ class Shard:
     baseline: dict[str, float] | None = None
     # Images refused at planning (key -> reason): they get an error row, nothing is read.
     refused: dict[str, str] | None = None
+    # Refinement runs: each image's stored stream (route, bytes, psnr), so that a new one
+    # replaces it only by the owner's rules (codec.routes.improves).
+    stored: dict[str, dict] | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> Shard:
         return cls(d["id"], [ObjectInfo(**i) for i in d["images"]], d.get("baseline"),
-                   d.get("refused"))
+                   d.get("refused"), d.get("stored"))
 
 
 @dataclass
@@ -137,7 +140,8 @@ def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, setting
 
 
 REFINE_COLUMNS = ["source_key", "source_bytes", "source_version", "model_id", "method",
-                  "iterations", "status", "rd_loss", "timestamp", "replaced"]
+                  "iterations", "status", "rd_loss", "timestamp", "replaced", "route",
+                  "bitstream_bytes", "psnr"]
 
 
 def _metric_rows(output: Storage, columns: list[str]) -> list[dict]:
@@ -174,9 +178,14 @@ def make_refine_plan(images: list[ObjectInfo], input_url: str, output: Storage,
         todo = todo[:max_images]
     shards = []
     for start in range(0, len(todo), shard_size):
-        chunk = [current[i] for i in todo[start:start + shard_size]]
-        baseline = {current[i].key: stored[i]["rd_loss"] for i in todo[start:start + shard_size]}
-        shards.append(Shard(shard_id("refine:" + fingerprint, chunk), chunk, baseline))
+        idents = todo[start:start + shard_size]
+        chunk = [current[i] for i in idents]
+        baseline = {current[i].key: stored[i]["rd_loss"] for i in idents}
+        held = {current[i].key: {"route": stored[i].get("route") or "learned",
+                                 "bytes": stored[i].get("bitstream_bytes"),
+                                 "psnr": stored[i].get("psnr")} for i in idents}
+        shards.append(Shard(shard_id("refine:" + fingerprint, chunk), chunk, baseline,
+                            stored=held))
     return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
                 skipped=len(images) - len(todo), mode="refine")
 

@@ -17,7 +17,7 @@ from codec.inference import DEFAULTS, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 _NOT_FINGERPRINTED = ("metadata",)  # see EncodeSettings.fingerprint
-_OPTIONAL = ("rate", "target_psnr", "target_bpp")
+_OPTIONAL = ("rate", "target_psnr", "target_bpp", "min_psnr")
 # settings amortized encoding ignores
 ITERATIVE_ONLY = ("schedule", "patience", "eval_every", "min_improvement")
 
@@ -39,6 +39,14 @@ class EncodeSettings:
     rate: int | None = None
     target_psnr: float | None = None
     target_bpp: float | None = None
+    # the owner's policy (codec.routes): a PSNR floor; "never bigger than the source" is
+    # always on
+    min_psnr: float | None = None
+
+    def policy(self):
+        """The codec.routes.Policy every image of the run is stored under."""
+        from codec.routes import Policy
+        return Policy(self.min_psnr)
 
     def target(self):
         """The per-image codec.targets.Target, or None."""
@@ -63,8 +71,8 @@ class EncodeSettings:
 
         entry = find(self.model)
         d = asdict(self)
-        # Unset rate and target keys are left out, so that fingerprints of runs from before
-        # they existed stay the same; a variable-rate model's rate point is resolved.
+        # Unset rate, target and floor keys are left out, so that fingerprints of runs from
+        # before they existed stay the same; a variable-rate model's rate point is resolved.
         for key in _OPTIONAL:
             if d[key] is None:
                 del d[key]
@@ -86,6 +94,7 @@ class EncodeSettings:
             for key in ITERATIVE_ONLY:
                 del d[key]
         self.inference()  # validates method and iterations
+        self.policy()  # validates the floor
         if self.metadata not in METADATA_POLICIES:
             raise ValueError(f"metadata must be one of {METADATA_POLICIES}, not "
                              f"{self.metadata!r}")

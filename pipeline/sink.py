@@ -46,6 +46,11 @@ SCHEMA = pa.schema([
     ("target", pa.string()),  # "psnr" or "bpp" when coded to a per-image target
     ("target_value", pa.float64()),
     ("target_met", pa.bool_()),  # false: the model could not reach it (coded at its end)
+    ("route", pa.string()),  # learned | jpeg-lossless | original (codec.routes); null: learned
+    ("min_psnr", pa.float64()),  # the run's quality floor (dB); null: none
+    ("floor_met", pa.bool_()),  # the stored stream reaches the floor; null without a floor
+    ("learned_bytes", pa.int64()),  # the learned encoding tried, whichever route won
+    ("learned_psnr", pa.float64()),
     ("model_id", pa.string()),
     ("method", pa.string()),
     ("iterations", pa.int32()),  # the budget set for the run

@@ -1,7 +1,9 @@
 """Encoding one shard: the work a Ray actor does, kept free of Ray so it can be tested alone.
 
 For each image: read bytes (retried by Storage) -> decode and apply the image policy ->
-batched inference by padded size -> bitstream written atomically -> one metrics row. Reads
+batched inference by padded size -> the route that meets the owner's policy at the fewest
+bytes (codec.routes: learned, jpeg-lossless or original) -> bitstream written atomically ->
+one metrics row. Reads
 and image decoding run in a small thread pool ahead of the encoder, so storage latency
 overlaps compute. A bad image becomes an error row; the shard goes on. The shard's Parquet
 part is written last and atomically; if it already exists the shard was committed before
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from codec import routes
 from codec.api import Codec, EncodeResult, padded_size
+from codec.bitstream import parse
 from codec.errors import SgarcError
 from codec.images import PreparedImage, load_image
 from pipeline import sink
@@ -59,7 +63,10 @@ class ShardEncoder:
         self.config = settings.inference()
         self.fingerprint = fingerprint
         self.codec = Codec(settings.model, device=device, rate=settings.rate)
-        self.target = settings.target()
+        self.policy = settings.policy()
+        # the learned attempt's per-image target: explicit, or the floor (variable rate)
+        self.target = routes.learned_target(self.policy, settings.target(),
+                                            self.codec.lm.variable is not None)
         self.batch_size = batch_size or (8 if self.codec.device.type == "cuda" else 1)
         self.prefetch = prefetch
 
@@ -78,7 +85,8 @@ class ShardEncoder:
                 "lmbda": self.codec.lm.entry.lmbda, "method": self.config.method,
                 "iterations": 0 if self.config.method == "amortized" else
                 self.config.iterations, "device": str(self.codec.device)}
-        buckets: dict[tuple[int, int], list[tuple[ObjectInfo, PreparedImage]]] = defaultdict(list)
+        buckets: dict[tuple[int, int], list[tuple[ObjectInfo, PreparedImage, bytes]]] = \
+            defaultdict(list)
         refused = shard.refused or {}
         for ref in shard.images:
             if ref.key in refused:  # the plan's decision: a row saying why, nothing read
@@ -87,7 +95,7 @@ class ShardEncoder:
                              "timestamp": sink.now()})
                 _tick(progress)
         todo = [ref for ref in shard.images if ref.key not in refused]
-        for ref, prepared, failure in self._prepared(todo):
+        for ref, prepared, source, failure in self._prepared(todo):
             if failure is not None:
                 rows.append({**base, **self._source(ref), **failure, "status": "error",
                              "timestamp": sink.now()})
@@ -95,13 +103,13 @@ class ShardEncoder:
                 continue
             self._maybe_crash(ref.key)
             bucket = buckets[padded_size(prepared)]
-            bucket.append((ref, prepared))
+            bucket.append((ref, prepared, source))
             if len(bucket) >= self.batch_size:
-                rows += self._encode(bucket, base, progress, shard.baseline)
+                rows += self._encode(bucket, base, progress, shard)
                 bucket.clear()
         for bucket in buckets.values():
             if bucket:
-                rows += self._encode(bucket, base, progress, shard.baseline)
+                rows += self._encode(bucket, base, progress, shard)
         self.output.write_atomic(part, sink.part_bytes(rows))
         errors = sum(r["status"] == "error" for r in rows)
         return ShardResult(shard.id, len(rows), len(rows) - errors, errors,
@@ -110,7 +118,8 @@ class ShardEncoder:
     # -- reading ahead
 
     def _prepared(self, refs: list[ObjectInfo]
-                  ) -> Iterator[tuple[ObjectInfo, PreparedImage | None, dict | None]]:
+                  ) -> Iterator[tuple[ObjectInfo, PreparedImage | None, bytes | None,
+                                      dict | None]]:
         """Images in order, read and decoded up to `prefetch` ahead in threads."""
         with ThreadPoolExecutor(max_workers=max(1, self.prefetch),
                                 thread_name_prefix="sgarc-read") as pool:
@@ -127,26 +136,28 @@ class ShardEncoder:
                     pending.append((nxt, pool.submit(self._read_one, nxt)))
                 yield (ref, *fut.result())
 
-    def _read_one(self, ref: ObjectInfo) -> tuple[PreparedImage | None, dict | None]:
+    def _read_one(self, ref: ObjectInfo
+                  ) -> tuple[PreparedImage | None, bytes | None, dict | None]:
+        """(image, the source file's bytes: the lossless routes store them, failure)."""
         try:
             data = self.input.read_bytes(ref.key)
         except StorageError as exc:
-            return None, {"error_stage": "read", "error": str(exc)}
+            return None, None, {"error_stage": "read", "error": str(exc)}
         try:
             s = self.settings
             image = load_image(data, alpha=s.alpha, depth=s.depth, max_pixels=s.max_pixels,
                                metadata=s.metadata, name=posixpath.basename(ref.key))
         except SgarcError as exc:
-            return None, {"error_stage": "decode", "error": str(exc)}
+            return None, None, {"error_stage": "decode", "error": str(exc)}
         except MemoryError:
-            return None, {"error_stage": "decode", "error": "out of memory decoding the image"}
-        return image, None
+            return None, None, {"error_stage": "decode",
+                                "error": "out of memory decoding the image"}
+        return image, data, None
 
     # -- encoding and writing
 
-    def _encode(self, bucket, base: dict, progress, baseline: dict[str, float] | None
-                ) -> list[dict]:
-        images = [p for _, p in bucket]
+    def _encode(self, bucket, base: dict, progress, shard: Shard) -> list[dict]:
+        images = [p for _, p, _ in bucket]
         results: list[EncodeResult | Exception] | None = None
         if self.target is None:  # with a target each image finds its own rate point
             try:
@@ -156,10 +167,18 @@ class ShardEncoder:
         if results is None:
             results = [self._encode_one(im) for im in images]
         rows = []
-        for (ref, prepared), res in zip(bucket, results, strict=True):
-            rows.append(self._row(ref, prepared, res, base, (baseline or {}).get(ref.key)))
+        for (ref, prepared, source), res in zip(bucket, results, strict=True):
+            routed = res if isinstance(res, Exception) else self._route(prepared, source, res)
+            rows.append(self._row(ref, prepared, routed, base, _stored(shard, ref.key)))
             _tick(progress)
         return rows
+
+    def _route(self, prepared: PreparedImage, source: bytes, learned: EncodeResult
+               ) -> routes.Routed | Exception:
+        try:
+            return routes.choose(prepared, source, learned, self.policy, learned.seconds)
+        except Exception as exc:  # any failure becomes an error row
+            return exc
 
     def _encode_one(self, image: PreparedImage) -> EncodeResult | Exception:
         try:
@@ -169,36 +188,47 @@ class ShardEncoder:
         except Exception as exc:  # any failure becomes an error row
             return exc
 
-    def _row(self, ref: ObjectInfo, prepared: PreparedImage, res, base: dict,
-             previous_rd_loss: float | None = None) -> dict:
+    def _row(self, ref: ObjectInfo, prepared: PreparedImage,
+             routed: routes.Routed | Exception, base: dict,
+             stored: routes.Stored | None = None) -> dict:
         info = prepared.info
         row = {**base, **self._source(ref), "source_format": info.format,
                "source_mode": info.mode, "width": info.width, "height": info.height,
-               "timestamp": sink.now(), **_metadata_columns(prepared)}
-        if isinstance(res, Exception):
+               "timestamp": sink.now(), **_metadata_columns(prepared),
+               "min_psnr": self.policy.min_psnr}
+        if isinstance(routed, Exception):
             return {**row, "status": "error", "error_stage": "encode",
-                    "error": f"{type(res).__name__}: {res}"}
+                    "error": f"{type(routed).__name__}: {routed}"}
         key = sink.bitstream_key(ref.key)
         replaced = None
-        if previous_rd_loss is not None:  # refinement: keep the stored stream unless beaten
-            replaced = res.rd_loss < previous_rd_loss
-            row.update(previous_rd_loss=previous_rd_loss, replaced=replaced)
+        if stored is not None:  # refinement: keep the stored stream unless beaten
+            replaced = routes.improves(routed, stored, self.policy)
+            row.update(previous_rd_loss=stored.rd_loss, replaced=replaced)
+        res = routed.learned
+        if routed.route != "learned":  # the learned columns describe a learned stream
+            row.update(metadata_bytes=len(parse(routed.data).sections.get("META", b"")),
+                       metadata_dropped=None)
         if replaced is not False:
             try:
-                self.output.write_atomic(key, res.data)
+                self.output.write_atomic(key, routed.data)
             except StorageError as exc:
                 return {**row, "status": "error", "error_stage": "write", "error": str(exc)}
         else:
             key = None  # the attempt is recorded, the stored stream stays
-        return {**row, "status": "ok", "bitstream_key": key, "bitstream_bytes": len(res.data),
-                "bitstream_sha256": hashlib.sha256(res.data).hexdigest(),
-                "bpp": res.bpp, "psnr": res.psnr, "estimated_bits": res.estimated_bits,
-                "payload_bits": res.payload_bits, "amortized_bpp": res.amortized_bpp,
-                "amortized_psnr": res.amortized_psnr, "rd_loss": res.rd_loss,
-                "amortized_rd_loss": res.amortized_rd_loss, "iterations_used": res.iterations,
-                "encode_seconds": res.seconds, "rate": res.rate, "lmbda": res.lmbda,
-                "target": res.target, "target_value": res.target_value,
-                "target_met": res.target_met}
+        row.update(status="ok", bitstream_key=key, bitstream_bytes=len(routed.data),
+                   bitstream_sha256=hashlib.sha256(routed.data).hexdigest(), bpp=routed.bpp,
+                   psnr=routed.psnr, route=routed.route, floor_met=routed.floor_met,
+                   encode_seconds=routed.seconds)
+        if res is not None:  # the learned attempt, whichever route won
+            row.update(learned_bytes=len(res.data), learned_psnr=res.psnr,
+                       iterations_used=res.iterations, rate=res.rate, lmbda=res.lmbda,
+                       target=res.target, target_value=res.target_value,
+                       target_met=res.target_met)
+        if routed.route == "learned":
+            row.update(estimated_bits=res.estimated_bits, payload_bits=res.payload_bits,
+                       amortized_bpp=res.amortized_bpp, amortized_psnr=res.amortized_psnr,
+                       rd_loss=res.rd_loss, amortized_rd_loss=res.amortized_rd_loss)
+        return row
 
     def _source(self, ref: ObjectInfo) -> dict:
         return sink.source_columns(ref.key, source_url(self.input, ref.key), ref.size,
@@ -222,6 +252,16 @@ def source_url(storage: Storage, key: str) -> str | None:
         return storage.url_of(key)
     except ValueError:
         return None
+
+
+def _stored(shard: Shard, key: str) -> routes.Stored | None:
+    """What the archive holds for an image in a refinement shard (None: not refinement).
+    Plans from before routes existed have the RD loss only: a learned stream."""
+    if shard.baseline is None:
+        return None
+    info = (shard.stored or {}).get(key, {})
+    return routes.Stored(route=info.get("route") or "learned", bytes=info.get("bytes"),
+                         psnr=info.get("psnr"), rd_loss=shard.baseline.get(key))
 
 
 def _metadata_columns(prepared: PreparedImage) -> dict:

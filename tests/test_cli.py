@@ -104,3 +104,21 @@ def test_run_prints_only_what_sgarc_means_to_say(tmp_path):
     assert "encode run" in proc.stdout
     assert "Token authentication" not in proc.stdout + proc.stderr
     assert "INFO" not in proc.stdout + proc.stderr
+
+
+def test_floor_keeps_a_jpeg_bit_exact(tmp_path, capsys):
+    """`sgarc encode --min-psnr` above the model's reach: the JPEG XL transcode, and
+    `sgarc decode x.sga out.jpg` writes the original file back."""
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(smooth_image(96, 128)).save(photo, quality=95)
+    stream, back = tmp_path / "photo.sga", tmp_path / "back.jpg"
+    assert main(["encode", str(photo), str(stream), "-m", "amortized", "--min-psnr", "60"]) == 0
+    captured = capsys.readouterr()
+    assert "route jpeg-lossless" in captured.out and "below the floor" in captured.err
+    assert stream.stat().st_size < photo.stat().st_size
+    assert main(["info", str(stream)]) == 0
+    info = capsys.readouterr().out
+    assert "route:       jpeg-lossless" in info and "section:     JXLJ" in info
+    assert main(["decode", str(stream), str(back)]) == 0
+    assert "byte for byte" in capsys.readouterr().out
+    assert back.read_bytes() == photo.read_bytes()

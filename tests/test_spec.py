@@ -159,6 +159,10 @@ def test_defaults(tmp_path):
     ("[job]\ninput='a'\noutput='b'\n[storage.options]\nsecret = '${NOT VALID}'\n",
      ["not an environment variable name"]),
     ("[job]\ninput='a'\noutput='a/'\n", ["same place"]),
+    ("[job]\ninput='a'\noutput='b'\n[policy]\nmin_psnr = 0\n",
+     ["[policy] min_psnr: must be > 0, got 0"]),
+    ("[job]\ninput='a'\noutput='b'\n[policy]\nmin_pnsr = 38\n",
+     ["unknown [policy] key 'min_pnsr' (did you mean 'min_psnr'?)"]),
     ("[job\ninput='a'\n", ["not valid TOML"]),
 ])
 def test_errors_name_file_and_key(tmp_path, body, needles):
@@ -169,6 +173,18 @@ def test_errors_name_file_and_key(tmp_path, body, needles):
     assert message.startswith(str(path)), message
     for needle in needles:
         assert needle in message, message
+
+
+def test_policy_table_sets_the_floor_of_both_passes(tmp_path):
+    body = ("[job]\ninput='a'\noutput='b'\n[refine]\nenabled = true\n"
+            "[policy]\nmin_psnr = 38\n")
+    spec = load_spec(write_spec(tmp_path, body))
+    assert spec.policy.min_psnr == 38.0
+    assert spec.to_settings().min_psnr == spec.refine_settings().min_psnr == 38.0
+    assert "PSNR >= 38 dB, never bigger than the source" in spec.describe()
+    plain = load_spec(write_spec(tmp_path, "[job]\ninput='a'\noutput='b'\n", "plain.toml"))
+    assert plain.to_settings().min_psnr is None
+    assert plain.to_settings().fingerprint() != spec.to_settings().fingerprint()
 
 
 def test_missing_file_is_a_spec_error(tmp_path):
