@@ -19,8 +19,9 @@ three layers that share one behaviour (docs/serve.md):
     exist, e.g. a name too long), :class:`CorruptStream` 422 (``codec.errors.BitstreamError``:
     checksum, truncation, corrupt metadata - ``strip`` still gives the pixels, since the
     META section is then not read; the message never quotes the stream's bytes),
-    :class:`Unavailable` 503 (storage failed after its retries), :class:`ModelUnavailable`
-    500 (the stream names a model this server does not have).
+    :class:`Unavailable` 503 (storage failed after its retries), :class:`Busy` 503 (no
+    decoding memory came free in time), :class:`ModelUnavailable` 500 (the stream names a
+    model this server does not have).
 
     Output: PNG (default), JPEG or WebP, with the stream's EXIF / ICC / XMP written back as
     ``DecodedImage.save`` does (orientation 1, since pixels are upright; a field the
@@ -36,6 +37,16 @@ three layers that share one behaviour (docs/serve.md):
     the others wait for its result. At most ``max_decodes`` decodes run at once (default:
     the CPU count, at most 4), which bounds memory when many different images are asked
     for at once.
+
+    Limits: a stream may describe at most ``max_pixels`` pixels (default
+    ``SERVE_MAX_PIXELS`` = 50 MP, half of what ``sgarc decode`` allows: 422 beyond), and
+    the decodes in flight together may need at most ``decode_bytes`` of memory (default
+    4 GiB), estimated from each stream's header before anything is decoded
+    (``DECODE_BYTES_PER_PIXEL`` per padded pixel). A request that does not fit waits its
+    turn (first come, first served) for up to ``queue_timeout`` seconds (default 10), then
+    gets :class:`Busy` (503 with ``Retry-After``); one larger than the whole budget runs
+    alone. A stream too short for the image its header declares is refused (422) by the
+    codec before any of that memory is taken (docs/bitstream.md, Work bound).
 
 ``HttpApp`` (HTTP semantics, no transport) and :func:`make_server` (stdlib ``http.server``)
     ``GET``/``HEAD /images/<key>``: the path after ``/images/`` is percent-decoded exactly
@@ -90,7 +101,7 @@ import socketserver
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,6 +123,12 @@ log = logging.getLogger("sgarc.serve")
 
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_MAX_PIXELS = 100_000_000  # codec.images.DEFAULT_MAX_PIXELS (a test keeps them equal)
+SERVE_MAX_PIXELS = 50_000_000  # per request in the service: well below sgarc decode's limit
+# Peak memory of a decode and its PNG / JPEG / WebP encoding per padded pixel: about 60 B
+# measured with the shipped models (M = 96: a 10048 x 10048 decode peaks at 5.7 GiB).
+DECODE_BYTES_PER_PIXEL = 64
+DEFAULT_DECODE_BYTES = 4 << 30  # decoded bytes in flight across all requests
+DEFAULT_QUEUE_TIMEOUT = 10.0  # seconds a request waits for room before it gets 503
 DEFAULT_CACHE_TTL = 600.0
 DEFAULT_CACHE_CONTROL = "private, max-age=300"
 DEFAULT_QUALITY = 90  # JPEG and WebP, unless the request asks
@@ -174,6 +191,13 @@ class Unavailable(ServeError):  # noqa: N818
 
     status = 503
     code = "storage_unavailable"
+
+
+class Busy(ServeError):  # noqa: N818
+    """The decodes in flight use the memory budget and room did not free up in time."""
+
+    status = 503
+    code = "busy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +365,68 @@ class ByteLRU:
                     "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses}
 
 
+class ByteBudget:
+    """Bytes in flight across threads, granted first come, first served.
+
+    ``reserve(size, timeout)`` holds ``min(size, capacity)`` bytes for a ``with`` block: it
+    waits until the requests before it have been served and the bytes fit, for at most
+    ``timeout`` seconds (None: no limit), then raises :class:`Busy`. A request larger than
+    the whole budget is clamped to it, so it runs, alone.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("the byte budget must be > 0")
+        self.capacity = int(capacity)
+        self.in_flight = 0
+        self.peak = 0  # the most bytes ever in flight at once
+        self.refused = 0  # reservations that timed out
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    def acquire(self, size: int, timeout: float | None = None) -> int | None:
+        """The bytes reserved (release them with :meth:`release`), or None on timeout."""
+        size = min(max(int(size), 0), self.capacity)
+        ticket = object()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket or self.in_flight + size > self.capacity:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self.refused += 1
+                        return None
+                    self._cond.wait(left)
+                self.in_flight += size
+                self.peak = max(self.peak, self.in_flight)
+                return size
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit now
+
+    def release(self, size: int) -> None:
+        with self._cond:
+            self.in_flight -= size
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int, timeout: float | None = None):
+        got = self.acquire(size, timeout)
+        if got is None:
+            raise Busy("the server is busy decoding other images; try again shortly")
+        try:
+            yield got
+        finally:
+            self.release(got)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"in_flight_bytes": self.in_flight, "max_bytes": self.capacity,
+                    "peak_bytes": self.peak, "waiting": len(self._queue),
+                    "refused": self.refused}
+
+
 # ---------------------------------------------------------------------------------------------
 # The service
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +471,10 @@ class DecodeService:
                  storage_options: dict | None = None, *,
                  cache_bytes: int = DEFAULT_CACHE_BYTES,
                  cache_ttl: float | None = DEFAULT_CACHE_TTL,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, device: str = "cpu",
-                 registry=None, max_decodes: int | None = None) -> None:
+                 max_pixels: int = SERVE_MAX_PIXELS, device: str = "cpu",
+                 registry=None, max_decodes: int | None = None,
+                 decode_bytes: int = DEFAULT_DECODE_BYTES,
+                 queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT) -> None:
         from pipeline.storage import Storage
 
         if isinstance(archive, Storage):
@@ -403,6 +491,8 @@ class DecodeService:
         if max_decodes is None:
             max_decodes = max(1, min(4, os.cpu_count() or 1))
         self._decode_slots = threading.BoundedSemaphore(max_decodes)
+        self.budget = ByteBudget(decode_bytes)
+        self.queue_timeout = queue_timeout
         self._flights: dict[tuple, _Flight] = {}
         self._flights_lock = threading.Lock()
         self._counter_lock = threading.Lock()
@@ -505,7 +595,8 @@ class DecodeService:
 
         models = [e.id for e in entries(self.registry or REGISTRY)]
         return {"status": "ok" if models else "no models installed", "archive": self.archive,
-                "models": models, "cache": {**self.cache.stats(), "decodes": self.decodes}}
+                "models": models, "cache": {**self.cache.stats(), "decodes": self.decodes},
+                "decoding": {**self.budget.stats(), "max_pixels": self.max_pixels}}
 
     def clear_cache(self) -> None:
         self.cache.clear()
@@ -514,10 +605,16 @@ class DecodeService:
 
     def _render(self, key: str, fmt: str, quality: int | None, strip: bool) -> Rendition:
         from codec.api import decode
+        from codec.bitstream import parse
 
         data = self.read_stream(key)
         digest = hashlib.sha256(data).hexdigest()
-        with self._decode_slots:
+        try:  # the header (checked: size limit, checksum) says what decoding it will take
+            header = parse(data, self.max_pixels).header
+        except BitstreamError as exc:
+            raise self._refusal(key, exc, strip) from None
+        need = header.padded_pixels * DECODE_BYTES_PER_PIXEL + len(data)
+        with self.budget.reserve(need, self.queue_timeout), self._decode_slots:
             with self._counter_lock:
                 self.decodes += 1
             try:
@@ -525,18 +622,23 @@ class DecodeService:
                                  read_metadata=not strip,
                                  **({"registry": self.registry} if self.registry else {}))
             except BitstreamError as exc:
-                if isinstance(exc.__cause__, ModelError):
-                    log.error("%s: %s", key, exc)
-                    raise ModelUnavailable(f"image {key!r}: {exc}") from None
-                hint = "" if strip else " (if only its metadata is damaged, ?strip=1 may help)"
-                raise CorruptStream(f"image {key!r} has a corrupt stream: "
-                                    f"{content_free(str(exc))}{hint}") from None
+                raise self._refusal(key, exc, strip) from None
             body, report = encode_image(decoded, fmt, quality, strip)
+            del decoded
         variant = fmt + (f"-q{quality}" if quality is not None else "") + ("-strip" if strip
                                                                           else "")
         return Rendition(body=body, content_type=CONTENT_TYPES[fmt],
                          etag=f'W/"{digest}.{variant}"', key=key, fmt=fmt,
                          metadata=report.summary())
+
+    @staticmethod
+    def _refusal(key: str, exc: BitstreamError, strip: bool) -> ServeError:
+        if isinstance(exc.__cause__, ModelError):
+            log.error("%s: %s", key, exc)
+            return ModelUnavailable(f"image {key!r}: {exc}")
+        hint = "" if strip else " (if only its metadata is damaged, ?strip=1 may help)"
+        return CorruptStream(f"image {key!r} has a corrupt stream: "
+                             f"{content_free(str(exc))}{hint}")
 
 
 _QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where a repr of bytes or text from the stream starts
@@ -902,7 +1004,8 @@ def serve_deployment(archive: str, storage_options: dict | None = None, *,
 
 def build_app(args: dict[str, str]):
     """Application builder for ``serve run jobs.serve:build_app archive=URL [replicas=N]
-    [storage_options=JSON] [cache_mb=256] [max_pixels=N] [device=cpu] [num_cpus=1]``."""
+    [storage_options=JSON] [cache_mb=256] [max_pixels=N] [decode_mb=4096] [queue_timeout=10]
+    [device=cpu] [num_cpus=1]``."""
     args = dict(args)
     if not args.get("archive"):
         raise ValueError("build_app needs archive=<URL of the archive>")
@@ -912,6 +1015,10 @@ def build_app(args: dict[str, str]):
     service: dict[str, Any] = {"cache_bytes": int(float(args.get("cache_mb", 256)) * (1 << 20))}
     if args.get("max_pixels"):
         service["max_pixels"] = int(args["max_pixels"])
+    if args.get("decode_mb"):
+        service["decode_bytes"] = int(float(args["decode_mb"]) * (1 << 20))
+    if args.get("queue_timeout"):
+        service["queue_timeout"] = float(args["queue_timeout"])
     if args.get("device"):
         service["device"] = args["device"]
     return serve_deployment(args["archive"], options, num_replicas=replicas,
@@ -1023,8 +1130,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
                    help=f"{STORAGE_OPTIONS_HELP}, e.g. '{{\"key\": \"${{AWS_ACCESS_KEY_ID}}\", "
                         "\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse streams that describe larger images (422)")
+    p.add_argument("--max-pixels", type=int, default=SERVE_MAX_PIXELS,
+                   help="refuse streams that describe larger images (422; default: "
+                        f"{SERVE_MAX_PIXELS:,}, half of what `sgarc decode` allows)")
+    p.add_argument("--decode-memory-mb", type=float, default=DEFAULT_DECODE_BYTES / (1 << 20),
+                   help="memory the decodes in flight may need together, in MiB, estimated "
+                        f"from each stream's header at {DECODE_BYTES_PER_PIXEL} bytes per "
+                        "pixel (default: 4096); a request that does not fit waits")
+    p.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT,
+                   help="seconds a request waits for decoding memory before it gets 503 "
+                        "with Retry-After (default: 10)")
     p.add_argument("--device", default="cpu", help="torch device for synthesis (default: cpu)")
     p.add_argument("--decoders", type=int, default=None,
                    help="decodes at once (default: the CPU count, at most 4)")
@@ -1044,10 +1159,18 @@ def cmd_serve(args) -> int:
     options = parse_storage_options(args.storage_options)
     if args.cache_mb < 0:
         raise SgarcError("--cache-mb must be >= 0")
+    if args.max_pixels < 1:
+        raise SgarcError("--max-pixels must be >= 1")
+    if args.decode_memory_mb <= 0:
+        raise SgarcError("--decode-memory-mb must be > 0")
+    if args.queue_timeout < 0:
+        raise SgarcError("--queue-timeout must be >= 0")
     service: dict[str, Any] = {"cache_bytes": int(args.cache_mb * (1 << 20)),
                                "cache_ttl": args.cache_ttl or None,
                                "max_pixels": args.max_pixels, "device": args.device,
-                               "max_decodes": args.decoders}
+                               "max_decodes": args.decoders,
+                               "decode_bytes": max(1, int(args.decode_memory_mb * (1 << 20))),
+                               "queue_timeout": args.queue_timeout}
     if args.ray_serve:
         return _run_ray_serve(args, options, {**service, "cache_control": args.cache_control})
     try:
