@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("pack")
-    a.add_argument("--max-mb", type=float, default=18.0)
+    a.add_argument("--max-mb", type=float, default=15.0)
     a.add_argument("--val-images", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("checks")
