@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train the variable-rate model msh-vr across sessions (docs/codec.md, docs/results.md).
+#
+#   ./scripts/train_vr.sh            # resume the main run from training/msh-vr.ckpt (one core,
+#                                    # nice; stop it any time: it checkpoints every 250 steps)
+#   ./scripts/train_vr.sh finish     # end of a session: stop the main run, compact its resume
+#                                    # point, then a decay branch (1500 steps at lr / 10, in
+#                                    # runs/cool/) exported as msh-vr into codec/weights
+#
+# The main run keeps a constant learning rate (warmup-stable-decay: the stable phase goes on
+# from session to session); only the exported weights get the decay, on a branch, so the
+# resume point stays a stable-phase state. Commit training/ and codec/weights/ afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || ./scripts/setup.sh
+export OMP_NUM_THREADS=1
+CKPT=training/msh-vr.ckpt
+DECAY_STEPS="${DECAY_STEPS:-1500}"
+TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
+       --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 96
+       --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --quiet)
+
+case "${1:-main}" in
+  main)
+    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-small-q4 \
+      --lr-drop-at 1.0 --steps 100000000 ;;
+  finish)
+    pkill -f -- "--checkpoint $CKPT" && sleep 3 || true
+    step=$(.venv/bin/python -c "import torch; print(torch.load('$CKPT', weights_only=True)['step'])")
+    .venv/bin/python -c "from pathlib import Path; from codec.train import compact_checkpoint; compact_checkpoint(Path('$CKPT'))"
+    mkdir -p runs/cool
+    cp "$CKPT" runs/cool/vr.ckpt
+    total=$((step + DECAY_STEPS))
+    drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
+    nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
+      --export msh-vr --export-data "bsds500/train + wikipedia-photos/train" \
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), fine-tuned from msh-small-q4: $step steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+    ;;
+  *) echo "usage: $0 [main|finish]" >&2; exit 2 ;;
+esac
