@@ -30,10 +30,15 @@ _HEAD = 16  # bytes of codestream that always hold the signature and the SizeHea
 
 
 def transcode(jpeg: bytes) -> bytes | None:
-    """The JPEG XL transcode of a JPEG file, or None when libjxl refuses it or it would not
-    give back exactly these bytes."""
-    import imagecodecs
-
+    """The JPEG XL transcode of a JPEG file, or None when libjxl refuses it, it would not
+    give back exactly these bytes, or this machine has no libjxl (imagecodecs missing or
+    built without it: the route is then simply not offered, e.g. on the GPU image)."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    if not imagecodecs.JPEGXL.available:
+        return None
     try:
         payload = bytes(imagecodecs.jpegxl_encode_jpeg(jpeg))
         back = bytes(imagecodecs.jpegxl_decode_jpeg(payload))
