@@ -31,7 +31,13 @@ if __package__ in (None, ""):  # python bench/train_step.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import log, machine_info, measure_peaks, synchronizer, timed_round_robin
-from codec.train import TrainConfig, param_groups, rd_loss_terms
+from codec.train import (
+    TrainConfig,
+    memory_format_of,
+    param_groups,
+    rd_loss_terms,
+    train_step,
+)
 from codec.variable_rate import DEFAULT_LMBDAS, GainedMeanScaleHyperprior
 
 VARIANTS = ("nchw", "channels_last", "channels_last+bf16")
@@ -51,23 +57,32 @@ class StepSettings:
     gemm_runs: int = 5
 
 
+class _SameBatch:
+    """A crop sampler that gives the same crops and rate points every step, so that every
+    variant times `codec.train.train_step` on the same work."""
+
+    def __init__(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        self.x, self.r = x, r
+
+    def batch(self, n: int) -> torch.Tensor:
+        return self.x[:n]
+
+    def rate_points(self, n: int, num_rates: int) -> torch.Tensor:
+        return self.r[:n]
+
+
 def _step_fn(variant: str, model: GainedMeanScaleHyperprior, x: torch.Tensor, r: torch.Tensor,
              losses: list[float]):
-    cl = variant.startswith("channels_last")
-    bf16 = variant.endswith("bf16")
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    model = copy.deepcopy(model).to(memory_format=fmt)
-    x = x.contiguous(memory_format=fmt)
-    cfg = TrainConfig(data=[], lmbdas=model.lmbdas)
+    """One `sgarc train` step (codec.train.train_step) of this variant, as a thunk."""
+    cfg = TrainConfig(data=[], lmbdas=model.lmbdas, batch_size=x.shape[0],
+                      channels_last=variant.startswith("channels_last"),
+                      bf16=variant.endswith("bf16"))
+    model = copy.deepcopy(model).to(memory_format=memory_format_of(cfg))
     opt = torch.optim.Adam(param_groups(model, cfg), lr=1e-5)
-    lmbda = model.lmbdas_tensor(x.device)[r]
+    sampler = _SameBatch(x, r)
 
     def step() -> None:
-        terms = rd_loss_terms(x, model(x, r, bf16=bf16), lmbda)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        terms = train_step(model, opt, sampler, cfg, 1e-5, x.device)
         losses.append(terms["loss"].item())
 
     return step

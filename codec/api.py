@@ -37,13 +37,13 @@ from codec.images import (
     save_image,
 )
 from codec.inference import InferenceConfig, infer
-
-if TYPE_CHECKING:
-    from codec.targets import Target
 from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
 from codec.registry import REGISTRY, LoadedModel, load, load_point
+
+if TYPE_CHECKING:
+    from codec.targets import Target
 
 _WORD = np.dtype(">u4")  # streams are stored as big-endian 32-bit words
 

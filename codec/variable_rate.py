@@ -55,10 +55,6 @@ GAIN_NAMES = ("gain", "inverse_gain", "hyper_gain", "hyper_inverse_gain")
 DEFAULT_LMBDAS = tuple(round(0.0009 * 2.0**k, 6) for k in range(9))
 
 
-def default_lmbdas() -> tuple[float, ...]:
-    return DEFAULT_LMBDAS
-
-
 def check_lmbdas(lmbdas: tuple[float, ...]) -> None:
     if len(lmbdas) < 2 or any(b <= a for a, b in itertools.pairwise(lmbdas)):
         raise ValueError(f"λ points must be at least two increasing values, not {lmbdas}")
@@ -140,7 +136,7 @@ class GainedMeanScaleHyperprior(nn.Module):
 
     def rate_lmbda(self, index: int) -> float:
         """λ at grid index `index`, interpolated exponentially like the gains."""
-        return float(_interpolate(np.log(self.lmbdas), index, np.exp))
+        return float(_interpolate(np.log(self.lmbdas), index))
 
     @torch.no_grad()
     def gain_tables(self) -> GainTables:
@@ -148,7 +144,7 @@ class GainedMeanScaleHyperprior(nn.Module):
         out = {}
         for name in GAIN_NAMES:
             logs = np.log(getattr(self, name).detach().abs().double().cpu().numpy())
-            rows = [_interpolate(logs, i, np.exp) for i in range(self.max_rate_index + 1)]
+            rows = [_interpolate(logs, i) for i in range(self.max_rate_index + 1)]
             out[name] = torch.from_numpy(np.stack(rows).astype(np.float32))
         return GainTables(**out)
 
@@ -168,13 +164,13 @@ def _transform(layers: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tens
     return layers[-1](h.float())
 
 
-def _interpolate(logs: np.ndarray, index: int, exp) -> np.ndarray | float:
+def _interpolate(logs: np.ndarray, index: int) -> np.ndarray:
     """exp of the linear interpolation of `logs` (rows = trained points) at a grid index."""
     r, step = divmod(index, RATE_STEPS)
     if step == 0:
-        return exp(logs[r])
+        return np.exp(logs[r])
     t = step / RATE_STEPS
-    return exp((1.0 - t) * logs[r] + t * logs[r + 1])
+    return np.exp((1.0 - t) * logs[r] + t * logs[r + 1])
 
 
 @dataclass

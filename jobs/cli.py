@@ -24,11 +24,6 @@ def _settings(args):
                           min_psnr=args.min_psnr)
 
 
-def _inference_config(args):
-    """The same InferenceConfig a pipeline run with these options would use."""
-    return _settings(args).inference()
-
-
 def _progress_bar(total: int, desc: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="it", leave=False, dynamic_ncols=True,
@@ -40,14 +35,12 @@ def cmd_encode(args) -> int:
     from codec.api import Codec
     from codec.images import load_image
 
-    cfg = _inference_config(args)
+    settings = _settings(args)  # what a pipeline run with these options would do
+    cfg, target = settings.inference(), settings.target()
     source = Path(args.input).read_bytes()
     image = load_image(source, alpha=args.alpha, depth=args.depth, name=Path(args.input).name,
                        max_pixels=args.max_pixels, metadata=args.metadata)
-    settings = _settings(args)
-    target = settings.target()
-    codec = Codec(args.model if args.model else args.quality, device=args.device,
-                  rate=args.rate)
+    codec = Codec(settings.model, device=args.device, rate=settings.rate)
     total = 0 if cfg.method == "amortized" else cfg.iterations
     with _progress_bar(total, f"{cfg.method} {Path(args.input).name}") as bar:
         routed = routes.encode(codec, image, source, settings.policy(), cfg, target,

@@ -76,10 +76,11 @@ class EncodeSettings:
         for key in _OPTIONAL:
             if d[key] is None:
                 del d[key]
-        if self.target() is not None and not entry.variable_rate:
+        target = self.target()
+        if target is not None and not entry.variable_rate:
             raise ValueError(f"a PSNR or bpp target needs a variable-rate model; {entry.id} "
                              "is fixed-rate")
-        if self.target() is None and entry.variable_rate:
+        if target is None and entry.variable_rate:
             d["rate"] = load_point(self.model, self.rate).rate
         elif self.rate is not None and not entry.variable_rate:
             raise ValueError(f"rate points need a variable-rate model; {entry.id} is "

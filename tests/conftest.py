@@ -46,14 +46,19 @@ def local_ray(_ray_shutdown_at_end) -> None:
         ray.init(**RAY_ARGS)
 
 
-@pytest.fixture(scope="session")
-def tiny_registry(tmp_path_factory) -> Path:
-    """A registry with one small untrained model: fast, and weights don't matter for coding."""
+def _tiny_fixed_registry(folder: Path) -> Path:
+    """folder/registry.json holding the small untrained fixed-rate model TINY_ID (seed 0)."""
     torch.manual_seed(0)
-    registry = tmp_path_factory.mktemp("weights") / "registry.json"
+    registry = folder / "registry.json"
     export_model(MeanScaleHyperprior(N=16, M=24), TINY_ID, quality=1, lmbda=0.01, steps=0,
                  data="untrained (tests)", registry=registry)
     return registry
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory) -> Path:
+    """A registry with one small untrained model: fast, and weights don't matter for coding."""
+    return _tiny_fixed_registry(tmp_path_factory.mktemp("weights"))
 
 
 def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -73,10 +78,7 @@ def tiny_vr_registry(tmp_path_factory) -> Path:
     """A registry with a small untrained variable-rate model (3 λ points) beside a fixed one."""
     from codec.variable_rate import GainedMeanScaleHyperprior
 
-    torch.manual_seed(0)
-    registry = tmp_path_factory.mktemp("vr-weights") / "registry.json"
-    export_model(MeanScaleHyperprior(N=16, M=24), TINY_ID, quality=1, lmbda=0.01, steps=0,
-                 data="untrained (tests)", registry=registry)
+    registry = _tiny_fixed_registry(tmp_path_factory.mktemp("vr-weights"))
     vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
     vr.init_from_fixed(MeanScaleHyperprior(N=16, M=24), 2e-5)  # gains 10..40: latents code
     export_model(vr, TINY_VR_ID, quality=0, lmbda=0.0, steps=0, data="untrained (tests)",
