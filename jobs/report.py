@@ -7,7 +7,14 @@ per route: learned, jpeg-lossless, original) and the refinement gains (definitio
 :mod:`jobs.metrics`), three plots - bpp against PSNR per learned stream (coloured by method when
 there are several, else by run), the histogram of per-image savings
 1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings
-across runs - then the worst images and the failures. Plots are inline SVG drawn here
+across runs - then the worst images, a gallery of the worst few up close and the failures.
+
+The gallery makes the numbers visible: for each of the ``pictures`` (default 6) learned
+streams of lowest PSNR, the source and the decoded bitstream side by side, cut where the
+squared error is largest (a ``CROP`` px square) and embedded as lossless WebP data: URIs.
+It reads each image's source (``source_url``, with the same storage options) and its
+bitstream, so the work is one full decode per picture; an image whose source has moved or
+whose bitstream a later run replaced is listed as not shown, with the reason. Plots are inline SVG drawn here
 (no plotting library, no JavaScript, no external CSS, fonts or CDN), so the file opens
 anywhere, offline, and can be mailed or archived as is. Every string from the data is
 HTML-escaped. The markup is well-formed XML (XHTML polyglot), so tests and tools can parse
@@ -20,7 +27,10 @@ the page); the histogram and the tables are aggregated by DuckDB over all rows.
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import html
+import io
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from codec.files import atomic_write
 from jobs.metrics import (
@@ -52,8 +63,11 @@ from jobs.metrics import (
     worst_images,
 )
 from jobs.options import STORAGE_OPTIONS_HELP
+from pipeline.storage import Storage, StorageError, read_url
 
 MAX_POINTS = 5000
+GALLERY = 6  # images in the gallery: each costs one full decode
+CROP = 192  # px, the side of a gallery crop (shown at twice its size)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -114,6 +128,20 @@ def savings_histogram(con: duckdb.DuckDBPyConnection) -> dict:
             "clipped": stats["clipped"]}
 
 
+def gallery_rows(con: duckdb.DuckDBPyConnection, n: int = GALLERY) -> list[dict]:
+    """The ``n`` learned streams of lowest PSNR whose bitstream is still the one on disk:
+    only each image's newest ok row counts (a later run overwrites the key)."""
+    return _rows(con, """
+        SELECT * FROM (
+            SELECT run, source_key, source_url, bitstream_key, bitstream_sha256, psnr, bpp,
+                   route FROM metrics WHERE status = 'ok'
+            QUALIFY row_number() OVER (PARTITION BY source_key
+                                       ORDER BY timestamp DESC, run DESC) = 1)
+        WHERE coalesce(route, 'learned') = 'learned' AND psnr IS NOT NULL
+              AND bitstream_key IS NOT NULL
+        ORDER BY psnr, run, source_key LIMIT $n""", {"n": max(0, int(n))})
+
+
 def collect(con: duckdb.DuckDBPyConnection, worst: int = 20) -> dict:
     points, total = scatter_points(con)
     return {
@@ -126,6 +154,72 @@ def collect(con: duckdb.DuckDBPyConnection, worst: int = 20) -> dict:
         "failures": failures(con, n=worst),
         "failures_total": count_failures(con),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery: the worst images up close
+# ---------------------------------------------------------------------------------------------
+
+
+def worst_window(source: np.ndarray, decoded: np.ndarray, side: int
+                 ) -> tuple[int, int, int, float]:
+    """(top, left, side, mse) of the square window, ``side`` px or the image's shorter side,
+    where the mean squared error between two same-size images is largest (summed-area
+    table: every window position in one pass)."""
+    err = ((source.astype(np.float32) - decoded.astype(np.float32)) ** 2).mean(axis=-1)
+    c = max(1, min(side, *err.shape))
+    s = np.pad(err.cumsum(0, dtype=np.float64).cumsum(1), ((1, 0), (1, 0)))
+    windows = s[c:, c:] - s[:-c, c:] - s[c:, :-c] + s[:-c, :-c]
+    top, left = np.unravel_index(int(np.argmax(windows)), windows.shape)
+    return int(top), int(left), c, float(windows[top, left]) / (c * c)
+
+
+def _data_uri(pixels: np.ndarray) -> str:
+    """A lossless WebP (PNG where Pillow lacks WebP) as a data: URI: the page stays one file
+    and the crop shows the codec's artefacts, not those of the page's own compression."""
+    from PIL import Image, features
+
+    fmt = "WEBP" if features.check("webp") else "PNG"
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def gallery(rows: list[dict], storage: Storage, storage_options: dict | None = None,
+            n: int = GALLERY, side: int = CROP) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(entries, skipped): for the first ``n`` rows that can be shown, the crop of the source
+    and of the decoded bitstream where the error is largest; a row that cannot be shown
+    becomes (key, reason), so one moved source never costs the report. Work is bounded by
+    the rows: at most one full decode each."""
+    from codec.api import decode
+    from codec.images import load_image
+
+    entries, skipped = [], []
+    for r in rows:
+        if len(entries) == n:
+            break
+        key = r["source_key"]
+        try:
+            stream = storage.read_bytes(r["bitstream_key"])
+            if r["bitstream_sha256"] and hashlib.sha256(stream).hexdigest() != r[
+                    "bitstream_sha256"]:
+                raise ValueError("the bitstream was replaced after this run")
+            decoded = decode(stream, device="cpu", read_metadata=False).rgb
+            source = load_image(read_url(r["source_url"], storage_options), alpha="keep",
+                                depth="reduce", metadata="drop-oversized").rgb
+            if source.shape != decoded.shape:
+                raise ValueError(f"source is {source.shape[1]}x{source.shape[0]}, the "
+                                 f"stream {decoded.shape[1]}x{decoded.shape[0]}")
+        except (StorageError, OSError, ValueError) as exc:  # SgarcErrors are ValueErrors
+            skipped.append((key, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            continue
+        top, left, c, mse = worst_window(source, decoded, side)
+        window = np.s_[top:top + c, left:left + c]
+        entries.append({**r, "top": top, "left": left, "side": c,
+                        "crop_psnr": 10 * math.log10(255 ** 2 / mse) if mse > 0 else math.inf,
+                        "source_uri": _data_uri(source[window]),
+                        "decoded_uri": _data_uri(decoded[window])})
+    return entries, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +445,7 @@ svg .line { fill: none; stroke-width: 2; }
 .legend span { display: inline-block; margin-right: 14px; }
 .swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; }
 .note { color: #555; font-size: 13px; }
+img.crop { image-rendering: pixelated; margin-right: 6px; max-width: 48%; height: auto; }
 """
 
 _NUMERIC_COLUMNS = {"images", "ok", "failed", "in", "out", "savings", "bpp", "PSNR dB",
@@ -372,6 +467,30 @@ def _table(header: Sequence[str], rows: list[list[str]], classes: dict[str, str]
                         else f"<td>{esc(c)}</td>" for h, c in zip(header, row, strict=True))
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _gallery_html(entries: list[dict], skipped: list[tuple[str, str]]) -> list[str]:
+    if not entries and not skipped:
+        return []
+    out = [f'<h2 id="gallery">The {len(entries)} worst images up close</h2>',
+           '<p class="note">Lowest PSNR first; each pair is the source (left) and the decoded '
+           "bitstream (right), cut where the squared error is largest and shown at twice its "
+           "size, pixel for pixel.</p>"]
+    for e in entries:
+        size, shown = e["side"], 2 * e["side"]
+        imgs = "".join(
+            f'<img class="crop" src="{uri}" width="{shown}" height="{shown}" '
+            f'alt="{esc(what)} of {esc(e["source_key"])}"/>'
+            for what, uri in (("source", e["source_uri"]), ("decoded", e["decoded_uri"])))
+        out.append(
+            f'<figure class="pair"><div>{imgs}</div><figcaption>{esc(e["source_key"])} '
+            f'(run {esc(e["run"])}): {e["psnr"]:.2f} dB at {e["bpp"]:.3f} bpp over the image; '
+            f'{e["crop_psnr"]:.2f} dB in this {size}×{size} crop at x {e["left"]}, '
+            f'y {e["top"]}.</figcaption></figure>')
+    if skipped:
+        items = "".join(f"<li>{esc(key)}: {esc(why)}</li>" for key, why in skipped)
+        out.append(f'<p class="note">Not shown:</p><ul class="note">{items}</ul>')
+    return out
 
 
 def render(data: dict, source: str, generated: datetime | None = None) -> str:
@@ -429,6 +548,7 @@ def render(data: dict, source: str, generated: datetime | None = None) -> str:
         parts += [f"<h2>Worst {len(data['worst'])} images by PSNR</h2>",
                   _table(WORST_HEADER, [worst_cells(r) for r in data["worst"]],
                          {"key": "key"})]
+    parts += _gallery_html(data.get("gallery", []), data.get("gallery_skipped", []))
     total = data["failures_total"]
     parts.append(f"<h2>Failures ({total})</h2>")
     if data["failures"]:
@@ -444,14 +564,18 @@ def render(data: dict, source: str, generated: datetime | None = None) -> str:
 
 
 def write_report(output_url: str, html_path: str | Path, storage_options: dict | None = None,
-                 run: str | None = None, *, worst: int = 20) -> Path:
+                 run: str | None = None, *, worst: int = 20, pictures: int = GALLERY) -> Path:
     """Write the report of ``output_url``'s metrics (or of one ``run``) to the local file
-    ``html_path``, atomically; returns its path. MetricsError when there are no metrics."""
+    ``html_path``, atomically; returns its path. MetricsError when there are no metrics.
+    ``pictures``: how many of the worst images the gallery shows (0: none)."""
     con = connect(output_url, storage_options, run=run)
     try:
         data = collect(con, worst=worst)
+        rows = gallery_rows(con, 2 * pictures)  # spares for images that cannot be shown
     finally:
         con.close()
+    data["gallery"], data["gallery_skipped"] = gallery(
+        rows, Storage(output_url, storage_options), storage_options, n=pictures)
     source = display_url(output_url) + (f" (run {run})" if run else "")
     path = Path(html_path)
     atomic_write(path, render(data, source).encode("utf-8"))
@@ -469,23 +593,27 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "report", help="write an HTML page with tables and plots of OUTPUT's metrics",
         description="Write one self-contained HTML file (no scripts, nothing fetched) with "
         "the per-run summary, bpp against PSNR, the savings histogram, the trend across runs, "
-        "the worst images and the failures of the metrics under OUTPUT.")
+        "the worst images (crops of the worst, source beside decoded) and the failures of "
+        "the metrics under OUTPUT.")
     p.add_argument("output", metavar="OUTPUT")
     p.add_argument("-o", "--out", default="report.html", metavar="HTML",
                    help="the file to write (default: report.html)")
     p.add_argument("--run", metavar="ID", default=None, help="only this run")
     p.add_argument("--worst", metavar="N", type=int, default=20,
                    help="worst images and failures to list (default 20)")
+    p.add_argument("--pictures", metavar="N", type=int, default=GALLERY,
+                   help=f"worst images shown as source/decoded crops; each is decoded "
+                   f"(default {GALLERY}; 0: none)")
     p.add_argument("--storage-options", default=None, metavar="JSON|@FILE",
-                   help=f"for OUTPUT: {STORAGE_OPTIONS_HELP}")
+                   help=f"for OUTPUT and the sources: {STORAGE_OPTIONS_HELP}")
     p.set_defaults(func=cmd_report)
     return p
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    if args.worst < 0:
-        raise MetricsError("--worst must be >= 0")
+    if args.worst < 0 or args.pictures < 0:
+        raise MetricsError("--worst and --pictures must be >= 0")
     path = write_report(args.output, args.out, parse_storage_options(args.storage_options),
-                        args.run, worst=args.worst)
+                        args.run, worst=args.worst, pictures=args.pictures)
     print(f"report: {path}")
     return 0
