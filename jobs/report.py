@@ -4,21 +4,23 @@
 
 The page holds the per-run summary, how the images are stored (share of images and of bytes
 per route: learned, jpeg-lossless, original) and the refinement gains (definitions in
-:mod:`jobs.metrics`), three plots - bpp against PSNR per learned stream (coloured by method when
-there are several, else by run), the histogram of per-image savings
-1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings
-across runs - then the worst images, a gallery of the worst few up close and the failures.
+:mod:`jobs.metrics`), three plots - bpp against PSNR per learned stream (coloured by method
+when there are several, else by run), the histogram of per-image savings
+1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings across
+runs - then the worst images, a gallery of the worst few up close, and the failures.
+
+The plots are drawn by matplotlib as SVG, each embedded as a data: URI (its own SVG
+document, so element ids never clash); the gallery crops are lossless WebP data: URIs. No
+JavaScript, no external CSS, fonts or CDN: the file opens anywhere, offline, and can be
+mailed or archived as is. Every string from the data is HTML-escaped. The markup is
+well-formed XML (XHTML polyglot), so tests and tools can parse it strictly.
 
 The gallery makes the numbers visible: for each of the ``pictures`` (default 6) learned
 streams of lowest PSNR, the source and the decoded bitstream side by side, cut where the
-squared error is largest (a ``CROP`` px square) and embedded as lossless WebP data: URIs.
-It reads each image's source (``source_url``, with the same storage options) and its
-bitstream, so the work is one full decode per picture; an image whose source has moved or
-whose bitstream a later run replaced is listed as not shown, with the reason. Plots are inline SVG drawn here
-(no plotting library, no JavaScript, no external CSS, fonts or CDN), so the file opens
-anywhere, offline, and can be mailed or archived as is. Every string from the data is
-HTML-escaped. The markup is well-formed XML (XHTML polyglot), so tests and tools can parse
-it strictly.
+squared error is largest (a ``CROP`` px square). It reads each image's source
+(``source_url``, with the same storage options) and its bitstream, so the work is one full
+decode per picture; an image whose source has moved, or whose bitstream a later run
+replaced, is listed as not shown, with the reason.
 
 Scale: the scatter shows at most ``MAX_POINTS`` images (a deterministic sample, stated on
 the page); the histogram and the tables are aggregated by DuckDB over all rows.
@@ -38,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from codec.files import atomic_write
 from jobs.metrics import (
@@ -68,8 +73,6 @@ from pipeline.storage import Storage, StorageError, read_url
 MAX_POINTS = 5000
 GALLERY = 6  # images in the gallery: each costs one full decode
 CROP = 192  # px, the side of a gallery crop (shown at twice its size)
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def esc(value: Any) -> str:
@@ -113,8 +116,9 @@ def savings_histogram(con: duckdb.DuckDBPyConnection) -> dict:
     if not stats["n"]:
         return {"n": 0, "lo": 0.0, "width": 0.05, "counts": [], "clipped": 0}
     lo, hi = max(-1.0, stats["lo"]), stats["hi"]
-    width = _nice_step(max(hi - lo, 1e-9) / 25)
-    start = math.floor(lo / width) * width
+    edges = MaxNLocator(nbins=25, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)  # nice edges
+    width = float(edges[1] - edges[0])
+    start = math.floor(lo / width + 1e-9) * width
     bins = max(1, math.floor((hi - start) / width) + 1)
     got = _rows(con, f"""
         SELECT least(greatest(CAST(floor(({expr} - $start) / $width) AS BIGINT), 0), $last)
@@ -223,163 +227,63 @@ def gallery(rows: list[dict], storage: Storage, storage_options: dict | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# SVG plots
+# Plots (matplotlib, SVG)
 # ---------------------------------------------------------------------------------------------
 
 
-def _nice_step(raw: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 × 10^k that is >= raw."""
-    if raw <= 0 or not math.isfinite(raw):
-        return 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * mag >= raw * (1 - 1e-9):
-            return m * mag
-    return 10 * mag  # pragma: no cover
+def _figure(width: float = 6.4, height: float = 3.6, panels: int = 1) -> tuple[Figure, list]:
+    """A matplotlib Figure without pyplot (no global state, no display backend needed)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, [fig.add_subplot(1, panels, k + 1) for k in range(panels)]
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[float]]:
-    """A range rounded out to nice steps around [lo, hi], and its ticks."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12:
-        pad = abs(lo) * 0.05 or 0.5
-        lo, hi = lo - pad, hi + pad
-    step = _nice_step((hi - lo) / n)
-    start, stop = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
-    count = round((stop - start) / step)
-    return start, stop, [start + i * step for i in range(count + 1)]
+def svg_uri(fig: Figure) -> str:
+    """The figure as an SVG data: URI. Each plot is its own SVG document, so the ids
+    matplotlib gives its elements cannot clash between plots; text stays text, and a fixed
+    hash salt and no date make the same data give the same bytes."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sgarc"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    return f"data:image/svg+xml;base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
-def _padded(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[tuple[float, str]]]:
-    """Axis limits around [lo, hi] with a 5% margin (points never sit on the frame) and
-    the labelled nice ticks inside them."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12:
-        pad = abs(lo) * 0.05 or 0.5
-        lo, hi = lo - pad, hi + pad
-    margin = (hi - lo) * 0.05
-    lo, hi = lo - margin, hi + margin
-    _, _, ticks = _ticks(lo, hi, n)
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    return lo, hi, [(t, _tick_label(t, step)) for t in ticks if lo <= t <= hi]
+def _empty(message: str) -> Figure:
+    fig, (ax,) = _figure(6.4, 1.2)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    return fig
 
 
-def _tick_label(value: float, step: float) -> str:
-    """``value`` with as many decimals as the tick step needs (0.25 -> 2, 5 -> 0)."""
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
-    if abs(step * 10 ** decimals - round(step * 10 ** decimals)) > 1e-6:
-        decimals += 1
-    text = f"{value:.{decimals}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text
-
-
-class _Plot:
-    """A rectangle of data coordinates mapped onto an SVG canvas, with axes."""
-
-    def __init__(self, xlim: tuple[float, float], ylim: tuple[float, float], *,
-                 width: int = 640, height: int = 360, left: int = 60, right: int = 20,
-                 top: int = 20, bottom: int = 50, xoff: int = 0) -> None:
-        self.x0, self.x1 = xlim
-        self.y0, self.y1 = ylim
-        self.width, self.height = width, height
-        self.left, self.right, self.top, self.bottom = left + xoff, right, top, bottom
-        self.xoff = xoff
-        self.inner_w = width - left - right
-        self.inner_h = height - top - bottom
-
-    def sx(self, x: float) -> float:
-        span = (self.x1 - self.x0) or 1.0
-        return self.left + (x - self.x0) / span * self.inner_w
-
-    def sy(self, y: float) -> float:
-        span = (self.y1 - self.y0) or 1.0
-        return self.top + self.inner_h - (y - self.y0) / span * self.inner_h
-
-    def axes(self, xticks: Sequence[tuple[float, str]], yticks: Sequence[tuple[float, str]],
-             xlabel: str, ylabel: str) -> list[str]:
-        left, top, w, h = self.left, self.top, self.inner_w, self.inner_h
-        out = [f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>']
-        for x, label in xticks:
-            px = self.sx(x)
-            out.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{top + h}" '
-                       'class="grid"/>')
-            out.append(f'<text x="{px:.1f}" y="{top + h + 16}" class="tick" '
-                       f'text-anchor="middle">{esc(label)}</text>')
-        for y, label in yticks:
-            py = self.sy(y)
-            out.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + w}" y2="{py:.1f}" '
-                       'class="grid"/>')
-            out.append(f'<text x="{left - 6}" y="{py + 4:.1f}" class="tick" '
-                       f'text-anchor="end">{esc(label)}</text>')
-        out.append(f'<text x="{left + w / 2:.1f}" y="{top + h + 38}" class="label" '
-                   f'text-anchor="middle">{esc(xlabel)}</text>')
-        cy = top + h / 2
-        out.append(f'<text x="{self.xoff + 14}" y="{cy:.1f}" class="label" text-anchor="middle" '
-                   f'transform="rotate(-90 {self.xoff + 14} {cy:.1f})">{esc(ylabel)}</text>')
-        return out
-
-
-def _svg(width: int, height: int, body: list[str], label: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(label)}">'
-            + "".join(body) + "</svg>")
-
-
-def _empty_svg(label: str, message: str) -> str:
-    return _svg(640, 120, ['<rect x="0" y="0" width="640" height="120" class="frame"/>',
-                           f'<text x="320" y="64" class="label" text-anchor="middle">'
-                           f'{esc(message)}</text>'], label)
-
-
-def scatter_svg(points: list[dict]) -> tuple[str, list[tuple[str, str]]]:
-    """bpp (x) against PSNR (y); (svg, legend entries (name, colour))."""
-    label = "bpp against PSNR, one point per image"
+def scatter_figure(points: list[dict]) -> Figure:
+    """bpp (x) against PSNR (y), coloured by method when there are several, else by run."""
     if not points:
-        return _empty_svg(label, "no encoded images"), []
+        return _empty("no encoded images")
     methods = sorted({str(p["method"]) for p in points})
     by = "method" if len(methods) > 1 else "run"
-    groups = methods if by == "method" else sorted({str(p["run"]) for p in points})
-    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
-    x0, x1, xt = _padded(min(p["bpp"] for p in points), max(p["bpp"] for p in points), 6)
-    y0, y1, yt = _padded(min(p["psnr"] for p in points), max(p["psnr"] for p in points))
-    plot = _Plot((x0, x1), (y0, y1))
-    body = plot.axes(xt, yt, "bits per pixel (bitstream size)", "PSNR (dB)")
-    for p in points:
-        tip = f"{p['source_key']} ({p['run']}, {p['method']}): {p['bpp']:.3f} bpp, " \
-              f"{p['psnr']:.2f} dB"
-        body.append(f'<circle cx="{plot.sx(p["bpp"]):.1f}" cy="{plot.sy(p["psnr"]):.1f}" '
-                    f'r="3" fill="{colour[str(p[by])]}" class="pt"><title>{esc(tip)}</title>'
-                    "</circle>")
-    return _svg(plot.width, plot.height, body, label), [(f"{by} {g}", colour[g]) for g in groups]
+    fig, (ax,) = _figure()
+    for i, g in enumerate(sorted({str(p[by]) for p in points})):
+        mine = [p for p in points if str(p[by]) == g]
+        ax.scatter([p["bpp"] for p in mine], [p["psnr"] for p in mine], s=14, alpha=0.65,
+                   label=f"{by} {g}", gid=f"points-{i}")
+    ax.set(xlabel="bits per pixel (bitstream size)", ylabel="PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
 
 
-def histogram_svg(hist: dict) -> str:
-    label = "histogram of per-image savings"
+def histogram_figure(hist: dict) -> Figure:
     counts = hist["counts"]
     if not counts:
-        return _empty_svg(label, "no encoded images")
-    lo, width = hist["lo"], hist["width"]
-    hi = lo + width * len(counts)
-    _, ytop, yt = _ticks(0, max(*counts, 5))  # whole-number ticks for counts
-    xs = _ticks(lo * 100, hi * 100, 6)[2]
-    plot = _Plot((lo * 100, hi * 100), (0, ytop))
-    ystep = yt[1] - yt[0] if len(yt) > 1 else 1
-    body = plot.axes([(t, _tick_label(t, xs[1] - xs[0] if len(xs) > 1 else 1))
-                      for t in xs if lo * 100 - 1e-9 <= t <= hi * 100 + 1e-9],
-                     [(t, _tick_label(t, ystep)) for t in yt],
-                     "savings per image, 1 − bitstream / source (%)", "images")
-    for i, n in enumerate(counts):
-        if not n:
-            continue
-        a, b = (lo + i * width) * 100, (lo + (i + 1) * width) * 100
-        x, y = plot.sx(a), plot.sy(n)
-        tip = f"{a:.1f}% to {b:.1f}%: {n} image{'s' if n != 1 else ''}"
-        body.append(f'<rect x="{x + 0.5:.1f}" y="{y:.1f}" width="{max(plot.sx(b) - x - 1, 1):.1f}"'
-                    f' height="{plot.sy(0) - y:.1f}" class="bar"><title>{esc(tip)}</title>'
-                    "</rect>")
-    return _svg(plot.width, plot.height, body, label)
+        return _empty("no encoded images")
+    lefts = [(hist["lo"] + i * hist["width"]) * 100 for i in range(len(counts))]
+    fig, (ax,) = _figure()
+    for i, bar in enumerate(ax.bar(lefts, counts, width=hist["width"] * 100, align="edge",
+                                   edgecolor="white")):
+        bar.set_gid(f"bar-{i}")
+    ax.set(xlabel="savings per image, 1 − bitstream / source (%)", ylabel="images")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
 
 
 def _run_label(summary: dict, date_only: bool) -> str:
@@ -389,36 +293,26 @@ def _run_label(summary: dict, date_only: bool) -> str:
     return first.strftime("%Y-%m-%d" if date_only else "%m-%d %H:%M")
 
 
-def trend_svg(summaries: list[dict]) -> str:
+def trend_figure(summaries: list[dict]) -> Figure:
     """Mean bpp, mean PSNR and savings % per run (oldest first), three panels."""
-    label = "trend across runs: mean bpp, mean PSNR, savings"
     if not summaries:
-        return _empty_svg(label, "no runs")
-    panels = (("mean_bpp", "mean bpp", "{:.3f}"), ("mean_psnr", "mean PSNR (dB)", "{:.2f}"),
-              ("savings_pct", "savings (%)", "{:.1f}"))
+        return _empty("no runs")
+    panels = (("mean_bpp", "mean bpp"), ("mean_psnr", "mean PSNR (dB)"),
+              ("savings_pct", "savings (%)"))
     n = len(summaries)
-    every = max(1, math.ceil(n / 6))
     days = [s["first"].date() for s in summaries if s["first"] is not None]
     date_only = len(set(days)) == len(days)  # one run a day or fewer: dates say enough
-    body: list[str] = []
-    panel_w = 320
-    for k, (field, name, spec) in enumerate(panels):
+    ticks = list(range(0, n, max(1, math.ceil(n / 6))))
+    fig, axes = _figure(9.6, 2.9, panels=len(panels))
+    for k, (ax, (field, name)) in enumerate(zip(axes, panels, strict=True)):
         values = [(i, s[field]) for i, s in enumerate(summaries) if s[field] is not None]
-        ys = [v for _, v in values] or [0.0]
-        y0, y1, yt = _padded(min(ys), max(ys), 4)
-        plot = _Plot((-0.5, n - 0.5), (y0, y1), width=panel_w, height=280, left=56,
-                     right=12, bottom=56, xoff=k * panel_w)
-        xt = [(i, _run_label(summaries[i], date_only)) for i in range(0, n, every)]
-        body += plot.axes(xt, yt, "run start (UTC)", name)
-        if len(values) > 1:
-            path = " ".join(f"{'M' if j == 0 else 'L'}{plot.sx(i):.1f},{plot.sy(v):.1f}"
-                            for j, (i, v) in enumerate(values))
-            body.append(f'<path d="{path}" class="line" stroke="{PALETTE[k]}"/>')
-        for i, v in values:
-            tip = f"run {summaries[i]['run']}: {name} {spec.format(v)}"
-            body.append(f'<circle cx="{plot.sx(i):.1f}" cy="{plot.sy(v):.1f}" r="4" '
-                        f'fill="{PALETTE[k]}"><title>{esc(tip)}</title></circle>')
-    return _svg(panel_w * len(panels), 280, body, label)
+        ax.plot([i for i, _ in values], [v for _, v in values], marker="o",
+                color=f"C{k}", gid=f"trend-{field}")
+        ax.set_xticks(ticks, [_run_label(summaries[i], date_only) for i in ticks],
+                      rotation=30, ha="right", fontsize="small")
+        ax.set(xlim=(-0.5, n - 0.5), xlabel="run start (UTC)", ylabel=name)
+        ax.grid(alpha=0.3)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,16 +328,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.key { max-width: 420px; overflow-wrap: anywhere; }
 td.err { max-width: 560px; overflow-wrap: anywhere; font-family: monospace; font-size: 12px; }
 figure { margin: 12px 0 24px; } figcaption { color: #555; font-size: 13px; }
-svg { max-width: 100%; height: auto; }
-svg .frame { fill: none; stroke: #999; }
-svg .grid { stroke: #eee; }
-svg .tick { font-size: 11px; fill: #555; }
-svg .label { font-size: 12px; fill: #333; }
-svg .pt { fill-opacity: 0.65; }
-svg .bar { fill: #1f77b4; }
-svg .line { fill: none; stroke-width: 2; }
-.legend span { display: inline-block; margin-right: 14px; }
-.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px; }
+img.plot { max-width: 100%; height: auto; display: block; }
 .note { color: #555; font-size: 13px; }
 img.crop { image-rendering: pixelated; margin-right: 6px; max-width: 48%; height: auto; }
 """
@@ -524,26 +409,22 @@ def render(data: dict, source: str, generated: datetime | None = None) -> str:
                   "of the amortized start minus that of the refined latents; PSNR gain: "
                   "decoded PSNR minus the amortized start's.</p>",
                   _table(GAIN_HEADER, [gain_cells(s) for s in refined])]
-    scatter, legend = scatter_svg(data["points"])
     shown = len(data["points"])
     sample = (f" A deterministic sample of {shown} of {data['points_total']} images."
               if data["points_total"] > shown else "")
-    legend_html = "".join(f'<span><span class="swatch" style="background: {c}"></span>'
-                          f"{esc(name)}</span>" for name, c in legend)
     hist = data["histogram"]
     clipped = (f" {hist['clipped']} image(s) below −100% are counted in the first bin."
                if hist["clipped"] else "")
-    parts += [
-        '<h2>Plots</h2>',
-        f'<figure id="scatter">{scatter}<figcaption>bpp against PSNR, one point per learned '
-        f"stream.{esc(sample)}</figcaption>"
-        f'<div class="legend">{legend_html}</div></figure>',
-        f'<figure id="savings">{histogram_svg(hist)}<figcaption>Savings per image, '
-        f"1 − bitstream bytes / source bytes, {hist['n']} images, bins of "
-        f"{hist['width'] * 100:g}%.{esc(clipped)}</figcaption></figure>",
-        f'<figure id="trend">{trend_svg(summaries)}<figcaption>Mean bpp, mean PSNR and '
-        "savings per run, oldest first.</figcaption></figure>",
-    ]
+    plots = [("scatter", scatter_figure(data["points"]), "bpp against PSNR, one point per "
+              f"learned stream.{sample}"),
+             ("savings", histogram_figure(hist), "Savings per image, 1 − bitstream bytes / "
+              f"source bytes, {hist['n']} images, bins of {hist['width'] * 100:g}%.{clipped}"),
+             ("trend", trend_figure(summaries), "Mean bpp, mean PSNR and savings per run, "
+              "oldest first.")]
+    parts.append("<h2>Plots</h2>")
+    parts += [f'<figure id="{name}"><img class="plot" src="{svg_uri(fig)}" '
+              f'alt="{esc(caption)}"/><figcaption>{esc(caption)}</figcaption></figure>'
+              for name, fig, caption in plots]
     if data["worst"]:
         parts += [f"<h2>Worst {len(data['worst'])} images by PSNR</h2>",
                   _table(WORST_HEADER, [worst_cells(r) for r in data["worst"]],

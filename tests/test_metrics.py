@@ -14,6 +14,7 @@ import os
 os.environ["RAY_AUTH_MODE"] = "disabled"  # before ray is imported: local clusters, no tokens
 
 import argparse
+import base64
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -353,6 +354,14 @@ def parse_page(text: str) -> ET.Element:
     return ET.fromstring(text.removeprefix("<!DOCTYPE html>\n"))  # well-formed or raises
 
 
+def plot_of(figure: ET.Element) -> ET.Element:
+    """The SVG document of a report figure (a data: URI in its <img>), parsed strictly."""
+    img = figure.find("{http://www.w3.org/1999/xhtml}img")
+    head, _, data = img.get("src").partition(",")
+    assert head == "data:image/svg+xml;base64"
+    return ET.fromstring(base64.b64decode(data))
+
+
 def test_report_page(local_out, tmp_path, capsys):
     path = tmp_path / "site" / "report.html"
     assert cli(["report", str(local_out), "-o", str(path)]) == 0
@@ -361,31 +370,39 @@ def test_report_page(local_out, tmp_path, capsys):
     root = parse_page(text)
     ns = {"h": "http://www.w3.org/1999/xhtml", "s": "http://www.w3.org/2000/svg"}
 
-    figures = {f.get("id"): f for f in root.iterfind(".//h:figure", ns)}
+    figures = {f.get("id"): plot_of(f) for f in root.iterfind(".//h:figure", ns)}
     assert set(figures) == {"scatter", "savings", "trend"}
-    for fig in figures.values():
-        assert fig.find("s:svg", ns) is not None
-    # Scatter: one point per ok row (6), coloured by method (two methods).
-    points = figures["scatter"].findall(".//s:circle", ns)
-    assert len(points) == 6
-    assert len({p.get("fill") for p in points}) == 2
+
+    def groups(svg: ET.Element, prefix: str) -> list[ET.Element]:
+        return [g for g in svg.iter() if (g.get("id") or "").startswith(prefix)]
+
+    # Scatter: one marker per ok row of the learned route (6), one group per method (two).
+    scatter = groups(figures["scatter"], "points-")
+    assert len(scatter) == 2
+    assert sum(len(g.findall(".//s:use", ns)) for g in scatter) == 6
     legend = "".join(figures["scatter"].itertext())
     assert "method amortized" in legend and "method sga" in legend
-    # Histogram: bars hold all 6 images.
-    bars = figures["savings"].findall(".//s:rect[@class='bar']", ns)
-    assert sum(int(b.find("s:title", ns).text.split(": ")[1].split()[0]) for b in bars) == 6
+    # Histogram: one bar per bin, and the bins hold all 6 images.
+    con = metrics.connect(str(local_out))
+    try:
+        hist = report.savings_histogram(con)
+    finally:
+        con.close()
+    assert sum(hist["counts"]) == 6
+    assert len(groups(figures["savings"], "bar-")) == len(hist["counts"])
     # Trend: three panels, one point per run each.
-    assert len(figures["trend"].findall(".//s:circle", ns)) == 9
+    trend = groups(figures["trend"], "trend-")
+    assert len(trend) == 3 and all(len(g.findall(".//s:use", ns)) == 3 for g in trend)
 
     # Escaped: no markup from the data, the text reads back intact.
     assert "<script" not in text and "<b>" not in text
     assert "&lt;script&gt;" in text and "&lt;b&gt;broken&lt;/b&gt; &amp; co" in text
     all_text = "".join(root.itertext())
     assert SCRIPT_KEY in all_text and "cannot identify image file <b>broken</b> & co" in all_text
-    # Self-contained: nothing fetched, no scripts.
+    # Self-contained: nothing fetched (images are data: URIs), no scripts.
     for el in root.iter():
-        for attr in ("src", "href"):
-            assert attr not in el.attrib, (el.tag, el.attrib)
+        assert "href" not in el.attrib, (el.tag, el.attrib)
+        assert el.get("src", "data:").startswith("data:"), (el.tag, el.attrib)
     assert root.find(".//h:script", ns) is None and root.find(".//h:link", ns) is None
     runs_table = root.find(".//h:table", ns)
     assert [tr.find("h:td", ns).text for tr in runs_table.iterfind("h:tbody/h:tr", ns)] == ORDER
