@@ -95,7 +95,8 @@ def test_gallery_off_and_bad_count(archive, tmp_path):
     out, _, _ = archive
     path = report.write_report(str(out), tmp_path / "r.html", pictures=0)
     root = ET.fromstring(path.read_text(encoding="utf-8").removeprefix("<!DOCTYPE html>\n"))
-    assert root.find(".//h:img", NS) is None and root.find(".//h:h2[@id='gallery']", NS) is None
+    assert root.find(".//h:img[@class='crop']", NS) is None
+    assert root.find(".//h:h2[@id='gallery']", NS) is None
     with pytest.raises(report.MetricsError, match="--pictures must be >= 0"):
         cli(["report", str(out), "-o", str(tmp_path / "x.html"), "--pictures", "-1"])
     assert not (tmp_path / "x.html").exists()
