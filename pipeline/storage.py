@@ -539,3 +539,22 @@ class Storage:
                 self.fs.rm_file(path)
 
         self._call("delete", self._unstrip(path), run)
+
+
+def read_url(url: str | os.PathLike[str], storage_options: dict | None = None) -> bytes:
+    """The bytes of one object at any fsspec URL or local path, read with retries.
+
+    A Storage rooted at the URL's parent does the reading, so one file (``sgarc decode
+    s3://bucket/archive/bitstreams/x.jpg.sga``) gets the same retries and secret-free
+    errors as a job. Raises :class:`StorageNotFound`, :class:`StorageError`, or ValueError
+    (a URL that names no file, an unknown protocol)."""
+    url = os.fspath(url)
+    protocol, path = split_protocol(url)
+    head, sep, name = path.rpartition("/")
+    if not name:
+        raise ValueError(_URL_USERINFO.sub(r"\1***@", url) + " names no file")
+    if not sep:
+        head = "" if protocol else "."
+    elif not head:
+        head = "/"
+    return Storage(f"{protocol}://{head}" if protocol else head, storage_options).read_bytes(name)
