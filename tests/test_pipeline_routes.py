@@ -18,7 +18,7 @@ from codec import routes
 from codec.bitstream import parse
 from codec.images import load_image
 from jobs import metrics, report
-from jobs.serve import DecodeService, HttpApp, fetch_decode
+from jobs.serve import DecodeService, fetch_decode, make_app
 from pipeline.run import RunOptions, refine, run
 from pipeline.settings import EncodeSettings
 
@@ -99,8 +99,10 @@ def test_floor_job_keeps_jpegs_bit_exact_and_nothing_grows(local_ray, tmp_path):
         if kind == "image/png":  # lossless: the source's upright pixels exactly
             assert np.array_equal(decoded, load_image(files[key]).rgb)
         assert decoded.shape == load_image(files[key]).rgb.shape
-    response = HttpApp(service).handle("GET", "/images/2024/coffee.jpeg?format=jpeg", {})
-    assert response.status == 200 and response.body == files["2024/coffee.jpeg"]
+    from starlette.testclient import TestClient
+
+    response = TestClient(make_app(service)).get("/images/2024/coffee.jpeg?format=jpeg")
+    assert response.status_code == 200 and response.content == files["2024/coffee.jpeg"]
     strip = service.get("2024/coffee.jpeg", "jpeg", strip_metadata=True)[0]
     assert strip != files["2024/coffee.jpeg"]  # re-encoded pixels, no metadata
 

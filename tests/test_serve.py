@@ -1,4 +1,5 @@
-"""Decode on demand (jobs/serve.py): the service, real HTTP on loopback, S3, the CLI.
+"""Decode on demand (jobs/serve_service.py, jobs/serve.py): the service, the Starlette app on
+real uvicorn on loopback, S3, the CLI, Ray Serve.
 
 The archive is built once per module: a few tiny images encoded with the shipped default
 model (amortized, so it takes well under a second), written as ``bitstreams/<key>.sga``,
@@ -29,16 +30,15 @@ from PIL import Image, ImageCms
 from codec.api import Codec, decode
 from codec.images import DEFAULT_MAX_PIXELS, load_image
 from codec.inference import InferenceConfig
-from jobs import serve
-from jobs.serve import (
+from jobs import serve, serve_service
+from jobs.serve import make_app, make_server, negotiate
+from jobs.serve_service import (
     BadKey,
     BadRequest,
     ByteLRU,
     DecodeService,
     NotFound,
     fetch_decode,
-    make_server,
-    negotiate,
     validate_key,
 )
 from pipeline.keys import bitstream_key
@@ -119,17 +119,15 @@ class CountingStorage(Storage):
 
 @contextlib.contextmanager
 def serving(service: DecodeService):
-    """A server for ``service`` on a free loopback port, in a thread; yields (host, port)."""
+    """uvicorn serving ``service`` on a free loopback port, in a thread; yields (host, port)."""
     server = make_server(service, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[:2]
+        yield server.server_address
     finally:
         server.shutdown()
-        server.server_close()
-        thread.join(5)
+        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +166,7 @@ def open_image(body: bytes) -> Image.Image:
 
 
 @pytest.mark.parametrize("key", ["a.jpg", PHOTO, ODD, "x/y/z.png", "%2e%2e", "..a", "a..",
-                                 ".hidden/a.jpg", "a" * serve.MAX_KEY_BYTES])
+                                 ".hidden/a.jpg", "a" * serve_service.MAX_KEY_BYTES])
 def test_valid_keys(key):
     assert validate_key(key) == key
 
@@ -200,27 +198,27 @@ def test_byte_lru_evicts_least_recent_and_expires():
     assert lru.put("c", "C", 40)  # over 100: b goes
     assert lru.get("b") is None and lru.get("a") == "A" and lru.get("c") == "C"
     assert not lru.put("big", "X", 51)  # over the item limit: not kept
-    now[0] = 11
-    assert lru.get("a") is None and len(lru) == 1 and lru.bytes == 40
+    now[0] = 11  # everything is older than the TTL now, and gives its bytes back
+    assert lru.get("a") is None and len(lru) == 0 and lru.bytes == 0
     assert ByteLRU(0).put("a", "A", 1) is False
     assert not ByteLRU(100).put("a", "A", 26)  # by default, an item gets a quarter at most
 
 
 def test_default_max_pixels_matches_the_codec():
-    assert serve.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS  # fetch_decode, as sgarc decode
+    assert serve_service.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS  # fetch_decode, as sgarc decode
 
 
 def test_the_service_allows_fewer_pixels_than_the_cli(archive):
-    assert serve.SERVE_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
-    assert DecodeService(archive["root"]).max_pixels == serve.SERVE_MAX_PIXELS
+    assert serve_service.SERVE_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
+    assert DecodeService(archive["root"]).max_pixels == serve_service.SERVE_MAX_PIXELS
     import argparse
 
     parser = argparse.ArgumentParser(prog="sgarc")
     serve.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", "--archive", "x"])
-    assert args.max_pixels == serve.SERVE_MAX_PIXELS
-    assert args.decode_memory_mb * (1 << 20) == serve.DEFAULT_DECODE_BYTES
-    assert args.queue_timeout == serve.DEFAULT_QUEUE_TIMEOUT
+    assert args.max_pixels == serve_service.SERVE_MAX_PIXELS
+    assert args.decode_memory_mb * (1 << 20) == serve_service.DEFAULT_DECODE_BYTES
+    assert args.queue_timeout == serve_service.DEFAULT_QUEUE_TIMEOUT
     for flag, value in (("--max-pixels", "0"), ("--decode-memory-mb", "0"),
                         ("--queue-timeout", "-1")):
         with pytest.raises(serve.SgarcError, match=flag):
@@ -228,7 +226,7 @@ def test_the_service_allows_fewer_pixels_than_the_cli(archive):
 
 
 def test_byte_budget_is_first_come_first_served():
-    budget = serve.ByteBudget(100)
+    budget = serve_service.ByteBudget(100)
     assert budget.acquire(60) == 60
     assert budget.acquire(50, timeout=0.05) is None  # does not fit in time
     assert budget.acquire(40, timeout=0) == 40  # fits
@@ -257,12 +255,12 @@ def test_byte_budget_is_first_come_first_served():
     assert stats["in_flight_bytes"] == 0 and stats["peak_bytes"] == 100
     assert stats["refused"] == 1 and stats["waiting"] == 0
     with pytest.raises(ValueError):
-        serve.ByteBudget(0)
+        serve_service.ByteBudget(0)
 
 
 def _pixels_needed(key: str) -> int:
     w, h = SIZES[key]
-    return 64 * -(-w // 64) * 64 * -(-h // 64) * serve.DECODE_BYTES_PER_PIXEL
+    return 64 * -(-w // 64) * 64 * -(-h // 64) * serve_service.DECODE_BYTES_PER_PIXEL
 
 
 @pytest.fixture
@@ -304,7 +302,7 @@ def test_decoded_bytes_in_flight_are_bounded(archive, slow_decode):
     assert slow_decode["most"] == 1 and service.decodes == 4
     stats = service.health()["decoding"]
     assert stats["peak_bytes"] <= budget and stats["in_flight_bytes"] == 0
-    assert stats["max_pixels"] == serve.SERVE_MAX_PIXELS
+    assert stats["max_pixels"] == serve_service.SERVE_MAX_PIXELS
 
     # With room for all of them (the default budget), they run together.
     service = DecodeService(archive["root"], cache_bytes=0, max_decodes=4)
@@ -444,7 +442,7 @@ def test_not_found_is_404_json(server):
     "/images/%ff%fe",
     "/images/",
     "/images",
-    "/images/" + "a" * (serve.MAX_KEY_BYTES + 1),
+    "/images/" + "a" * (serve_service.MAX_KEY_BYTES + 1),
     "/images/2024/",
     "/images/./red.png",
 ])
@@ -457,19 +455,22 @@ def test_malformed_and_escaping_keys_are_400(server, path):
 
 
 def test_raw_utf8_in_the_request_line(server):
-    """Clients that send the key's UTF-8 bytes unencoded (not RFC 3986, but common)."""
+    """A request line must be ASCII (RFC 9112): uvicorn's parser refuses the key's raw UTF-8
+    bytes with a 400 (the http.server before took them); percent-encoded, it is the image."""
     import socket
 
     address, _ = server
-    with socket.create_connection(address, timeout=30) as sock:
-        target = "/images/" + ODD.replace(" ", "%20").replace("#", "%23").replace("%.", "%25.")
-        sock.sendall(b"GET " + target.encode("utf-8") + b" HTTP/1.1\r\nHost: x\r\n"
-                     b"Connection: close\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
+    target = "/images/" + ODD.replace(" ", "%20").replace("#", "%23").replace("%.", "%25.")
+    for sent, expected in ((target.encode("utf-8"), b"HTTP/1.1 400"),
+                           (quote(ODD).encode("ascii"), b"HTTP/1.1 200")):
+        with socket.create_connection(address, timeout=30) as sock:
+            path = sent if sent.startswith(b"/") else b"/images/" + sent
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(expected), head
     assert open_image(body).size == SIZES[ODD]
 
 
@@ -513,7 +514,7 @@ def test_methods(server):
         assert headers["allow"] == "GET, HEAD"
         assert json.loads(body)["error"] == "method_not_allowed"
     assert request(address, "/healthz", "POST")[0] == 405
-    assert request(address, image_path(PLAIN), "BREW")[0] == 501  # unknown to HTTP itself
+    assert request(address, image_path(PLAIN), "BREW")[0] == 400  # the HTTP parser refuses
     status, headers, body = request(address, image_path(PLAIN), "HEAD")
     get = request(address, image_path(PLAIN))
     assert status == 200 and body == b""
@@ -667,12 +668,12 @@ def test_symlinks_out_of_bitstreams_are_not_followed(archive, tmp_path):
 
 
 def test_corrupt_stream_messages_quote_nothing_from_the_stream():
-    assert serve.content_free("not an sgarc bitstream (starts with b'TOP-', expected "
+    assert serve_service.content_free("not an sgarc bitstream (starts with b'TOP-', expected "
                               "b'SGAC')") == "not an sgarc bitstream"
-    assert serve.content_free("unknown section b'XY\\x00Z'") == "unknown section"
-    assert serve.content_free("invalid model id 'hunter2'") == "invalid model id"
+    assert serve_service.content_free("unknown section b'XY\\x00Z'") == "unknown section"
+    assert serve_service.content_free("invalid model id 'hunter2'") == "invalid model id"
     kept = "checksum mismatch: the stream is corrupt or truncated"
-    assert serve.content_free(kept) == kept
+    assert serve_service.content_free(kept) == kept
 
 
 def test_service_api(archive):
@@ -685,7 +686,7 @@ def test_service_api(archive):
         service.get("../secret")
     with pytest.raises(BadRequest):
         service.get(PLAIN, "gif")
-    with pytest.raises(serve.CorruptStream):
+    with pytest.raises(serve_service.CorruptStream):
         service.get(CORRUPT)
     assert service.render(PLAIN).cache == "miss" and service.render(PLAIN).cache == "miss"
 
@@ -797,43 +798,25 @@ def test_run_server_prints_its_url_and_stops_on_ctrl_c(archive):
 # ---------------------------------------------------------------------------------------------
 
 
-def _starlette_request(method: str, raw_path: bytes, query: bytes = b"",
-                       headers: list[tuple[bytes, bytes]] | None = None,
-                       root_path: str = ""):
-    from urllib.parse import unquote_to_bytes
+def test_the_app_under_a_route_prefix(archive):
+    """The ASGI app as Ray Serve mounts it under a route prefix (root_path), through
+    Starlette's TestClient (no server, no Ray)."""
+    from starlette.testclient import TestClient
 
-    from starlette.requests import Request
-
-    return Request({"type": "http", "method": method, "path":
-                    unquote_to_bytes(raw_path).decode("utf-8", "replace"),
-                    "raw_path": raw_path, "root_path": root_path, "query_string": query,
-                    "headers": headers or [], "http_version": "1.1", "scheme": "http",
-                    "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)})
-
-
-def test_ray_serve_ingress_without_a_cluster(archive):
-    """The deployment class's Starlette adapter, called directly (no Ray runtime)."""
-    import asyncio
-
-    pytest.importorskip("starlette")
-    ingress = serve.DecodeDeployment(str(archive["root"]))
-
-    def call(*args, **kwargs):
-        return asyncio.run(ingress(_starlette_request(*args, **kwargs)))
-
-    resp = call("GET", b"/images/" + quote(PHOTO).encode(), b"format=webp")
+    client = TestClient(make_app(DecodeService(str(archive["root"]))), root_path="/sgarc")
+    resp = client.get("/sgarc/images/" + quote(PHOTO), params={"format": "webp"})
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/webp"
-    assert open_image(resp.body).size == SIZES[PHOTO]
-    resp = call("GET", b"/sgarc/images/" + quote(PLAIN).encode(),
-                headers=[(b"accept", b"image/jpeg")], root_path="/sgarc")
+    assert open_image(resp.content).size == SIZES[PHOTO]
+    resp = client.get("/sgarc/images/" + quote(PLAIN), headers={"accept": "image/jpeg"})
     assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
-    head = call("HEAD", b"/images/" + quote(PLAIN).encode())
-    assert head.status_code == 200 and head.body == b"" and int(head.headers["content-length"])
-    assert call("GET", b"/images/%2e%2e%2fsecret").status_code == 400
-    assert call("GET", b"/images/nope").status_code == 404
-    assert call("GET", b"/images/" + quote(CORRUPT).encode()).status_code == 422
-    assert call("POST", b"/images/x").status_code == 405
-    assert call("GET", b"/healthz").status_code == 200
+    head = client.head("/sgarc/images/" + quote(PLAIN))
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(client.get("/sgarc/images/red.png").content)
+    assert client.get("/sgarc/images/%2e%2e%2fsecret").status_code == 400
+    assert client.get("/sgarc/images/nope").status_code == 404
+    assert client.get("/sgarc/images/" + quote(CORRUPT)).status_code == 422
+    assert client.post("/sgarc/images/x").status_code == 405
+    assert client.get("/sgarc/healthz").status_code == 200
 
 
 def test_ray_serve_end_to_end(archive):
