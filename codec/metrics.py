@@ -44,7 +44,7 @@ def bpp(num_bytes: int, width: int, height: int) -> float:
 # reported. VCEG-M33 fits a cubic polynomial through the points ("cubic"); the later
 # JCT-VC practice (and what this module does by default) is the piecewise cubic
 # monotone-preserving Hermite interpolation (PCHIP, Fritsch & Carlson 1980) through them,
-# which does not oscillate between points of a wide sweep.
+# which does not oscillate between points of a wide sweep (scipy's PchipInterpolator).
 
 BD_MIN_POINTS = 4  # VCEG-M33 fits a cubic: four points at least per curve
 BD_METHODS = ("pchip", "cubic")
@@ -65,82 +65,35 @@ def _strict(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ux, uy
 
 
-def _pchip_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Fritsch-Carlson derivatives at the knots (the same rule as scipy's PchipInterpolator)."""
-    h, delta = np.diff(x), np.diff(y) / np.diff(x)
-    n = len(x)
-    if n == 2:
-        return np.array([delta[0], delta[0]])
-    d = np.zeros(n)
-    w1, w2 = 2 * h[1:] + h[:-1], h[1:] + 2 * h[:-1]
-    same = delta[:-1] * delta[1:] > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d[1:-1] = np.where(same, (w1 + w2) / (w1 / delta[:-1] + w2 / delta[1:]), 0.0)
+def _fit(x: np.ndarray, y: np.ndarray, method: str):
+    """(knots, fit): y(x) through the points by scipy's PCHIP, or VCEG-M33's least-squares
+    cubic; the fit is None with too few points (2 for PCHIP, 4 for the cubic)."""
+    from numpy.polynomial import Polynomial
+    from scipy.interpolate import PchipInterpolator  # here: psnr() users need no scipy
 
-    def end(h0, h1, m0, m1):
-        s = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
-        if np.sign(s) != np.sign(m0):
-            return 0.0
-        if np.sign(m0) != np.sign(m1) and abs(s) > abs(3 * m0):
-            return 3 * m0
-        return s
-
-    d[0] = end(h[0], h[1], delta[0], delta[1])
-    d[-1] = end(h[-1], h[-2], delta[-1], delta[-2])
-    return d
+    if method not in BD_METHODS:
+        raise ValueError(f"method must be one of {BD_METHODS}, not {method!r}")
+    x, y = _strict(x, y)
+    if method == "cubic":
+        return x, Polynomial.fit(x, y, 3) if len(x) >= 4 else None
+    return x, PchipInterpolator(x, y) if len(x) >= 2 else None
 
 
-class _Fit:
-    """y(x) through the points, by PCHIP or by a least-squares cubic; exact integrals."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, method: str) -> None:
-        if method not in BD_METHODS:
-            raise ValueError(f"method must be one of {BD_METHODS}, not {method!r}")
-        self.x, self.y = _strict(x, y)
-        self.method = method
-        if method == "cubic":
-            self.poly = np.polyint(np.polyfit(self.x, self.y, 3)) if len(self.x) >= 4 else None
-        else:
-            self.d = _pchip_slopes(self.x, self.y) if len(self.x) >= 2 else None
-
-    def _segment(self, v: float) -> tuple[int, float, float]:
-        k = int(np.clip(np.searchsorted(self.x, v, side="right") - 1, 0, len(self.x) - 2))
-        h = self.x[k + 1] - self.x[k]
-        return k, h, (v - self.x[k]) / h
-
-    def __call__(self, v: float) -> float:
-        if self.method == "cubic":
-            return float(np.polyval(np.polyder(self.poly), v))
-        k, h, t = self._segment(v)
-        y0, y1, d0, d1 = self.y[k], self.y[k + 1], self.d[k], self.d[k + 1]
-        return float((2 * t**3 - 3 * t**2 + 1) * y0 + (t**3 - 2 * t**2 + t) * h * d0
-                     + (-2 * t**3 + 3 * t**2) * y1 + (t**3 - t**2) * h * d1)
-
-    def _antiderivative(self, v: float) -> float:
-        """Integral of the fit from x[0] to v."""
-        if self.method == "cubic":
-            return float(np.polyval(self.poly, v) - np.polyval(self.poly, self.x[0]))
-        k, h, t = self._segment(v)
-        full_h = np.diff(self.x)[:k]
-        full = np.sum(full_h * (self.y[:k] + self.y[1:k + 1]) / 2
-                      + full_h**2 * (self.d[:k] - self.d[1:k + 1]) / 12)
-        y0, y1, d0, d1 = self.y[k], self.y[k + 1], self.d[k], self.d[k + 1]
-        part = h * ((t**4 / 2 - t**3 + t) * y0 + (t**4 / 4 - 2 * t**3 / 3 + t**2 / 2) * h * d0
-                    + (-(t**4) / 2 + t**3) * y1 + (t**4 / 4 - t**3 / 3) * h * d1)
-        return float(full + part)
-
-    def integral(self, lo: float, hi: float) -> float:
-        return self._antiderivative(hi) - self._antiderivative(lo)
+def _integral(fit, lo: float, hi: float) -> float:
+    if hasattr(fit, "integrate"):  # PchipInterpolator
+        return float(fit.integrate(lo, hi))
+    antiderivative = fit.integ()
+    return float(antiderivative(hi) - antiderivative(lo))
 
 
 def _bd(xa, ya, xr, yr, method: str) -> float | None:
-    fa, fr = _Fit(xa, ya, method), _Fit(xr, yr, method)
-    if len(fa.x) < BD_MIN_POINTS or len(fr.x) < BD_MIN_POINTS:
+    (ka, fa), (kr, fr) = _fit(xa, ya, method), _fit(xr, yr, method)
+    if len(ka) < BD_MIN_POINTS or len(kr) < BD_MIN_POINTS:
         return None
-    lo, hi = max(fa.x[0], fr.x[0]), min(fa.x[-1], fr.x[-1])
+    lo, hi = max(ka[0], kr[0]), min(ka[-1], kr[-1])
     if hi <= lo:
         return None  # the curves do not overlap
-    return (fa.integral(lo, hi) - fr.integral(lo, hi)) / (hi - lo)
+    return (_integral(fa, lo, hi) - _integral(fr, lo, hi)) / (hi - lo)
 
 
 def bd_rate(curve_a, curve_ref, method: str = "pchip") -> float | None:
@@ -183,9 +136,7 @@ def rate_saving(point, curve_ref, method: str = "pchip") -> float | None:
     """
     (r,), (d,) = _points([point])
     rr, dr = _points(curve_ref)
-    fit = _Fit(dr, np.log(rr), "pchip" if method == "pchip" else method)
-    if len(fit.x) < 2 or not fit.x[0] <= d <= fit.x[-1]:
+    knots, fit = _fit(dr, np.log(rr), method)
+    if fit is None or not knots[0] <= d <= knots[-1]:
         return None
-    if method == "cubic" and fit.poly is None:
-        return None
-    return float((r / math.exp(fit(d)) - 1.0) * 100.0)
+    return float((r / math.exp(float(fit(d))) - 1.0) * 100.0)
