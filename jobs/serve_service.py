@@ -29,6 +29,7 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 import threading
@@ -191,22 +192,11 @@ class ByteLRU:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = int(max_bytes)
         self.max_item_bytes = self.max_bytes // 4 if max_item_bytes is None else max_item_bytes
-        size: Callable[[tuple[Any, int]], int] = lambda item: item[1]  # noqa: E731
-        self._items: cachetools.LRUCache = (
-            cachetools.TTLCache(self.max_bytes, ttl, timer=clock, getsizeof=size) if ttl
-            else cachetools.LRUCache(self.max_bytes, getsizeof=size))
+        self._items = cachetools.TTLCache(self.max_bytes, ttl or math.inf, timer=clock,
+                                          getsizeof=lambda item: item[1])  # (value, size)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    @property
-    def bytes(self) -> int:
-        with self._lock:
-            return int(self._items.currsize)
 
     def get(self, key: Hashable, count: bool = True) -> Any | None:
         """The value, or None when absent or expired (``count``: update hits / misses)."""

@@ -199,7 +199,7 @@ def test_byte_lru_evicts_least_recent_and_expires():
     assert lru.get("b") is None and lru.get("a") == "A" and lru.get("c") == "C"
     assert not lru.put("big", "X", 51)  # over the item limit: not kept
     now[0] = 11  # everything is older than the TTL now, and gives its bytes back
-    assert lru.get("a") is None and len(lru) == 0 and lru.bytes == 0
+    assert lru.get("a") is None and lru.stats()["entries"] == 0 and lru.stats()["bytes"] == 0
     assert ByteLRU(0).put("a", "A", 1) is False
     assert not ByteLRU(100).put("a", "A", 26)  # by default, an item gets a quarter at most
 
@@ -817,6 +817,20 @@ def test_the_app_under_a_route_prefix(archive):
     assert client.get("/sgarc/images/" + quote(CORRUPT)).status_code == 422
     assert client.post("/sgarc/images/x").status_code == 405
     assert client.get("/sgarc/healthz").status_code == 200
+
+
+def test_a_bug_is_a_500_json_error(archive):
+    from starlette.testclient import TestClient
+
+    service = DecodeService(str(archive["root"]))
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    service.render = broken
+    resp = TestClient(make_app(service), raise_server_exceptions=False).get(image_path(PLAIN))
+    assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
+    assert "a bug" not in resp.text
 
 
 def test_ray_serve_end_to_end(archive):
