@@ -510,7 +510,8 @@ def _prepare(
 
     color, planes, alpha_plane = None, None, None
     if hidden_16:
-        wide = _decode_wide(im, tiles, opener, name)
+        wide = (_decode_png16(im, opener, name) if fmt == "PNG" else None) or _decode_wide(
+            im, tiles, opener, name)
         if wide is not None:
             color, planes, alpha_plane = wide
     if planes is None:
@@ -652,6 +653,32 @@ def _decode_twin(
             return np.asarray(im2)
 
     return _pillow_call(name, "decode", decode)
+
+
+def _decode_png16(
+    im: Image.Image, opener: Callable[[], IO[bytes]], name: str
+) -> tuple[str, np.ndarray, np.ndarray | None] | None:
+    """A 16-bit PNG decoded once at full precision by imagecodecs (libpng), reduced by
+    rounding; like _to_planes' (color, planes, alpha). None where imagecodecs is missing
+    (the GPU image): _decode_wide then decodes twice, through Pillow."""
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    if not imagecodecs.PNG.available or im.info.get("interlace"):
+        return None  # Adam7: imagecodecs' libpng call warns on stderr; Pillow decodes it
+    with opener() as fp:
+        data = fp.read()
+    wide = _pillow_call(name, "decode", lambda: imagecodecs.png_decode(data))
+    if wide.dtype != np.uint16 or wide.ndim != 3 or wide.shape[:2] != im.size[::-1]:
+        return None
+    if wide.shape[2] == 2:  # gray + alpha
+        return "L", _reduce16(wide[:, :, 0]), _reduce16(wide[:, :, 1])
+    rgb = wide[:, :, :3]
+    if wide.shape[2] == 4:
+        return "RGB", _reduce16(rgb), _reduce16(wide[:, :, 3])
+    key = im.info.get("transparency")
+    return "RGB", _reduce16(rgb), None if key is None else _key_alpha(rgb, key)
 
 
 def _decode_wide(
