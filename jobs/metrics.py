@@ -5,15 +5,18 @@
     worst_images(con, by="psnr", n=10); failures(con)
     query(con, "SELECT method, avg(bpp) FROM metrics WHERE status = 'ok' GROUP BY ALL")
 
-``metrics`` holds every row of every part ``<out>/metrics/run=<id>/*.parquet``
-(schema in docs/pipeline.md), plus two columns: ``run``, the run id taken from the part's
-``run=<id>`` folder (it equals the ``run_id`` column the files hold), and ``part``, the
-part's path. Parts are read by name (``union_by_name``): a part written before a column
-existed (``metadata_bytes``, ``has_icc``, ``bitstream_sha256``, ...) reads as NULL there,
-and a column of the current schema that no part has yet is still in the view, all NULL, so
-queries need not care which sgarc version wrote which part. ``run`` comes from the part's
-path rather than DuckDB's hive partitioning so that ``key=value`` folders above the output
-(``/data/year=2024/archive``) never turn into columns that shadow real ones.
+``metrics`` holds every row of the files ``<out>/metrics/run=<id>/*.parquet``: the shard
+parts and the compacted files that merge a run's parts (``sgarc metrics compact``; a part
+a compacted file holds is skipped, so each row counts once, before and after compaction;
+``pipeline.sink.metric_files``). Schema in docs/pipeline.md, plus two columns: ``run``,
+the run id taken from the file's ``run=<id>`` folder (it equals the ``run_id`` column the
+files hold), and ``part``, the file's path. Files are read by name (``union_by_name``):
+a part written before a column existed (``metadata_bytes``, ``has_icc``, ...) reads as
+NULL there, and a column of the current schema that no part has yet is still in the view,
+all NULL, so queries need not care which sgarc version wrote which part. ``run`` comes
+from the file's path rather than DuckDB's hive partitioning so that ``key=value`` folders
+above the output (``/data/year=2024/archive``) never turn into columns that shadow real
+ones.
 
 Object stores go through the same fsspec filesystem the pipeline uses, registered with
 DuckDB (``register_filesystem``): no DuckDB extension is installed or loaded, nothing is
@@ -73,7 +76,6 @@ from decimal import Decimal
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 
 from codec.errors import SgarcError
 from jobs.options import STORAGE_OPTIONS_HELP
@@ -82,7 +84,6 @@ from pipeline import sink
 from pipeline.storage import Storage, StorageError
 
 WORST_BY = ("psnr", "bpp", "savings")
-_GLOB_CHARS = re.compile(r"([*?\[])")
 _URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
@@ -100,42 +101,18 @@ def display_url(url: str) -> str:
     return _URL_USERINFO.sub(r"\1***@", str(url))
 
 
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_int32(t):
-        return "INTEGER"
-    if pa.types.is_integer(t):
-        return "BIGINT"
-    if pa.types.is_floating(t):
-        return "DOUBLE"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
-    return "VARCHAR"
-
-
-def _literal_glob(path: str) -> str:
-    """``path`` as a glob pattern matching itself only (``[`` -> ``[[]``, ...)."""
-    return _GLOB_CHARS.sub(r"[\1]", path)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def connect(output_url: str, storage_options: dict | None = None, *,
             run: str | None = None, cache: bool | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with ``metrics`` over the output's parts.
 
     ``run`` limits ``metrics`` to that run's parts (only they are read). ``cache``: read the
     parts once into an in-memory table instead of a view that reads them at each query;
-    the default caches on object stores, where every query would otherwise list and open
-    every part again (a round trip each), and reads local parts lazily. Raises
-    :class:`MetricsError` when there are no parts (or none of ``run``) or they cannot be read.
+    the default caches on object stores, where every query would otherwise open every part
+    again (a round trip each), and reads local parts lazily. The files are those readers
+    see (``pipeline.sink.metric_files``: compacted files, and the parts no compacted file
+    holds), listed once and read by DuckDB's own ``read_parquet([...], union_by_name)``.
+    Raises :class:`MetricsError` when there are no parts (or none of ``run``) or they
+    cannot be read.
     """
     shown = display_url(output_url)
     try:
@@ -144,40 +121,24 @@ def connect(output_url: str, storage_options: dict | None = None, *,
         raise MetricsError(f"cannot open {shown}: {exc}") from None
     if run is not None and (not run or "/" in run or run in (".", "..")):
         raise MetricsError(f"not a run id: {run!r}")
-    con = duckdb.connect(config={"autoinstall_known_extensions": False,
-                                 "autoload_known_extensions": False})
+    con = sink.duckdb_connection(storage)
     try:
-        con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
-        if storage.protocol == "file":
-            base = storage.full_path("metrics")
-        else:
-            con.register_filesystem(storage.fs)
-            base = storage.url_of("metrics")
-        # Literal names: escape glob characters in the root (fsspec and DuckDB both glob).
-        folder = "run=*" if run is None else "run=" + _literal_glob(run)
-        pattern = f"{_literal_glob(base)}/{folder}/*.parquet"
-        source = (f"read_parquet({_literal(pattern)}, union_by_name = true, "
-                  "hive_partitioning = false, filename = true)")
         try:
-            present = {name for name, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-        except duckdb.IOException as exc:
-            if "No files found" not in str(exc):
-                raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
-            if run is None:
-                raise MetricsError(f"no metrics under {shown}: run `sgarc run` first") from None
-            raise MetricsError(_unknown_run(storage, run, shown)) from None
-        except duckdb.Error as exc:
+            files = sink.metric_files(storage, run)
+        except (StorageError, duckdb.Error) as exc:
             raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
-        missing = [f"CAST(NULL AS {_duck_type(f.type)}) AS {_ident(f.name)}"
-                   for f in sink.SCHEMA if f.name not in present]
-        columns = ", ".join(["* EXCLUDE (filename)", *missing,
-                             r"regexp_extract(filename, '/run=([^/]+)/[^/]+$', 1) AS run",
-                             "filename AS part"])
+        if not files:
+            if run is None:
+                raise MetricsError(f"no metrics under {shown}: run `sgarc run` first")
+            raise MetricsError(_unknown_run(storage, run, shown))
         if cache is None:
             cache = storage.protocol != "file"
         try:
-            con.execute(f"CREATE {'TABLE' if cache else 'VIEW'} metrics AS "
-                        f"SELECT {columns} FROM {source}")
+            rel = sink.read_metrics(con, storage, files)
+            if cache:
+                rel.create("metrics")
+            else:
+                rel.create_view("metrics")
         except duckdb.Error as exc:
             raise MetricsError(f"cannot read the metrics under {shown}: {exc}") from None
     except BaseException:
@@ -506,7 +467,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "then the worst images and the failures. --sql runs any DuckDB SQL against the "
         "view `metrics` (one row per image per run, docs/pipeline.md, plus `run` and "
         "`part`).")
-    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("output", metavar="[compact] OUTPUT", nargs="+",
+                   help="the pipeline's output; `sgarc metrics compact OUTPUT` merges each "
+                   "finished run's small parts into a few large files instead (safe to "
+                   "interrupt and to rerun; readers see the same rows before and after)")
     p.add_argument("--run", metavar="ID", default=None, help="only this run")
     p.add_argument("--sql", metavar="SQL", default=None,
                    help="print the result of this SQL over the view `metrics` instead")
@@ -521,8 +485,38 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def compact(output_url: str, storage_options: dict | None = None,
+            run: str | None = None) -> list[tuple[str, int, int]]:
+    """Compact the parts of each finished run (or of ``run``): (run, parts, rows) each.
+    A run without summary.json may still be writing (or be resumed): it is left alone."""
+    from pipeline.plan import summary_key
+
+    storage = Storage(output_url, storage_options)
+    finished = sorted({key.split("/")[1] for key in storage.list_keys("_jobs", "summary.json")
+                       if key.count("/") == 2})
+    if run is not None:
+        if not storage.exists(summary_key(run)):
+            raise MetricsError(f"run {run} under {display_url(output_url)} has not finished "
+                               "(no summary.json): compact it when it has")
+        finished = [run]
+    done = []
+    for run_id in finished:
+        parts, rows = sink.compact(storage, run_id)
+        if parts:
+            done.append((run_id, parts, rows))
+    return done
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options)
+    words = args.output
+    if len(words) == 2 and words[0] == "compact":
+        for run_id, parts, rows in compact(words[1], options, args.run):
+            print(f"run {run_id}: {parts} parts ({rows} rows) merged")
+        return 0
+    if len(words) != 1:
+        raise MetricsError("give one OUTPUT (or `compact OUTPUT`)")
+    args.output = words[0]
     if args.worst < 0:
         raise MetricsError("--worst must be >= 0")
     con = connect(args.output, options, run=args.run)

@@ -57,6 +57,7 @@ def run_spec(spec: JobSpec, *, progress: bool = True, echo=print,
 
     storage_options = spec.storage_options()  # expanded here, where the run happens
     options = spec.to_options(progress=progress)
+    options.dry_run = dry_run
     summaries = [pipeline_run.run(spec.input_url, spec.output_url, spec.to_settings(),
                                   options, storage_options)]
     echo(summaries[-1].line())
@@ -146,7 +147,7 @@ def follow_logs(client: Any, job_id: str, *, poll: float = 2.0, out=sys.stdout,
     printed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        status = str(_status_value(client.get_job_status(job_id)))
+        status = str(status_value(client.get_job_status(job_id)))
         logs = client.get_job_logs(job_id)
         if len(logs) > printed:
             out.write(logs[printed:])
@@ -178,7 +179,7 @@ def follow_or_stop(client: Any, job_id: str) -> str:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _status_value(status: Any) -> str:
+def status_value(status: Any) -> str:
     return getattr(status, "value", status)
 
 
@@ -221,14 +222,16 @@ def local_runs(spec: JobSpec, run_id: str | None = None) -> list[LocalRun]:
         keys = output.list_keys("_jobs", "plan.json")
     runs = []
     for key in keys:
+        if key.count("/") != 2:  # a plan's manifests live beside its plan.json
+            continue
         plan = Plan.from_json(output.read_bytes(key))
         summary = (json.loads(output.read_bytes(summary_key(plan.run_id)))
                    if output.exists(summary_key(plan.run_id)) else None)
-        done = (len(plan.shards) if summary else
-                sum(output.exists(sink.part_key(plan.run_id, s.id)) for s in plan.shards))
-        runs.append(LocalRun(plan.run_id, getattr(plan, "mode", "encode"), plan.created,
-                             plan.num_images, len(plan.shards), done,
-                             "finished" if summary else "unfinished", summary))
+        done = (plan.num_shards if summary else
+                len(sink.committed_shards(output, plan.run_id)))  # one listing per run
+        runs.append(LocalRun(plan.run_id, plan.mode, plan.created, plan.num_images,
+                             plan.num_shards, done, "finished" if summary else "unfinished",
+                             summary))
     return sorted(runs, key=lambda r: r.created)
 
 
@@ -378,7 +381,7 @@ def cmd_jobs_list(args) -> int:
         for job in sorted(jobs, key=lambda j: j.start_time or 0):
             name = (job.metadata or {}).get("sgarc_job", "-")
             print(f"{job.submission_id or job.job_id or '-':<44} "
-                  f"{_status_value(job.status):<10} {_ms(job.start_time):<20} {name:<20} "
+                  f"{status_value(job.status):<10} {_ms(job.start_time):<20} {name:<20} "
                   f"{(job.entrypoint or '')[:60]}")
         return 0
     runs = local_runs(spec)
@@ -401,7 +404,7 @@ def cmd_jobs_status(args) -> int:
     if address:
         info = job_client(address).get_job_info(args.job_id)
         print(f"job:        {args.job_id}")
-        print(f"status:     {_status_value(info.status)}")
+        print(f"status:     {status_value(info.status)}")
         if info.message:
             print(f"message:    {info.message}")
         print(f"started:    {_ms(info.start_time)}")
@@ -461,14 +464,8 @@ def _now() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.submit ARGS`` is ``sgarc submit ARGS``."""
-    parser = argparse.ArgumentParser(prog="sgarc submit")
-    _add_submit_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cmd_submit(args)
-    except SgarcError as exc:
-        print(f"sgarc submit: error: {exc}", file=sys.stderr)
-        return 2
+    from jobs.cli import run_as
+    return run_as("submit", argv)
 
 
 if __name__ == "__main__":

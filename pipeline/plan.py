@@ -1,4 +1,4 @@
-"""Planning a run: which images to encode, cut into deterministic shards, stored with the job.
+"""Planning a run: which images to encode, cut into deterministic shards, stored as data.
 
 An image is skipped when an earlier run already encoded it successfully with the same
 fingerprint (settings + model) from the same source bytes (key, size, version). So reruns
@@ -6,27 +6,58 @@ and nightly runs only do new or changed work. An image whose key the decode serv
 not take (a newline in its name, ...) is refused here: its shard records why, and the
 worker writes an error row (stage "plan") without reading it. Shard ids hash the
 fingerprint and the images they hold, so the same work always gets the same id, and a
-shard is done when its Parquet part exists. The plan is stored under
-`<out>/_jobs/<run-id>/plan.json`; an interrupted run resumes from it.
+shard is done when its rows are committed (its Parquet part, or a compacted file).
+
+Archive scale (DESIGN.md decision 10): nothing here holds the archive in memory. The
+listing streams into local Parquet files; which images are done is an anti-join of that
+listing against the metrics in DuckDB (spilling to disk past its memory limit); the result
+streams out in key order and is cut into shards, written as Parquet manifests in chunks:
+
+    <out>/_jobs/<run id>/plan/shards-00000.parquet   one row per image: its shard, key, ...
+    <out>/_jobs/<run id>/plan.json                   the plan's settings, counts, manifests
+
+`plan.json` is written last, so a plan is complete when it exists; an interrupted run
+resumes from it. Plans from before manifests (`plan.json` holding every shard) still load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import secrets
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import sink
-from pipeline.keys import key_problem
+from pipeline.keys import as_text, key_problem
 from pipeline.storage import ObjectInfo, Storage
 
-DONE_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint", "status"]
+LISTING_BATCH = 100_000  # listed objects per local spill file
+CHUNK_IMAGES = 50_000  # images per plan manifest (whole shards; a few MB)
+FORMAT = 2  # plan.json with manifests; plans without "format" hold their shards inline
+
+LISTING_SCHEMA = pa.schema([
+    ("key", pa.string()),  # as text (U+FFFD for bytes that are not UTF-8)
+    ("raw", pa.binary()),  # the key's bytes when it is not UTF-8, else null
+    ("size", pa.int64()),
+    ("version", pa.string()),
+])
+MANIFEST_SCHEMA = pa.schema([
+    ("shard_id", pa.string()),
+    *LISTING_SCHEMA,
+    ("refused", pa.string()),  # why the image is refused at planning, else null
+    ("baseline", pa.float64()),  # refinement: the stored encoding's RD loss
+    ("stored_route", pa.string()),  # refinement: what the archive holds (codec.routes)
+    ("stored_bytes", pa.int64()),
+    ("stored_psnr", pa.float64()),
+])
 
 
 @dataclass
@@ -50,32 +81,63 @@ class Shard:
 
 @dataclass
 class Plan:
+    """A run's plan: its settings and counts here, its shards in Parquet manifests under the
+    output (``manifests``), read a chunk at a time by :meth:`iter_shards`."""
+
     run_id: str
     input_url: str
     output_url: str
     fingerprint: str
     settings: dict
-    shards: list[Shard]
     skipped: int = 0  # images already done by earlier runs
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     mode: str = "encode"  # "encode": new and changed images; "refine": see make_refine_plan
+    num_images: int = 0
+    num_shards: int = 0
+    manifests: list[str] = field(default_factory=list)  # keys under the output, in order
+    inline: list[Shard] | None = None  # a plan from before manifests: its shards
 
-    @property
-    def num_images(self) -> int:
-        return sum(len(s.images) for s in self.shards)
+    def iter_shards(self, output: Storage) -> Iterator[Shard]:
+        """The shards in plan order, one manifest in memory at a time."""
+        if self.inline is not None:
+            yield from self.inline
+            return
+        for key in self.manifests:
+            yield from _shards_of(pq.ParquetFile(io.BytesIO(output.read_bytes(key))),
+                                  self.mode == "refine")
+
+    def shard_sizes(self, output: Storage) -> Iterator[tuple[str, int]]:
+        """(shard id, images) in plan order, reading the manifests' shard_id column only."""
+        if self.inline is not None:
+            yield from ((s.id, len(s.images)) for s in self.inline)
+            return
+        for key in self.manifests:
+            ids = pq.read_table(io.BytesIO(output.read_bytes(key)), columns=["shard_id"])
+            counts = ids.group_by("shard_id", use_threads=False).aggregate([([], "count_all")])
+            yield from zip(counts["shard_id"].to_pylist(), counts["count_all"].to_pylist(),
+                           strict=True)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+        d = asdict(self)
+        d.pop("inline")
+        return json.dumps({"format": FORMAT, **d}, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Plan:
         d = json.loads(data)
-        d["shards"] = [Shard.from_json(s) for s in d["shards"]]
+        if d.pop("format", None) is None:  # before manifests: every shard inline
+            shards = [Shard.from_json(s) for s in d.pop("shards")]
+            return cls(**d, num_images=sum(len(s.images) for s in shards),
+                       num_shards=len(shards), inline=shards)
         return cls(**d)
 
 
 def plan_key(run_id: str) -> str:
     return f"_jobs/{run_id}/plan.json"
+
+
+def manifest_key(run_id: str, index: int) -> str:
+    return f"_jobs/{run_id}/plan/shards-{index:05d}.parquet"
 
 
 def summary_key(run_id: str) -> str:
@@ -86,24 +148,7 @@ def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def _metric_tables(output: Storage, columns: list[str]) -> Iterator[pa.Table]:
-    """Each metrics part with those of `columns` it has (older parts may lack newer ones)."""
-    for key in output.list_keys("metrics", ".parquet"):
-        yield sink.read_part(output.read_bytes(key), columns)
-
-
-def done_images(output: Storage, fingerprint: str) -> set[tuple[str, int, str]]:
-    """(key, size, version) of every image already encoded successfully with `fingerprint`."""
-    done: set[tuple[str, int, str]] = set()
-    for table in _metric_tables(output, DONE_COLUMNS):
-        table = table.filter(pc.and_(pc.equal(table["fingerprint"], fingerprint),
-                                     pc.equal(table["status"], "ok")))
-        done.update(zip(table["source_key"].to_pylist(), table["source_bytes"].to_pylist(),
-                        table["source_version"].to_pylist(), strict=True))
-    return done
-
-
-def shard_id(fingerprint: str, images: list[ObjectInfo]) -> str:
+def shard_id(fingerprint: str, images: Iterable[ObjectInfo]) -> str:
     h = hashlib.sha256(fingerprint.encode())
     for im in images:  # surrogateescape: a name that is not UTF-8 must not stop the plan
         h.update(f"\0{im.key}\0{im.size}\0{im.version}".encode("utf-8", "surrogateescape"))
@@ -122,35 +167,25 @@ def refusal(key: str) -> str | None:
     return f"refused at planning: {problem}; `sgarc serve` could not serve it: rename the file"
 
 
-def make_plan(images: list[ObjectInfo], input_url: str, output: Storage, settings: dict,
-              fingerprint: str, shard_size: int, run_id: str | None = None) -> Plan:
-    """Skip what is done, cut the rest into shards of `shard_size` in key order."""
-    if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
-    done = done_images(output, fingerprint)
-    todo = sorted((im for im in images if (im.key, im.size, im.version) not in done),
-                  key=lambda im: im.key)
-    chunks = [todo[i:i + shard_size] for i in range(0, len(todo), shard_size)]
-    shards = []
-    for chunk in chunks:
-        refused = {im.key: reason for im in chunk if (reason := refusal(im.key)) is not None}
-        shards.append(Shard(shard_id(fingerprint, chunk), chunk, refused=refused or None))
-    return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
-                skipped=len(images) - len(todo))
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
 
 
-REFINE_COLUMNS = ["source_key", "source_bytes", "source_version", "model_id", "method",
-                  "iterations", "status", "rd_loss", "timestamp", "replaced", "route",
-                  "bitstream_bytes", "psnr"]
+def make_plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, settings: dict,
+              fingerprint: str, shard_size: int, run_id: str | None = None, *,
+              write: bool = True) -> Plan:
+    """Skip what is done, cut the rest into shards of `shard_size` in key order. With
+    `write`, the manifests and plan.json are stored under the output; without (a dry run),
+    the plan only counts."""
+    return _plan(images, input_url, output, settings, fingerprint, shard_size, run_id,
+                 "encode", None, write)
 
 
-def _metric_rows(output: Storage, columns: list[str]) -> list[dict]:
-    return [row for table in _metric_tables(output, columns) for row in table.to_pylist()]
-
-
-def make_refine_plan(images: list[ObjectInfo], input_url: str, output: Storage,
+def make_refine_plan(images: Iterable[ObjectInfo], input_url: str, output: Storage,
                      settings: dict, fingerprint: str, shard_size: int,
-                     max_images: int | None = None, run_id: str | None = None) -> Plan:
+                     max_images: int | None = None, run_id: str | None = None, *,
+                     write: bool = True) -> Plan:
     """Images whose stored encoding is below the target (method, iterations) of `settings`.
 
     Only images with a stored encoding of the same source bytes and model qualify (new or
@@ -158,45 +193,198 @@ def make_refine_plan(images: list[ObjectInfo], input_url: str, output: Storage,
     target for it, whether or not that run replaced the bitstream. Candidates with the
     highest stored RD loss come first (most to gain), up to `max_images`.
     """
-    current = {(im.key, im.size, im.version): im for im in images}
-    stored: dict[tuple, dict] = {}
-    reached: set[tuple] = set()
-    for row in _metric_rows(output, REFINE_COLUMNS):
-        ident = (row["source_key"], row["source_bytes"], row["source_version"])
-        if (row["status"] != "ok" or ident not in current
-                or row["model_id"] != settings["model"]):
-            continue
-        if (row["method"] == settings["method"]
-                and (row["iterations"] or 0) >= settings["iterations"]):
-            reached.add(ident)
-        written = row.get("replaced") is not False  # this row's bitstream was stored
-        if written and (ident not in stored or row["timestamp"] > stored[ident]["timestamp"]):
-            stored[ident] = row
-    todo = sorted((ident for ident in stored if ident not in reached),
-                  key=lambda i: (-(stored[i]["rd_loss"] or 0.0), i[0]))
-    if max_images is not None:
-        todo = todo[:max_images]
-    shards = []
-    for start in range(0, len(todo), shard_size):
-        idents = todo[start:start + shard_size]
-        chunk = [current[i] for i in idents]
-        baseline = {current[i].key: stored[i]["rd_loss"] for i in idents}
-        held = {current[i].key: {"route": stored[i].get("route") or "learned",
-                                 "bytes": stored[i].get("bitstream_bytes"),
-                                 "psnr": stored[i].get("psnr")} for i in idents}
-        shards.append(Shard(shard_id("refine:" + fingerprint, chunk), chunk, baseline,
-                            stored=held))
-    return Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings, shards,
-                skipped=len(images) - len(todo), mode="refine")
+    return _plan(images, input_url, output, settings, fingerprint, shard_size, run_id,
+                 "refine", max_images, write)
+
+
+_DONE_SQL = """
+SELECT l.* FROM listing l ANTI JOIN (
+    SELECT source_key, source_bytes, coalesce(source_version, '') AS source_version
+    FROM metrics WHERE fingerprint = $fingerprint AND status = 'ok') d
+ON l.key = d.source_key AND l.size = d.source_bytes AND l.version = d.source_version
+ORDER BY l.key, l.raw
+"""
+
+# The latest stored encoding of each current image (a row whose stream was written), unless
+# some run already reached the target for it; most RD loss to gain first.
+_REFINE_SQL = """
+WITH m AS (
+    SELECT l.key, l.raw, l.size, l.version, r.method, r.iterations, r.rd_loss, r.timestamp,
+           r.replaced, r.route, r.bitstream_bytes, r.psnr
+    FROM listing l JOIN metrics r ON l.key = r.source_key AND l.size = r.source_bytes
+         AND l.version = coalesce(r.source_version, '')
+    WHERE r.status = 'ok' AND r.model_id = $model),
+reached AS (SELECT DISTINCT key FROM m
+            WHERE method = $method AND coalesce(iterations, 0) >= $iterations),
+stored AS (SELECT * FROM m WHERE replaced IS DISTINCT FROM false
+           QUALIFY row_number() OVER (PARTITION BY key ORDER BY timestamp DESC) = 1)
+SELECT s.key, s.raw, s.size, s.version, s.rd_loss AS baseline,
+       coalesce(s.route, 'learned') AS stored_route, s.bitstream_bytes AS stored_bytes,
+       s.psnr AS stored_psnr
+FROM stored s ANTI JOIN reached USING (key)
+ORDER BY coalesce(s.rd_loss, 0) DESC, s.key
+LIMIT $limit
+"""
+
+
+def _plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, settings: dict,
+          fingerprint: str, shard_size: int, run_id: str | None, mode: str,
+          max_images: int | None, write: bool) -> Plan:
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    plan = Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings,
+                mode=mode)
+    con = sink.duckdb_connection(output)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sgarc-plan-") as tmp:
+            listed = _spill_listing(images, Path(tmp))
+            con.read_parquet(f"{tmp}/listing-*.parquet").distinct().create_view("listing")
+            sink.read_metrics(con, output, sink.metric_files(output)
+                              ).create_view("metrics")
+            if mode == "refine":
+                limit = max_images if max_images is not None else 2 ** 62
+                result = con.sql(_REFINE_SQL, params={
+                    "model": settings["model"], "method": settings["method"],
+                    "iterations": settings["iterations"], "limit": max(0, limit)})
+                salt = "refine:" + fingerprint
+            else:
+                result = con.sql(_DONE_SQL, params={"fingerprint": fingerprint})
+                salt = fingerprint
+            _write_shards(plan, result.to_arrow_reader(CHUNK_IMAGES), salt, shard_size,
+                          output if write else None)
+    finally:
+        con.close()
+    plan.skipped = listed - plan.num_images
+    if write:
+        output.write_atomic(plan_key(plan.run_id), plan.to_json())
+    return plan
+
+
+def _spill_listing(images: Iterable[ObjectInfo], folder: Path) -> int:
+    """Write the listing to local Parquet files of LISTING_BATCH objects; how many."""
+    count, n = 0, 0
+    batch: list[ObjectInfo] = []
+
+    def flush() -> None:
+        nonlocal n
+        keys, raws = [], []
+        for im in batch:
+            text = as_text(im.key)
+            keys.append(text)
+            raws.append(None if text == im.key else
+                        im.key.encode("utf-8", "surrogateescape"))
+        pq.write_table(pa.table([keys, raws, [im.size for im in batch],
+                                 [im.version or "" for im in batch]], schema=LISTING_SCHEMA),
+                       folder / f"listing-{n:05d}.parquet")
+        n += 1
+        batch.clear()
+
+    for im in images:
+        batch.append(im)
+        count += 1
+        if len(batch) >= LISTING_BATCH:
+            flush()
+    if batch or n == 0:
+        flush()  # an empty listing is one empty file: the SQL has a table to read
+    return count
+
+
+def _write_shards(plan: Plan, batches: pa.RecordBatchReader, salt: str, shard_size: int,
+                  output: Storage | None) -> None:
+    """Cut the ordered rows into shards and write them as manifests of about CHUNK_IMAGES
+    images (whole shards); `output` None: count only."""
+    chunk: list[pa.Table] = []
+    in_chunk = 0
+    rest: pa.Table | None = None
+
+    def flush() -> None:
+        nonlocal in_chunk
+        if output is not None and chunk:
+            key = manifest_key(plan.run_id, len(plan.manifests))
+            buf = io.BytesIO()
+            pq.write_table(pa.concat_tables(chunk), buf, compression="zstd")
+            output.write_atomic(key, buf.getvalue())
+            plan.manifests.append(key)
+        chunk.clear()
+        in_chunk = 0
+
+    def cut(table: pa.Table, final: bool) -> pa.Table | None:
+        nonlocal in_chunk
+        whole = table.num_rows if final else table.num_rows - table.num_rows % shard_size
+        if whole:
+            chunk.append(_with_shards(table.slice(0, whole), salt, shard_size))
+            in_chunk += whole
+            plan.num_images += whole
+            plan.num_shards += -(-whole // shard_size)
+            if in_chunk >= CHUNK_IMAGES:
+                flush()
+        return table.slice(whole) if whole < table.num_rows else None
+
+    step = -(-CHUNK_IMAGES // shard_size) * shard_size  # whole shards, about a chunk
+    for batch in batches:
+        table = pa.Table.from_batches([batch])
+        table = pa.concat_tables([rest, table]) if rest is not None else table
+        while table.num_rows > step:
+            cut(table.slice(0, step), final=False)
+            table = table.slice(step)
+        rest = cut(table, final=False)
+    if rest is not None:
+        cut(rest, final=True)
+    flush()
+
+
+def _with_shards(table: pa.Table, salt: str, shard_size: int) -> pa.Table:
+    """`table` (rows in plan order, whole shards but maybe the last) with its shard ids,
+    refusals and the manifest's columns."""
+    keys = [raw.decode("utf-8", "surrogateescape") if raw is not None else key
+            for key, raw in zip(table["key"].to_pylist(), table["raw"].to_pylist(),
+                                strict=True)]
+    sizes, versions = table["size"].to_pylist(), table["version"].to_pylist()
+    ids: list[str] = []
+    for start in range(0, len(keys), shard_size):
+        end = min(start + shard_size, len(keys))
+        ident = shard_id(salt, (ObjectInfo(keys[i], sizes[i], versions[i])
+                                for i in range(start, end)))
+        ids += [ident] * (end - start)
+    n = table.num_rows
+    columns = {"shard_id": pa.array(ids, pa.string()),
+               "refused": pa.array([refusal(k) for k in keys], pa.string())}
+    return pa.table([columns[f.name] if f.name in columns else
+                     table[f.name].cast(f.type) if f.name in table.column_names else
+                     pa.nulls(n, f.type) for f in MANIFEST_SCHEMA], schema=MANIFEST_SCHEMA)
+
+
+def _shards_of(manifest: pq.ParquetFile, refine: bool) -> Iterator[Shard]:
+    """The shards of one manifest, in order."""
+    current: Shard | None = None
+    for batch in manifest.iter_batches(batch_size=8192):
+        for row in batch.to_pylist():
+            raw = row["raw"]
+            key = raw.decode("utf-8", "surrogateescape") if raw is not None else row["key"]
+            if current is None or current.id != row["shard_id"]:
+                if current is not None:
+                    yield current
+                current = Shard(row["shard_id"], [], {} if refine else None,
+                                stored={} if refine else None)
+            current.images.append(ObjectInfo(key, row["size"], row["version"]))
+            if row["refused"] is not None:
+                current.refused = {**(current.refused or {}), key: row["refused"]}
+            if refine:
+                current.baseline[key] = row["baseline"]
+                current.stored[key] = {"route": row["stored_route"],
+                                       "bytes": row["stored_bytes"],
+                                       "psnr": row["stored_psnr"]}
+    if current is not None:
+        yield current
 
 
 def unfinished_plan(output: Storage, input_url: str, fingerprint: str,
                     mode: str = "encode") -> Plan | None:
     """The newest stored plan of this input and fingerprint whose run has no summary yet."""
+    finished = {key.split("/")[1] for key in output.list_keys("_jobs", "summary.json")}
     candidates = []
-    for key in output.list_keys("_jobs", "plan.json"):
-        run_id = key.split("/")[1]
-        if output.exists(summary_key(run_id)):
+    for key in output.list_keys("_jobs", "/plan.json"):
+        if key.split("/")[1] in finished or key.count("/") != 2:
             continue
         plan = Plan.from_json(output.read_bytes(key))
         if (plan.input_url, plan.fingerprint, plan.mode) == (input_url, fingerprint, mode):

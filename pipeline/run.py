@@ -16,7 +16,7 @@ import json
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -28,7 +28,7 @@ from pipeline.actors import EncoderActor, layout, start_ray
 from pipeline.plan import Plan, Shard
 from pipeline.settings import EncodeSettings
 from pipeline.storage import ObjectInfo, Storage
-from pipeline.worker import ShardResult, source_url
+from pipeline.worker import ShardResult, committed_result, source_url
 
 
 @dataclass
@@ -48,6 +48,9 @@ class RunOptions:
     # Filters the listing (extensions, include/exclude patterns, sizes) before planning.
     image_filter: Callable[[list[ObjectInfo]], list[ObjectInfo]] | None = None
     dry_run: bool = False  # plan and count only: no Ray, no plan, no bitstreams written
+    # Merge the run's parts into a few large files when it wrote at least this many
+    # (sink.compact; `sgarc metrics compact` does it later for any finished run).
+    compact_min_parts: int = 256
 
 
 @dataclass
@@ -105,19 +108,27 @@ def _run(input_url: str, output_url: str, settings: EncodeSettings,
     source = Storage(input_url, storage_options)
     output = Storage(output_url, storage_options)
     plan, resumed = _load_or_make_plan(source, output, settings, options, mode, max_images)
-    pending = [s for s in plan.shards
-               if not output.exists(sink.part_key(plan.run_id, s.id))]
+    # One listing of the run's metrics folder says which shards are committed.
+    committed = sink.committed_shards(output, plan.run_id) if resumed else set()
+    done_before = (sum(n for sid, n in plan.shard_sizes(output) if sid in committed)
+                   if committed else 0)
+    pending_images = plan.num_images - done_before
+    pending_shards = plan.num_shards - len(committed)
     if options.dry_run:
-        todo = {s.id for s in pending}
-        done_before = sum(len(s.images) for s in plan.shards if s.id not in todo)
-        return RunSummary(plan.run_id, sum(len(s.images) for s in pending), 0, 0,
-                          plan.skipped + done_before, len(pending), 0,
-                          time.perf_counter() - t0, resumed, output.url, plan.mode,
-                          dry_run=True)
-    retried = 0
-    if pending:
-        retried = _execute(plan, pending, source, output, settings, options, storage_options)
-    summary = _summarize(plan, pending, output, resumed, retried, time.perf_counter() - t0)
+        return RunSummary(plan.run_id, pending_images, 0, 0, plan.skipped + done_before,
+                          pending_shards, 0, time.perf_counter() - t0, resumed, output.url,
+                          plan.mode, dry_run=True)
+    counts = _Counts()
+    if pending_shards:
+        pending = (s for s in plan.iter_shards(output) if s.id not in committed)
+        _execute(plan, pending, pending_shards, pending_images, source, output, settings,
+                 options, storage_options, counts)
+    if counts.shards >= options.compact_min_parts:
+        sink.compact(output, plan.run_id)
+    summary = RunSummary(plan.run_id, counts.ok + counts.errors, counts.ok, counts.errors,
+                         plan.skipped + done_before, counts.shards, counts.retried,
+                         time.perf_counter() - t0, resumed, output.url, plan.mode,
+                         counts.replaced)
     output.write_atomic(planning.summary_key(plan.run_id),
                         json.dumps(asdict(summary), indent=1).encode())
     return summary
@@ -138,24 +149,56 @@ def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSetting
         plan = planning.unfinished_plan(output, source.url, fingerprint, mode)
         if plan is not None:
             return plan, True
-    images = (source.list_manifest(options.manifest) if options.manifest
-              else source.list_images())
+    images = (source.iter_manifest(options.manifest) if options.manifest
+              else source.iter_images())
     if options.image_filter is not None:
-        images = options.image_filter(images)
+        images = _filtered(images, options.image_filter)
+    write = not options.dry_run
     if mode == "refine":
         plan = planning.make_refine_plan(images, source.url, output, settings.resolved(),
                                          fingerprint, options.shard_size, max_images,
-                                         options.run_id)
+                                         options.run_id, write=write)
     else:
         plan = planning.make_plan(images, source.url, output, settings.resolved(),
-                                  fingerprint, options.shard_size, options.run_id)
-    if not options.dry_run:
-        output.write_atomic(planning.plan_key(plan.run_id), plan.to_json())
+                                  fingerprint, options.shard_size, options.run_id, write=write)
     return plan, False
 
 
-def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
-             settings: EncodeSettings, options: RunOptions, storage_options) -> int:
+def _filtered(images: Iterable[ObjectInfo],
+              keep: Callable[[list[ObjectInfo]], list[ObjectInfo]],
+              batch: int = 10_000) -> Iterator[ObjectInfo]:
+    """The listing through `keep` (a filter over lists), a batch at a time."""
+    chunk: list[ObjectInfo] = []
+    for im in images:
+        chunk.append(im)
+        if len(chunk) >= batch:
+            yield from keep(chunk)
+            chunk = []
+    yield from keep(chunk)
+
+
+@dataclass
+class _Counts:
+    """What this call did, from the shards' results (no part is read back)."""
+
+    shards: int = 0
+    ok: int = 0
+    errors: int = 0
+    replaced: int = 0
+    retried: int = 0
+
+    def add(self, result: ShardResult) -> None:
+        self.shards += 1
+        self.ok += result.ok
+        self.errors += result.errors
+        self.replaced += result.replaced
+
+
+def _execute(plan: Plan, pending: Iterator[Shard], shards: int, images: int,
+             source: Storage, output: Storage, settings: EncodeSettings,
+             options: RunOptions, storage_options, counts: _Counts) -> None:
+    """Hand the pending shards to the actors, pulling the next one from the manifests only
+    when an actor is free: at most one shard per actor in flight, plus retries."""
     started_ray = not ray.is_initialized()
     if not started_ray and options.address:
         warnings.warn(f"Ray is already initialized in this process; using that cluster, "
@@ -163,8 +206,7 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
     if started_ray:
         start_ray(options.address)
     lay = layout(ray.cluster_resources(), options.actors)
-    lay = type(lay)(min(lay.count, len(pending)), lay.num_gpus, lay.num_cpus,
-                    lay.torch_threads)
+    lay = type(lay)(min(lay.count, shards), lay.num_gpus, lay.num_cpus, lay.torch_threads)
     actor_args = (source.url, output.url, storage_options, settings, plan.fingerprint)
     actor_kwargs = {"device": options.device, "batch_size": options.batch_size,
                     "prefetch": options.prefetch, "torch_threads": lay.torch_threads}
@@ -177,31 +219,41 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
         return EncoderActor.options(**actor_options).remote(*actor_args, **actor_kwargs)
 
     actors = [new_actor() for _ in range(lay.count)]
-    queue = deque((shard, 1) for shard in pending)
+    retries: deque[tuple[Shard, int]] = deque()
     inflight: dict = {}
     free = list(range(len(actors)))
-    retried = 0
-    progress = _Progress(sum(len(s.images) for s in pending), options.progress,
-                         f"run {plan.run_id}: {lay.describe()}")
+    progress = _Progress(images, options.progress, f"run {plan.run_id}: {lay.describe()}")
+
+    def next_shard() -> tuple[Shard, int] | None:
+        if retries:
+            return retries.popleft()
+        shard = next(pending, None)
+        return None if shard is None else (shard, 1)
+
+    def done(result: ShardResult) -> None:
+        counts.add(result)
+        progress.done(result)
+
     try:
-        while queue or inflight:
-            while free and queue:
+        while True:
+            while free and (work := next_shard()) is not None:
                 i = free.pop()
-                shard, attempt = queue.popleft()
+                shard, attempt = work
                 inflight[actors[i].process.remote(shard, plan.run_id)] = (i, shard, attempt)
+            if not inflight:
+                break
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 i, shard, attempt = inflight.pop(ref)
                 try:
-                    result: ShardResult = ray.get(ref)
-                    progress.done(result)
+                    done(ray.get(ref, timeout=60))
                 except (RayActorError, RayTaskError) as exc:
                     actors[i] = new_actor() if isinstance(exc, RayActorError) else actors[i]
                     if attempt < options.max_attempts:
-                        retried += 1
-                        queue.append((shard, attempt + 1))
+                        counts.retried += 1
+                        retries.append((shard, attempt + 1))
                     else:
-                        progress.done(_give_up(source, output, plan, shard, attempt, exc))
+                        done(_give_up(source, output, plan, shard, attempt, exc))
                 free.append(i)
     finally:
         progress.close()
@@ -209,44 +261,25 @@ def _execute(plan: Plan, pending: list[Shard], source: Storage, output: Storage,
             ray.kill(a)
         if started_ray:
             ray.shutdown()
-    return retried
 
 
 def _give_up(source: Storage, output: Storage, plan: Plan, shard: Shard, attempts: int,
              exc: Exception) -> ShardResult:
     """After the last attempt: one error row per image, unless a late attempt committed."""
     part = sink.part_key(plan.run_id, shard.id)
-    if not output.exists(part):
-        reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
-        s = plan.settings
-        rows = [{**sink.source_columns(im.key, source_url(source, im.key), im.size, im.version),
-                 "run_id": plan.run_id, "shard_id": shard.id, "fingerprint": plan.fingerprint,
-                 "model_id": s["model"], "quality": s["quality"], "lmbda": s["lmbda"],
-                 "method": s["method"], "iterations": s["iterations"],
-                 "timestamp": sink.now(), "status": "error", "error_stage": "worker",
-                 "error": reason} for im in shard.images]
-        output.write_atomic(part, sink.part_bytes(rows))
+    if output.exists(part):
+        return committed_result(output, part, shard.id)
+    reason = f"shard failed {attempts} times: {type(exc).__name__}: {str(exc)[:500]}"
+    s = plan.settings
+    rows = [{**sink.source_columns(im.key, source_url(source, im.key), im.size, im.version),
+             "run_id": plan.run_id, "shard_id": shard.id, "fingerprint": plan.fingerprint,
+             "model_id": s["model"], "quality": s["quality"], "lmbda": s["lmbda"],
+             "method": s["method"], "iterations": s["iterations"],
+             "timestamp": sink.now(), "status": "error", "error_stage": "worker",
+             "error": reason} for im in shard.images]
+    output.write_atomic(part, sink.part_bytes(rows))
     n = len(shard.images)
     return ShardResult(shard.id, n, 0, n, 0.0)
-
-
-def _summarize(plan: Plan, ran: list[Shard], output: Storage, resumed: bool, retried: int,
-               seconds: float) -> RunSummary:
-    """Counts of the shards this call ran (``ran``); the plan's other shards were committed
-    before an interruption, and their images join the plan's skipped ones."""
-    ok = errors = replaced = 0
-    ran_ids = {s.id for s in ran}
-    done_before = sum(len(s.images) for s in plan.shards if s.id not in ran_ids)
-    for shard in ran:
-        part = output.read_bytes(sink.part_key(plan.run_id, shard.id))
-        table = sink.read_part(part, ["status", "replaced"])
-        status = table["status"].to_pylist()
-        ok += status.count("ok")
-        errors += status.count("error")
-        if "replaced" in table.column_names:
-            replaced += table["replaced"].to_pylist().count(True)
-    return RunSummary(plan.run_id, ok + errors, ok, errors, plan.skipped + done_before,
-                      len(ran), retried, seconds, resumed, output.url, plan.mode, replaced)
 
 
 class _Progress:

@@ -109,3 +109,194 @@ def read_part(data: bytes, columns: list[str] | None = None) -> pa.Table:
     if columns is not None:
         columns = [c for c in columns if c in part.schema_arrow.names]
     return part.read(columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics as readers see them: shard parts and compacted files
+# ---------------------------------------------------------------------------------------------
+#
+# A run writes one small part per shard. `compact` merges a finished run's parts into a few
+# large files, `metrics/run=<id>/compact-<16 hex>.parquet`, that hold the same rows (the
+# per-image schema), and name the parts they hold in their footer. Readers take every
+# compacted file and every part that no compacted file of its run holds (`metric_files`),
+# so a part
+# that a killed compaction had not deleted yet is never counted twice, and one it had
+# deleted is in the compacted file: the same rows before, during and after.
+
+COMPACT_PREFIX = "compact-"
+COMPACT_META = b"sgarc.parts"  # a compacted file's footer: the shard ids of the parts it holds
+PART_PREFIX = "shard-"
+COMPACT_ROWS = 250_000  # rows per compacted file, about (a few tens of MB)
+_COMPACT_READ = 2048  # parts read by one DuckDB scan
+
+
+def run_of(key: str) -> str:
+    """The run id of a metrics key ``metrics/run=<id>/<file>``."""
+    return key.split("/")[1][len("run="):]
+
+
+def is_compacted(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX)
+
+
+def shard_of_part(key: str) -> str | None:
+    """The shard id in a part's name (``shard-<id>.parquet``); None for other files."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith(PART_PREFIX) and name.endswith(".parquet"):
+        return name[len(PART_PREFIX):-len(".parquet")]
+    return None
+
+
+def duckdb_connection(storage):
+    """A DuckDB connection that reads `storage`'s files (through its fsspec filesystem
+    on object stores: no extension, no network but the files), spilling to a temp dir."""
+    import tempfile
+
+    import duckdb
+
+    con = duckdb.connect(config={"autoinstall_known_extensions": False,
+                                 "autoload_known_extensions": False,
+                                 "temp_directory": tempfile.gettempdir(),
+                                 "memory_limit": "1GB", "threads": 2})
+    con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
+    if storage.protocol != "file":
+        con.register_filesystem(storage.fs)
+    return con
+
+
+def duck_path(storage, key: str) -> str:
+    """How DuckDB names `key`: a local path, or the URL of the registered filesystem."""
+    return storage.full_path(key) if storage.protocol == "file" else storage.url_of(key)
+
+
+def compacted_shards(storage, compacted: list[str]) -> set[tuple[str, str]]:
+    """(run id, shard id) of every part the compacted files hold: the names a compacted
+    file records in its footer (``sgarc.parts``), read without the rows."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    def held(key: str) -> list[tuple[str, str]]:
+        with storage.fs.open(storage.full_path(key), "rb") as f:
+            meta = pq.ParquetFile(f).metadata.metadata or {}
+        return [(run_of(key), s) for s in json.loads(meta.get(COMPACT_META, b"[]"))]
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(compacted)))) as pool:
+        return {pair for pairs in pool.map(held, compacted) for pair in pairs}
+
+
+def metric_files(storage, run: str | None = None) -> list[str]:
+    """The metrics files readers read (keys, sorted): every compacted file, and every part
+    whose shard is in no compacted file of its run."""
+    prefix = "metrics" if run is None else f"metrics/run={run}"
+    keys = [k for k in storage.list_keys(prefix, ".parquet") if k.count("/") == 2]
+    compacted = [k for k in keys if is_compacted(k)]
+    covered = compacted_shards(storage, compacted)
+    return [k for k in keys if is_compacted(k) or (run_of(k), shard_of_part(k)) not in covered]
+
+
+def committed_shards(storage, run: str) -> set[str]:
+    """Shard ids of `run` that are committed: a part of their own, or in a compacted file.
+    One listing of the run's folder, not a lookup per shard."""
+    keys = storage.list_keys(f"metrics/run={run}", ".parquet")
+    compacted = [k for k in keys if is_compacted(k)]
+    done = {s for k in keys if (s := shard_of_part(k)) is not None}
+    return done | {s for _, s in compacted_shards(storage, compacted)}
+
+
+def conform(batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """Rows of any part (old ones lack newer columns) in the current SCHEMA."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def compact(storage, run: str, rows_per_file: int = COMPACT_ROWS) -> tuple[int, int]:
+    """Merge `run`'s parts into compacted files; (parts merged, rows). Idempotent and safe
+    to kill: a compacted file is written whole (atomically) before any part it holds is
+    deleted, and readers skip parts a compacted file holds (`metric_files`). A file holds
+    whole parts only, so each shard's rows are in one place."""
+    import hashlib
+    import json
+
+    con = duckdb_connection(storage)
+    try:
+        parts = [k for k in metric_files(storage, run) if shard_of_part(k) is not None]
+        live = set(parts)
+        stale = [k for k in storage.list_keys(f"metrics/run={run}", ".parquet")  # leftovers
+                 if shard_of_part(k) is not None and k not in live]  # of a killed compaction
+        rows = 0
+        held: list[str] = []
+        buf = io.BytesIO()
+        writer = pq.ParquetWriter(buf, SCHEMA, compression="zstd")
+        in_file = 0
+
+        def commit() -> None:
+            writer.add_key_value_metadata(
+                {COMPACT_META: json.dumps([shard_of_part(k) for k in held])})
+            writer.close()
+            name = hashlib.sha256("\0".join(held).encode()).hexdigest()[:16]
+            storage.write_atomic(f"metrics/run={run}/{COMPACT_PREFIX}{name}.parquet",
+                                 buf.getvalue())
+            stale.extend(held)
+
+        step = max(1, min(_COMPACT_READ, rows_per_file // 16))  # a file may overshoot by a step
+        for start in range(0, len(parts), step):
+            group = parts[start:start + step]
+            reader = con.read_parquet([duck_path(storage, k) for k in group],
+                                      union_by_name=True, hive_partitioning=False
+                                      ).to_arrow_reader(65_536)
+            for batch in reader:
+                writer.write_table(conform(batch))
+                rows += batch.num_rows
+                in_file += batch.num_rows
+            held += group
+            if in_file >= rows_per_file and start + step < len(parts):
+                commit()
+                held, buf, in_file = [], io.BytesIO(), 0
+                writer = pq.ParquetWriter(buf, SCHEMA, compression="zstd")
+        if held:
+            commit()
+        else:
+            writer.close()
+    finally:
+        con.close()
+    for key in stale:  # held by a compacted file now: readers already skip them
+        storage.delete(key)
+    return len(parts), rows
+
+
+def duck_type(t: pa.DataType) -> str:
+    """DuckDB's name for a column type of SCHEMA."""
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_integer(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    return "VARCHAR"
+
+
+def read_metrics(con, storage, files: list[str]):
+    """A DuckDB relation over the metrics `files` (keys, from `metric_files`): every column
+    of SCHEMA (a part written before a column existed reads NULL there; one that no file
+    has yet is all NULL), columns newer than SCHEMA as they are, plus ``run`` (from the
+    file's ``run=<id>`` folder, not DuckDB's hive partitioning, so ``key=value`` folders
+    above the output never become columns) and ``part`` (the file's path). Parts are read
+    by name (``union_by_name``); nothing is read until the relation is queried."""
+    if files:
+        rel = con.read_parquet([duck_path(storage, k) for k in files], union_by_name=True,
+                               hive_partitioning=False, filename=True)
+    else:
+        empty = SCHEMA.empty_table().append_column("filename", pa.array([], pa.string()))
+        rel = con.from_arrow(empty)
+    present = set(rel.columns)
+    missing = [f"CAST(NULL AS {duck_type(f.type)}) AS \"{f.name}\""
+               for f in SCHEMA if f.name not in present]
+    return rel.project(", ".join(["* EXCLUDE (filename)", *missing,
+                                  r"regexp_extract(filename, '/run=([^/]+)/[^/]+$', 1) AS run",
+                                  "filename AS part"]))

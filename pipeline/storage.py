@@ -36,7 +36,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +50,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", "
 
 # How many object lookups list_manifest runs at once (network stores are latency bound).
 _MANIFEST_WORKERS = 16
+_MANIFEST_BATCH = 10_000  # keys looked up per batch of a streamed manifest
 
 T = TypeVar("T")
 
@@ -66,6 +67,13 @@ class ObjectInfo:
     key: str
     size: int
     version: str
+
+
+def is_image_key(key: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """An image by its extension (lower-case ``extensions``), not hidden: no segment starts
+    with '.' (macOS ``._IMG.jpg`` forks, NAS thumbnail folders, our own temp files)."""
+    return (key.lower().endswith(extensions)
+            and not any(part.startswith(".") for part in key.split("/")))
 
 
 class StorageError(Exception):
@@ -408,63 +416,198 @@ class Storage:
         (a segment starting with '.') are skipped: in a photo archive they are junk - macOS
         ``._IMG.jpg`` resource forks, NAS thumbnail folders, our own temp files. A root that
         does not exist lists as empty (object stores cannot tell it from an empty prefix);
-        a missing bucket raises StorageNotFound.
+        a missing bucket raises StorageNotFound. :meth:`iter_images` is the same listing
+        streamed, for archives too large to hold.
         """
+        return sorted(self.iter_images(extensions, recursive), key=lambda o: o.key)
+
+    def iter_images(self, extensions: Iterable[str] = IMAGE_EXTENSIONS,
+                    recursive: bool = True) -> Iterator[ObjectInfo]:
+        """:meth:`list_images` as a stream, in no particular order: locally a walk of the
+        directories, on object stores one paginated listing per prefix, the prefixes listed
+        in parallel threads; memory holds a few prefixes' pages, never the archive."""
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        return [self._object_info(key, info) for key, info in self._find(self._root, recursive)
-                if key.lower().endswith(exts)
-                and not any(part.startswith(".") for part in key.split("/"))]
+
+        def wanted(key: str) -> bool:
+            return is_image_key(key, exts)
+
+        if self.protocol == "file":
+            for key, st in self._walk_local(self._root, recursive):
+                if wanted(key):
+                    yield ObjectInfo(key, st.st_size, str(st.st_mtime))
+            return
+        for key, info in self._walk_remote(recursive):
+            if wanted(key):
+                yield self._object_info(key, info)
+
+    def _walk_local(self, top: str, recursive: bool) -> Iterator[tuple[str, os.stat_result]]:
+        """(key, stat) of the files under ``top``, directory by directory (os.scandir)."""
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"list {self._redact(folder)} failed: {exc}", op="list",
+                                   target=self._redact(folder)) from exc
+            for entry in entries:  # symlinks are not followed (as fsspec's listing)
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False) and not is_temp_name(entry.name):
+                    yield entry.path[len(self._prefix):], entry.stat(follow_symlinks=False)
+
+    def _walk_remote(self, recursive: bool) -> Iterator[tuple[str, dict]]:
+        """(key, fsspec info) of the objects under the root: the root's first level, then
+        each sub-prefix walked in its own thread (fsspec's walk: one paginated listing per
+        prefix), results handed over as each prefix's pages arrive."""
+        try:
+            first = self._call("list", self.url, lambda: self.fs.ls(self._root, detail=True))
+        except StorageNotFound:  # no such prefix (empty) or no such bucket (raises)
+            yield from self._find(self._root, recursive)
+            return
+        folders = []
+        for info in first:
+            name = info["name"].rstrip("/")
+            if info.get("type") == "directory":
+                folders.append(name)
+            elif name.startswith(self._prefix) and not is_temp_name(name.rsplit("/", 1)[-1]):
+                yield name[len(self._prefix):], info
+        if not recursive or not folders:
+            return
+
+        def walk(folder: str) -> list[tuple[str, dict]]:
+            def run() -> list[tuple[str, dict]]:
+                found = []
+                for _, _, files in self.fs.walk(folder, detail=True):
+                    for name, info in files.items():
+                        path = info.get("name", name).rstrip("/")
+                        if (info.get("type", "file") == "file" and path.startswith(self._prefix)
+                                and not is_temp_name(path.rsplit("/", 1)[-1])):
+                            found.append((path[len(self._prefix):], info))
+                return found
+            return self._call("list", self._unstrip(folder), run)
+
+        with ThreadPoolExecutor(max_workers=_MANIFEST_WORKERS) as pool:
+            for found in pool.map(walk, folders):
+                yield from found
 
     def list_keys(self, prefix: str = "", suffix: str = "") -> list[str]:
         """Keys (relative to the root, sorted) of all files under the sub-prefix ``prefix``
         whose names end with ``suffix``; temp files of unfinished writes are skipped."""
         path = self.full_path(prefix)
+        if self.protocol == "file":
+            return sorted(key for key, _ in self._walk_local(path, True) if key.endswith(suffix))
         return [key for key, _ in self._find(path, True) if key.endswith(suffix)]
 
     def list_manifest(self, manifest_url_or_key: str) -> list[ObjectInfo]:
-        """Objects named by a manifest: a text file with one key per line.
+        """Objects named by a manifest (see :meth:`iter_manifest`), unique, sorted by key."""
+        unique = {info.key: info for info in self.iter_manifest(manifest_url_or_key)}
+        return [unique[key] for key in sorted(unique)]
 
-        A line is a key relative to the root, or a full URL (or, for local roots, an
-        absolute path) under the root; blank lines and lines starting with '#' are ignored.
+    def iter_manifest(self, manifest_url_or_key: str) -> Iterator[ObjectInfo]:
+        """Objects named by a manifest, streamed in batches. Three kinds:
+
+        * an **S3 Inventory report**, its ``manifest.json`` (AWS writes one per report for
+          buckets too large to list): the CSV (gzip) or Parquet data files it names are read
+          in turn, with the size and ETag they hold; the objects under this root are kept;
+        * a **Parquet key list** (``.parquet``): a ``key`` column, and ``size`` and
+          ``version`` columns or else a lookup per key;
+        * a **text file**, one key per line: a key relative to the root, or a full URL (or,
+          for local roots, an absolute path) under the root; blank lines and lines starting
+          with '#' are ignored; each object is looked up (in parallel) for its size and
+          version.
+
         The manifest itself is a key under the root or a URL anywhere (same options when
-        the protocol matches). Returns unique objects sorted by key. A line outside the root
-        raises StorageError; missing objects raise StorageNotFound naming up to 5 of them
-        (a manifest is an explicit promise, so a gap is an error, not a silent skip).
+        the protocol matches). A line outside the root raises StorageError; missing objects
+        raise StorageNotFound naming up to 5 of them, after the whole manifest was read (a
+        manifest is an explicit promise, so a gap is an error, not a silent skip).
         """
-        text = self._read_manifest(manifest_url_or_key).decode("utf-8-sig")
-        keys: set[str] = set()
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            try:
-                if "://" in line or (self.protocol == "file" and line.startswith("/")):
-                    keys.add(self.key_of(line))
-                else:
-                    keys.add(_check_key(line[2:] if line.startswith("./") else line))
-            except (TypeError, ValueError, ImportError) as exc:
-                where = self._redact(str(manifest_url_or_key))
-                raise StorageError(f"manifest {where} line {lineno}: {self._redact(str(exc))}",
-                                   op="manifest", target=where) from exc
-        ordered = sorted(keys)
+        where = self._redact(str(manifest_url_or_key))
+        name = manifest_url_or_key.rstrip("/").rsplit("/", 1)[-1]
+        if name == "manifest.json":
+            from pipeline.inventory import inventory_objects
 
-        def lookup(key: str) -> ObjectInfo | None:
+            yield from inventory_objects(self, manifest_url_or_key)
+            return
+        missing: list[str] = []
+        if name.endswith(".parquet"):
+            batches = self._parquet_keys(manifest_url_or_key)
+        else:
+            batches = self._text_keys(manifest_url_or_key, where)
+        for keys, known in batches:
+            if known is not None:
+                yield from known
+                continue
+            for key, info in zip(keys, self._lookup(keys), strict=True):
+                if info is None:
+                    missing.append(key)
+                else:
+                    yield info
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)"
+                                              if len(missing) > 5 else "")
+            raise StorageNotFound(f"manifest {where}: {len(missing)} missing object(s) under "
+                                  f"{self._redact(self.url)}: {shown}",
+                                  op="manifest", target=where)
+
+    def _lookup(self, keys: list[str]) -> list[ObjectInfo | None]:
+        def one(key: str) -> ObjectInfo | None:
             try:
                 return self.info(key)
             except StorageNotFound:
                 return None
 
-        with ThreadPoolExecutor(max_workers=min(_MANIFEST_WORKERS, max(1, len(ordered)))) as pool:
-            infos = list(pool.map(lookup, ordered))
-        missing = [key for key, info in zip(ordered, infos, strict=True) if info is None]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)"
-                                              if len(missing) > 5 else "")
-            where = self._redact(str(manifest_url_or_key))
-            raise StorageNotFound(f"manifest {where}: {len(missing)} missing object(s) under "
-                                  f"{self._redact(self.url)}: {shown}",
-                                  op="manifest", target=where)
-        return [info for info in infos if info is not None]
+        with ThreadPoolExecutor(max_workers=min(_MANIFEST_WORKERS, max(1, len(keys)))) as pool:
+            return list(pool.map(one, keys))
+
+    def _manifest_key(self, line: str) -> str:
+        if "://" in line or (self.protocol == "file" and line.startswith("/")):
+            return self.key_of(line)
+        return _check_key(line[2:] if line.startswith("./") else line)
+
+    def _text_keys(self, manifest: str, where: str
+                   ) -> Iterator[tuple[list[str], list[ObjectInfo] | None]]:
+        text = self._read_manifest(manifest).decode("utf-8-sig")
+        keys: list[str] = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                keys.append(self._manifest_key(line))
+            except (TypeError, ValueError, ImportError) as exc:
+                raise StorageError(f"manifest {where} line {lineno}: {self._redact(str(exc))}",
+                                   op="manifest", target=where) from exc
+            if len(keys) >= _MANIFEST_BATCH:
+                yield keys, None
+                keys = []
+        yield keys, None
+
+    def _parquet_keys(self, manifest: str
+                      ) -> Iterator[tuple[list[str], list[ObjectInfo] | None]]:
+        import io
+
+        import pyarrow.parquet as pq
+
+        data = pq.ParquetFile(io.BytesIO(self._read_manifest(manifest)))
+        names = set(data.schema_arrow.names)
+        if "key" not in names:
+            raise StorageError(f"manifest {self._redact(manifest)}: a Parquet key list needs a "
+                               f"'key' column (it has {', '.join(sorted(names))})",
+                               op="manifest", target=self._redact(manifest))
+        known = {"size", "version"} <= names
+        columns = ["key", "size", "version"] if known else ["key"]
+        for batch in data.iter_batches(batch_size=_MANIFEST_BATCH, columns=columns):
+            keys = [self._manifest_key(k) for k in batch.column("key").to_pylist()]
+            if known:
+                yield keys, [ObjectInfo(k, int(s), v or "") for k, s, v in zip(
+                    keys, batch.column("size").to_pylist(), batch.column("version").to_pylist(),
+                    strict=True)]
+            else:
+                yield keys, None
 
     def _read_manifest(self, manifest_url_or_key: str) -> bytes:
         if "://" not in manifest_url_or_key:

@@ -45,6 +45,7 @@ class ShardResult:
     errors: int
     seconds: float
     already_committed: bool = False
+    replaced: int = 0  # refinement: bitstreams replaced by a better encoding
 
 
 class ShardEncoder:
@@ -62,7 +63,7 @@ class ShardEncoder:
         self.settings = settings
         self.config = settings.inference()
         self.fingerprint = fingerprint
-        self.codec = Codec(settings.model, device=device, rate=settings.rate)
+        self.codec = Codec(settings.model_ref, device=device, rate=settings.rate)
         self.policy = settings.policy()
         # the learned attempt's per-image target: explicit, or the floor (variable rate)
         self.target = routes.learned_target(self.policy, settings.target(),
@@ -75,10 +76,7 @@ class ShardEncoder:
         t0 = time.perf_counter()
         part = sink.part_key(run_id, shard.id)
         if self.output.exists(part):
-            table = sink.read_part(self.output.read_bytes(part), ["status"])
-            errors = table["status"].to_pylist().count("error")
-            return ShardResult(shard.id, table.num_rows, table.num_rows - errors, errors,
-                               time.perf_counter() - t0, already_committed=True)
+            return committed_result(self.output, part, shard.id)
         rows: list[dict] = []
         base = {"run_id": run_id, "shard_id": shard.id, "fingerprint": self.fingerprint,
                 "model_id": self.codec.model_id, "quality": self.codec.lm.entry.quality,
@@ -113,7 +111,8 @@ class ShardEncoder:
         self.output.write_atomic(part, sink.part_bytes(rows))
         errors = sum(r["status"] == "error" for r in rows)
         return ShardResult(shard.id, len(rows), len(rows) - errors, errors,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0,
+                           replaced=sum(r.get("replaced") is True for r in rows))
 
     # -- reading ahead
 
@@ -243,6 +242,16 @@ class ShardEncoder:
         if needle in key and flag and not Path(flag).exists():
             Path(flag).touch()
             os._exit(17)
+
+
+def committed_result(output: Storage, part: str, shard_id: str) -> ShardResult:
+    """The counts of a shard committed before (by an attempt that died after its write)."""
+    table = sink.read_part(output.read_bytes(part), ["status", "replaced"])
+    errors = table["status"].to_pylist().count("error")
+    replaced = (table["replaced"].to_pylist().count(True)
+                if "replaced" in table.column_names else 0)
+    return ShardResult(shard_id, table.num_rows, table.num_rows - errors, errors, 0.0,
+                       already_committed=True, replaced=replaced)
 
 
 def source_url(storage: Storage, key: str) -> str | None:

@@ -72,12 +72,14 @@ def test_as_text_replaces_undecodable_bytes() -> None:
 def test_plan_refuses_keys_that_could_not_be_served(tmp_path) -> None:
     images = [ObjectInfo(key, 10, "v") for key in
               ("a.jpg", "line\nbreak.jpg", "caf\udce9.jpg", "b.jpg")]
-    plan = make_plan(images, "file:///in", Storage(str(tmp_path / "out")), {}, "fp", 2)
-    refused = {k: v for s in plan.shards for k, v in (s.refused or {}).items()}
+    output = Storage(str(tmp_path / "out"))
+    plan = make_plan(images, "file:///in", output, {}, "fp", 2)
+    shards = list(plan.iter_shards(output))
+    refused = {k: v for s in shards for k, v in (s.refused or {}).items()}
     assert set(refused) == {"line\nbreak.jpg", "caf\udce9.jpg"}
     assert "control character" in refused["line\nbreak.jpg"]
     assert refused["line\nbreak.jpg"] == refusal("line\nbreak.jpg")
     assert "refused at planning" in refused["line\nbreak.jpg"]
     assert plan.num_images == 4  # each still gets its row
     again = type(plan).from_json(plan.to_json())  # stored and resumed: the same decision
-    assert [s.refused for s in again.shards] == [s.refused for s in plan.shards]
+    assert [s.refused for s in again.iter_shards(output)] == [s.refused for s in shards]

@@ -1,6 +1,6 @@
 """End-to-end tests of the recompression pipeline on real components (no mocks).
 
-Real Ray (a small local instance shared by the tests, a two-node `cluster_utils.Cluster`,
+Real Ray (a small local instance shared by the tests, a three-node `cluster_utils.Cluster`,
 and a driver of its own in a subprocess), real Parquet read back with pyarrow and DuckDB,
 real S3 over HTTP (moto's server on loopback, through s3fs), the shipped default model and
 scikit-image's sample photos cropped small. Covers: a mixed archive (odd modes, corrupt,
@@ -57,6 +57,11 @@ ODD_KEY = "Ferien 2019/Strand ä #1 [a] 100%.png"  # spaces, non-ASCII, URL and 
 
 
 # Ray: the session's local instance comes from conftest's `local_ray` (started on demand).
+
+
+def shards_of(plan: Plan, out) -> list:
+    """A stored plan's shards, read from its manifests."""
+    return list(plan.iter_shards(out if isinstance(out, Storage) else Storage(str(out))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ def test_mixed_archive_gives_one_row_per_input(tmp_path, local_ray):
     parts = sorted((out / "metrics" / f"run={summary.run_id}").iterdir())
     assert [p.name for p in parts] == sorted(
         f"shard-{s.id}.parquet"
-        for s in Plan.from_json((out / plan_key(summary.run_id)).read_bytes()).shards)
+        for s in shards_of(Plan.from_json((out / plan_key(summary.run_id)).read_bytes()), out))
     assert duck_counts(out) == {(summary.run_id, "ok"): len(ok),
                                 (summary.run_id, "error"): len(errors)}
     sga_files = sorted(p.relative_to(out / "bitstreams").as_posix()
@@ -541,29 +546,32 @@ def test_plan_shard_ids_are_deterministic(tmp_path):
     amortized = EncodeSettings(method="amortized")
     sga = EncodeSettings(method="sga", iterations=3)
 
-    def plan(settings: EncodeSettings, items=images, shard_size=3) -> Plan:
-        return make_plan(items, "file:///in", output, settings.resolved(), settings.fingerprint(),
-                         shard_size)
+    def plan(settings: EncodeSettings, items=images, shard_size=3) -> list:
+        return shards_of(make_plan(items, "file:///in", output, settings.resolved(),
+                                   settings.fingerprint(), shard_size), output)
 
     a, b = plan(amortized), plan(amortized, list(reversed(images)))
-    ids = [s.id for s in a.shards]
-    assert ids == [s.id for s in b.shards] and len(set(ids)) == 3
-    assert [[im.key for im in s.images] for s in a.shards] == [
+    ids = [s.id for s in a]
+    assert ids == [s.id for s in b] and len(set(ids)) == 3
+    assert [[im.key for im in s.images] for s in a] == [
         [im.key for im in images[i:i + 3]] for i in range(0, 7, 3)]
     assert ids[0] == shard_id(amortized.fingerprint(), images[:3])
     assert amortized.fingerprint() == EncodeSettings(method="amortized").fingerprint()
 
     other = plan(sga)
     assert sga.fingerprint() != amortized.fingerprint()
-    assert not {s.id for s in other.shards} & set(ids)
-    assert plan(EncodeSettings(method="sga", iterations=4)).shards[0].id != other.shards[0].id
+    assert not {s.id for s in other} & set(ids)
+    assert plan(EncodeSettings(method="sga", iterations=4))[0].id != other[0].id
 
     changed = [*images[:3], ObjectInfo(images[3].key, images[3].size, "v-new"), *images[4:]]
-    ids_changed = [s.id for s in plan(amortized, changed).shards]
+    ids_changed = [s.id for s in plan(amortized, changed)]
     assert ids_changed[0] == ids[0] and ids_changed[1] != ids[1] and ids_changed[2] == ids[2]
 
-    assert Plan.from_json(a.to_json()) == a
-    assert Plan.from_json(other.to_json()).to_json() == other.to_json()
+    stored = make_plan(images, "file:///in", output, amortized.resolved(),
+                       amortized.fingerprint(), 3)
+    again = Plan.from_json(stored.to_json())
+    assert again == stored and again.manifests and shards_of(again, output) == a
+    assert (again.num_images, again.num_shards) == (7, 3)
     with pytest.raises(ValueError):
         plan(amortized, shard_size=0)
 
@@ -584,7 +592,8 @@ def test_plan_skips_images_done_with_the_same_fingerprint(tmp_path):
     output.write_atomic(sink.part_key("old", "x"), sink.part_bytes(rows))
     plan = make_plan(images, "file:///in", output, settings.resolved(), fp, 2)
     assert plan.skipped == 1
-    assert [im.key for s in plan.shards for im in s.images] == ["1.png", "2.png", "3.png"]
+    assert [im.key for s in shards_of(plan, output) for im in s.images] == [
+        "1.png", "2.png", "3.png"]
     table = pq.read_table(io.BytesIO(output.read_bytes(sink.part_key("old", "x"))))
     assert table.schema.equals(sink.SCHEMA)  # parts always carry the full schema
 
@@ -688,9 +697,8 @@ def test_resumed_run_counts_the_work_done_before_as_skipped(tmp_path, local_ray)
     source, output = Storage(str(src)), Storage(str(out))
     plan = make_plan(source.list_images(), source.url, output, FAST.resolved(),
                      FAST.fingerprint(), 1)
-    output.write_atomic(plan_key(plan.run_id), plan.to_json())
     encoder = ShardEncoder(source.url, output.url, None, FAST, plan.fingerprint, device="cpu")
-    encoder.process(plan.shards[0], plan.run_id)  # committed before the "interruption"
+    encoder.process(shards_of(plan, output)[0], plan.run_id)  # committed before the "interruption"
 
     summary = run(str(src), str(out), FAST, RunOptions(shard_size=1, **QUIET))
 
@@ -702,12 +710,12 @@ def test_resumed_run_counts_the_work_done_before_as_skipped(tmp_path, local_ray)
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. A two-node Ray cluster (last: it replaces the session's local Ray while it runs)
+# 4. A three-node Ray cluster (last: it replaces the session's local Ray while it runs)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def two_node_cluster():
+def three_node_cluster():
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
@@ -717,6 +725,7 @@ def two_node_cluster():
                       head_node_args={"num_cpus": 1, "include_dashboard": False, **small})
     try:
         cluster.add_node(num_cpus=1, **small)
+        cluster.add_node(num_cpus=1, **small)
         cluster.wait_for_nodes(timeout=120)
         yield cluster
     finally:
@@ -725,14 +734,15 @@ def two_node_cluster():
         cluster.shutdown()
 
 
-def test_two_node_cluster(tmp_path, two_node_cluster):
+def test_three_node_cluster(tmp_path, three_node_cluster):
+    """Actors spread over the nodes, shards streamed from the plan's manifests."""
     photos = small_photos(6, size=40)
     src = write_local(tmp_path / "in", photos)
     out = tmp_path / "out"
 
     # The driver connects to the cluster itself (and leaves it afterwards).
     summary: RunSummary = run(str(src), str(out), FAST, RunOptions(
-        address=two_node_cluster.address, actors=2, shard_size=1, progress=False))
+        address=three_node_cluster.address, actors=3, shard_size=1, progress=False))
     assert not ray.is_initialized()
     assert (summary.images, summary.ok, summary.shards, summary.retried_shards) == (6, 6, 6, 0)
     rows = by_key(rows_of(out, summary.run_id))
@@ -741,14 +751,14 @@ def test_two_node_cluster(tmp_path, two_node_cluster):
         check_ok_row(out, row)
     assert len({r["shard_id"] for r in rows.values()}) == 6
 
-    # Both encoder actors were placed, one per node (the driver asks for SPREAD). Without a
-    # dashboard the state API is unavailable; the GCS actor table still says where they ran.
-    ray.init(address=two_node_cluster.address, log_to_driver=False, configure_logging=False)
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    # The three encoder actors were placed, one per node (the driver asks for SPREAD).
+    # Without a dashboard the state API is unavailable; the GCS actor table still says where.
+    ray.init(address=three_node_cluster.address, log_to_driver=False, configure_logging=False)
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     actors = [a for a in ray._private.state.actors().values()
               if a["ActorClassName"] == "EncoderActor"]
-    assert len(actors) == 2, actors
-    assert len({a["Address"]["NodeID"] for a in actors}) == 2
+    assert len(actors) == 3, actors
+    assert len({a["Address"]["NodeID"] for a in actors}) == 3
 
 
 def test_per_image_psnr_target(tmp_path, local_ray):
@@ -770,7 +780,7 @@ def test_per_image_psnr_target(tmp_path, local_ray):
     again = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
     assert again.skipped == 3
     with pytest.raises(ValueError, match="variable-rate"):
-        EncodeSettings(model=4, target_psnr=30.0).fingerprint()
+        EncodeSettings(quality=4, target_psnr=30.0).fingerprint()
 
 
 def test_fingerprints_of_fixed_rate_runs_did_not_change():
