@@ -8,8 +8,8 @@
 State lives in one directory (``$SGARC_HOME``, default ``~/.sgarc``; ``--state-dir``):
 
     schedules/<id>.json     the schedule and its last run (written atomically)
-    locks/<id>.lock         the run in progress: PID + process start identity, or the Ray
-                            job id (created exclusively; removed when the run has ended)
+    locks/<id>.lock         the run in progress (PID, or Ray job id); a local run holds
+                            its flock while it lives (removed when the run has ended)
     runs/<id>/<stamp>.json  a local run's outcome, written by the run itself
     logs/<id>/<stamp>.log   a local run's output
     scheduler.log           what the daemon did, one timestamped line per event
@@ -22,8 +22,9 @@ Semantics (docs/jobs.md has the reasons):
   the anchor, not from when runs happened to start, so a run's duration never shifts the
   schedule. Fires missed while the daemon was down are coalesced into one run at startup.
 * Never two runs of one schedule: a fire that finds the previous run still in progress is
-  skipped and logged (like Kubernetes' ``concurrencyPolicy: Forbid``). A lock whose
-  process is gone (or whose PID now belongs to another process) is stale and taken over.
+  skipped and logged (like Kubernetes' ``concurrencyPolicy: Forbid``). A local run's lock
+  is the OS's flock, held by the run's process through an inherited fd: it ends when that
+  process does, however it dies, so a lock nobody holds is stale and taken over.
 * Runs outlive the daemon: local runs are child processes in their own session, and a
   restarted daemon finds them through their locks and records their outcome from the
   result file they write. Cluster runs (spec with ``[run] address``) are followed through
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -175,13 +177,13 @@ class Schedule:
 
 @dataclass
 class RunLock:
-    """The run of a schedule in progress."""
+    """The run of a schedule in progress: the content of its lock file. A local run holds
+    the file's flock for as long as it lives; a cluster run lives while its Ray job does."""
 
     kind: str  # "local" (a child process) or "cluster" (a Ray job)
     started: str
     fire: str
     pid: int | None = None
-    pid_identity: str | None = None  # boot id + start time: a reused PID is not our run
     job_id: str | None = None
     address: str | None = None
     result: str | None = None  # the result file a local run writes
@@ -242,67 +244,51 @@ class StateDir:
         return sorted(p.stem for p in folder.glob("*.lock")) if folder.is_dir() else []
 
     def read_lock(self, sid: str) -> RunLock | None:
+        """The run recorded in the lock file; None when there is none (no file, or one left
+        empty by a start that failed); damaged content reads as a local run, so that it is
+        stale unless someone holds the file's flock."""
         try:
-            return RunLock(**json.loads(self.lock_path(sid).read_bytes()))
+            data = self.lock_path(sid).read_bytes()
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError):  # not ours or damaged: treat as stale
-            return RunLock(kind="local", started="", fire="", pid=None)
+        if not data.strip():
+            return None
+        try:
+            d = json.loads(data)
+            return RunLock(**{k: v for k, v in d.items() if k in _LOCK_FIELDS})
+        except (ValueError, TypeError):
+            return RunLock(kind="local", started="", fire="")
 
-    def create_lock(self, sid: str, lock: RunLock) -> bool:
-        """Create the lock file with its full content, exclusively (False if one exists)."""
+    def acquire_lock(self, sid: str) -> int | None:
+        """An fd holding the lock file's flock, or None when a live run holds it. The lock
+        is the OS's: it ends with the last process that has the fd open, however it dies,
+        so a dead run's lock is never mistaken for a live one (nor a reused PID for it)."""
         path = self.lock_path(sid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        atomic_write(tmp, json.dumps(asdict(lock), indent=1).encode())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.link(tmp, path)  # fails if the lock exists: exclusive, and never half-written
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def lock_held(self, sid: str) -> bool:
+        fd = self.acquire_lock(sid)
+        if fd is not None:
+            os.close(fd)
+        return fd is None
+
+    @staticmethod
+    def write_lock(fd: int, lock: RunLock) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(asdict(lock), indent=1).encode(), 0)
 
     def remove_lock(self, sid: str) -> None:
         self.lock_path(sid).unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------
-
-
-def process_identity(pid: int) -> str | None:
-    """A string that changes when ``pid`` is reused: boot id + start time (Linux), None
-    where /proc is not available or the process is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = stat[stat.rindex(")") + 2:].split()
-    if rest[0] in ("Z", "X"):  # exited, not yet reaped
-        return None
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return f"{boot}:{rest[19]}"  # field 22 of /proc/<pid>/stat: start time in clock ticks
-
-
-def pid_alive(pid: int | None, identity: str | None = None) -> bool:
-    """Whether ``pid`` runs and is still the process recorded (when ``identity`` is set)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
-    now = process_identity(pid)
-    if now is None:
-        return not Path("/proc").is_dir()  # no /proc: os.kill is all we can tell
-    return identity is None or now == identity
+_LOCK_FIELDS = {f.name for f in fields(RunLock)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,14 +303,15 @@ def local_command(spec_path: str, result_path: str) -> list[str]:
 
 
 class LocalLauncher:
-    """Runs a spec in a child process in its own session (it survives the daemon)."""
+    """Runs a spec in a child process in its own session (it survives the daemon), which
+    inherits the fd that holds its schedule's lock and so holds it until it exits."""
 
     def __init__(self, command: Callable[[str, str], list[str]] = local_command) -> None:
         self.command = command
         self.procs: dict[int, subprocess.Popen] = {}
 
     def start(self, sched: Schedule, spec, state: StateDir, stamp: str, now: str,
-              fire: str) -> RunLock:
+              fire: str, lock_fd: int) -> RunLock:
         result = state.root / "runs" / sched.id / f"{stamp}.json"
         log = state.root / "logs" / sched.id / f"{stamp}.log"
         result.parent.mkdir(parents=True, exist_ok=True)
@@ -336,29 +323,19 @@ class LocalLauncher:
             proc = subprocess.Popen(self.command(sched.spec, str(result)), stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(Path(sched.spec).parent), env=env,
-                                    start_new_session=True)
+                                    start_new_session=True, pass_fds=(lock_fd,))
         self.procs[proc.pid] = proc
         return RunLock(kind="local", started=now, fire=fire, pid=proc.pid,
-                       pid_identity=process_identity(proc.pid), result=str(result),
-                       log=str(log))
+                       result=str(result), log=str(log))
 
-    def poll(self, lock: RunLock) -> Outcome | None:
-        proc = self.procs.get(lock.pid or -1)
+    def poll(self, lock: RunLock) -> Outcome:
+        """How a run whose lock is free ended (its exit status where it is our child)."""
+        proc = self.procs.pop(lock.pid or -1, None)
+        code = None
         if proc is not None:
-            code = proc.poll()
-            if code is None:
-                return None
-            del self.procs[proc.pid]
-        elif pid_alive(lock.pid, lock.pid_identity):
-            return None  # started by an earlier daemon, still running
-        else:
-            code = None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(5)  # closed its lock: exiting
         return self._outcome(lock, code)
-
-    def stop(self, lock: RunLock) -> None:
-        if pid_alive(lock.pid, lock.pid_identity):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(lock.pid, signal.SIGTERM)
 
     @staticmethod
     def _outcome(lock: RunLock, code: int | None) -> Outcome:
@@ -385,7 +362,7 @@ class ClusterLauncher:
         self.client = client_factory or job_client
 
     def start(self, sched: Schedule, spec, state: StateDir, stamp: str, now: str,
-              fire: str) -> RunLock:
+              fire: str, lock_fd: int) -> RunLock:
         from jobs.submit import new_submission_id, submit_cluster
 
         client = self.client(spec.run.address)
@@ -395,17 +372,14 @@ class ClusterLauncher:
                        address=spec.run.address)
 
     def poll(self, lock: RunLock) -> Outcome | None:
-        from jobs.submit import TERMINAL, _status_value
+        from jobs.submit import TERMINAL, status_value
 
         info = self.client(lock.address).get_job_info(lock.job_id)
-        status = str(_status_value(info.status))
+        status = str(status_value(info.status))
         if status not in TERMINAL:
             return None
         return Outcome(self._STATUS[status], info.driver_exit_code, lock.job_id,
                        info.message if status != "SUCCEEDED" else None)
-
-    def stop(self, lock: RunLock) -> None:
-        self.client(lock.address).stop_job(lock.job_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +444,7 @@ class Scheduler:
 
     def _reap(self, sid: str, sched: Schedule | None) -> str | None:
         lock = self.state.read_lock(sid)
-        if lock is None:
+        if lock is None or (lock.kind == "local" and self.state.lock_held(sid)):
             return None
         try:
             outcome = self._launcher(lock.kind).poll(lock)
@@ -515,14 +489,20 @@ class Scheduler:
                      f"{lock.started} is still in progress (never two at once){note}")
             return "skipped"
         stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        fd = self.state.acquire_lock(sched.id)
+        if fd is None:  # a run took the lock since _reap looked: never two at once
+            self.log(f"{sched.id}: skipped the fire of {_iso(fire)}: its lock is held{note}")
+            return "skipped"
         try:
             from jobs.spec import load_spec
 
             spec = load_spec(sched.spec)
             kind = "cluster" if spec.run.address else "local"
             new = self._launcher(kind).start(sched, spec, self.state, stamp, _iso(now),
-                                             _iso(fire))
+                                             _iso(fire), fd)
+            self.state.write_lock(fd, new)
         except Exception as exc:  # recorded; the next fire tries again
+            self.state.remove_lock(sched.id)
             sched.last_run_start = sched.last_run_end = _iso(now)
             sched.last_run_status, sched.last_exit_code = "failed", None
             sched.last_error = f"{type(exc).__name__}: {str(exc)[:500]}"
@@ -530,11 +510,8 @@ class Scheduler:
             self.log(f"{sched.id}: could not start the run of {_iso(fire)}: "
                      f"{sched.last_error}{note}")
             return "failed-to-start"
-        if not self.state.create_lock(sched.id, new):  # a concurrent scheduler won the race
-            self._launcher(new.kind).stop(new)
-            self.log(f"{sched.id}: another scheduler started the run of {_iso(fire)}; "
-                     "stopped the duplicate")
-            return "skipped"
+        finally:
+            os.close(fd)  # a local run's child holds the lock from here on
         sched.runs += 1
         sched.last_run_start, sched.last_run_end = _iso(now), None
         sched.last_run_status, sched.last_exit_code, sched.last_error = "running", None, None
@@ -623,8 +600,6 @@ class Scheduler:
 
     @contextlib.contextmanager
     def _daemon_lock(self):
-        import fcntl
-
         self.state.root.mkdir(parents=True, exist_ok=True)
         path = self.state.root / "scheduler.lock"
         with open(path, "a+") as f:
@@ -753,8 +728,7 @@ def cmd_schedule_list(args) -> int:
         status = s.last_run_status or "-"
         lock = state.read_lock(s.id)
         if lock is not None:  # "ended": the scheduler records how at its next pass
-            status = ("running" if lock.kind == "cluster" or pid_alive(lock.pid,
-                                                                      lock.pid_identity)
+            status = ("running" if lock.kind == "cluster" or state.lock_held(s.id)
                       else "ended")
         print(f"{s.id:<20} {s.cron:<16} {s.tz:<14} {_iso(next_fire(s)):<26} "
               f"{s.last_run_start or '-':<26} {status:<12} {s.spec}")

@@ -28,7 +28,6 @@ from jobs.schedule import (
     Scheduler,
     StateDir,
     add_schedule,
-    process_identity,
 )
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
@@ -211,43 +210,60 @@ def test_missed_fires_run_once_at_startup(env):
 def test_no_overlap_while_a_live_process_holds_the_lock(env):
     import os
 
-    me = os.getpid()
-    assert env.state.create_lock("nightly", RunLock(
-        kind="local", started="earlier", fire="earlier", pid=me,
-        pid_identity=process_identity(me)))
-    assert not env.state.create_lock("nightly", RunLock(kind="local", started="x", fire="x"))
-    env.clock.t = datetime(2024, 1, 2, 2, 5, tzinfo=UTC)
-    s = env.scheduler()
-    assert s.tick() == [("nightly", "skipped")]
-    assert s.tick() == []  # the skipped fire is handled, not retried every poll
-    assert env.launches() == 0
-    assert env.state.read_lock("nightly").pid == me
-    assert "still in progress" in env.lines[-1]
-    assert env.state.get("nightly").last_skipped == "2024-01-02T02:00:00+00:00"
+    fd = env.state.acquire_lock("nightly")  # this process is "the run in progress"
+    env.state.write_lock(fd, RunLock(kind="local", started="earlier", fire="earlier",
+                                     pid=os.getpid()))
+    try:
+        assert env.state.acquire_lock("nightly") is None  # exclusive, even in one process
+        assert env.state.lock_held("nightly")
+        env.clock.t = datetime(2024, 1, 2, 2, 5, tzinfo=UTC)
+        s = env.scheduler()
+        assert s.tick() == [("nightly", "skipped")]
+        assert s.tick() == []  # the skipped fire is handled, not retried every poll
+        assert env.launches() == 0
+        assert env.state.read_lock("nightly").pid == os.getpid()
+        assert "still in progress" in env.lines[-1]
+        assert env.state.get("nightly").last_skipped == "2024-01-02T02:00:00+00:00"
+    finally:
+        os.close(fd)
+    assert not env.state.lock_held("nightly")  # the OS ended the lock with its holder
 
 
-@pytest.mark.parametrize("stale", ["dead pid", "reused pid", "garbage"])
+@pytest.mark.parametrize("stale", ["dead pid", "live pid", "garbage", "old format"])
 def test_a_stale_lock_is_taken_over(env, stale):
+    """A lock file nobody holds is stale whatever it says: the process that wrote it died
+    (a live PID, reused or not, is no proof of a run), or it is damaged or of an older
+    sgarc that recorded PID identities."""
     import os
 
-    if stale == "dead pid":
+    path = env.state.lock_path("nightly")
+    path.parent.mkdir(parents=True)
+    if stale == "garbage":
+        path.write_text("{not json")
+    else:
         p = subprocess.Popen([sys.executable, "-c", "pass"])
         p.wait()
-        lock = RunLock(kind="local", started="x", fire="x", pid=p.pid,
-                       pid_identity="gone:1")
-    elif stale == "reused pid":  # a live PID that is not the process that took the lock
-        lock = RunLock(kind="local", started="x", fire="x", pid=os.getpid(),
-                       pid_identity="another-boot:42")
-    if stale == "garbage":
-        env.state.lock_path("nightly").parent.mkdir(parents=True)
-        env.state.lock_path("nightly").write_text("{not json")
-    else:
-        assert env.state.create_lock("nightly", lock)
+        lock = {"kind": "local", "started": "x", "fire": "x",
+                "pid": p.pid if stale == "dead pid" else os.getpid()}
+        if stale == "old format":
+            lock["pid_identity"] = "boot:42"
+        path.write_text(json.dumps(lock))
     env.clock.t = datetime(2024, 1, 2, 2, 5, tzinfo=UTC)
     s = env.scheduler()
     assert s.tick() == [("nightly", "interrupted"), ("nightly", "started")]
     s.wait(poll=0.05, timeout=30)
     assert env.launches() == 1 and env.state.get("nightly").last_run_status == "succeeded"
+
+
+def test_the_run_holds_its_lock_until_it_exits(env):
+    env.clock.t = datetime(2024, 1, 2, 2, 0, tzinfo=UTC)
+    s = env.scheduler(blocking=True)
+    assert s.tick() == [("nightly", "started")]
+    assert env.state.lock_held("nightly")  # by the child: the daemon closed its fd
+    assert env.state.read_lock("nightly").pid in s.local.procs
+    env.release.touch()
+    s.wait(poll=0.05, timeout=30)
+    assert not env.state.lock_path("nightly").exists()
 
 
 def test_state_survives_a_restart(env):
