@@ -200,7 +200,7 @@ def make_app(service: DecodeService, cache_control: str = DEFAULT_CACHE_CONTROL)
         query, headers = request.query_params, request.headers
         args = (_raw_key(request.scope), query.get("format") or negotiate(headers.get("accept")),
                 query.get("quality"), parse_flag(query.get("strip", "0"), "strip"))
-        r = service.cached(*args) or await run_in_threadpool(service.render, *args)
+        r = service.cached(*args) or await run_in_threadpool(service.render_missed, *args)
         common = {"ETag": r.etag, "Cache-Control": cache_control, "Vary": "Accept"}
         if _etag_matches(headers.get("if-none-match"), r.etag):
             return Response(status_code=304, headers=common)

@@ -365,10 +365,21 @@ class DecodeService:
     def render(self, key: str, fmt: str | None = "png", quality: int | str | None = None,
                strip_metadata: bool = False) -> Rendition:
         """Like :meth:`get`, with the ETag, the cache status and the metadata report."""
+        return (self.cached(key, fmt, quality, strip_metadata)
+                or self.render_missed(key, fmt, quality, strip_metadata))
+
+    def cached(self, key: str, fmt: str | None = "png", quality: int | str | None = None,
+               strip_metadata: bool = False) -> Rendition | None:
+        """The cached rendition, or None (a miss); never touches storage or the decoder, so
+        an event loop may call it. Validates as :meth:`render` does."""
+        return self._hit(self._ident(key, fmt, quality, strip_metadata))
+
+    def render_missed(self, key: str, fmt: str | None = "png",
+                      quality: int | str | None = None,
+                      strip_metadata: bool = False) -> Rendition:
+        """:meth:`render` after :meth:`cached` missed: one decode for all who ask at once
+        (single flight), cached for those who ask later. Blocks: call it from a thread."""
         ident = self._ident(key, fmt, quality, strip_metadata)
-        hit = self._hit(ident)
-        if hit is not None:
-            return hit
         with self._flights_lock:
             # A decode of this item may have finished (cached, then left the table) since.
             hit = self._hit(ident, count=False)
@@ -391,12 +402,6 @@ class DecodeService:
         finally:
             with self._flights_lock:
                 del self._flights[ident]
-
-    def cached(self, key: str, fmt: str | None = "png", quality: int | str | None = None,
-               strip_metadata: bool = False) -> Rendition | None:
-        """The cached rendition, or None; never touches storage or the decoder, so an event
-        loop may call it (the same validation and errors as :meth:`render`)."""
-        return self._hit(self._ident(key, fmt, quality, strip_metadata))
 
     @staticmethod
     def _ident(key: str, fmt: str | None, quality: int | str | None, strip: bool) -> tuple:

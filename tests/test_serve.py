@@ -561,6 +561,8 @@ def test_cache_hit_does_not_read_storage(archive, tmp_path):
         second = request(address, image_path(PHOTO))
         assert second[0] == 200 and second[1]["x-cache"] == "hit" and second[2] == first[2]
         assert len(storage.reads) == 1
+        cache = service.health()["cache"]
+        assert (cache["hits"], cache["misses"], cache["entries"]) == (1, 1, 1)
         # another representation is another decode, and the stream is gone now
         assert request(address, image_path(PHOTO, "format=webp"))[0] == 404
         service.clear_cache()
@@ -827,7 +829,7 @@ def test_a_bug_is_a_500_json_error(archive):
     def broken(*args):
         raise RuntimeError("a bug")
 
-    service.render = broken
+    service.render_missed = broken
     resp = TestClient(make_app(service), raise_server_exceptions=False).get(image_path(PLAIN))
     assert resp.status_code == 500 and resp.json()["error"] == "internal_error"
     assert "a bug" not in resp.text
