@@ -198,6 +198,27 @@ class Outcome:
     error: str | None = None
 
 
+def flock(path: Path) -> int | None:
+    """An fd holding ``path``'s exclusive flock (the file created if need be), or None when
+    another open file holds it. The lock is the OS's: it ends with the last process that
+    has the fd open, however that process dies, so a dead holder is never mistaken for a
+    live one (nor a reused PID for it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_locked(fd: int, data: bytes) -> None:
+    """Replace the content of a file whose flock ``fd`` holds."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
 class StateDir:
     """Files of the scheduler's state directory."""
 
@@ -260,18 +281,8 @@ class StateDir:
             return RunLock(kind="local", started="", fire="")
 
     def acquire_lock(self, sid: str) -> int | None:
-        """An fd holding the lock file's flock, or None when a live run holds it. The lock
-        is the OS's: it ends with the last process that has the fd open, however it dies,
-        so a dead run's lock is never mistaken for a live one (nor a reused PID for it)."""
-        path = self.lock_path(sid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        """An fd holding the lock file's flock, or None when a live run holds it."""
+        return flock(self.lock_path(sid))
 
     def lock_held(self, sid: str) -> bool:
         fd = self.acquire_lock(sid)
@@ -281,8 +292,7 @@ class StateDir:
 
     @staticmethod
     def write_lock(fd: int, lock: RunLock) -> None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(asdict(lock), indent=1).encode(), 0)
+        write_locked(fd, json.dumps(asdict(lock), indent=1).encode())
 
     def remove_lock(self, sid: str) -> None:
         self.lock_path(sid).unlink(missing_ok=True)
@@ -600,23 +610,16 @@ class Scheduler:
 
     @contextlib.contextmanager
     def _daemon_lock(self):
-        self.state.root.mkdir(parents=True, exist_ok=True)
         path = self.state.root / "scheduler.lock"
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise ScheduleError(f"a scheduler already runs on {self.state.root} "
-                                    f"({holder})") from None
-            f.truncate(0)
-            f.write(f"pid {os.getpid()}\n")
-            f.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        fd = flock(path)
+        if fd is None:
+            holder = path.read_text().strip() or "another process"
+            raise ScheduleError(f"a scheduler already runs on {self.state.root} ({holder})")
+        try:
+            write_locked(fd, f"pid {os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)
 
 
 def _iso(dt: datetime) -> str:
