@@ -14,7 +14,7 @@ The earlier server is ``jobs/serve.py`` as of ``--before`` (default: the last co
 on the same machine at the same time. Rounds alternate (before, now, before, now, ...) and
 the best round of each counts; the ratio now / before is printed (target: >= 1).
 
-    python bench/serve_throughput.py [--seconds 3] [--rounds 2] [--clients 16]
+    python bench/serve_throughput.py [--seconds 3] [--rounds 2] [--clients 16] [--cases uncached]
 """
 
 from __future__ import annotations
@@ -137,15 +137,16 @@ def load(port: int, paths: list[str], clients: int, seconds: float) -> float:
     return sum(counts) / elapsed
 
 
-def measure(clients: int = 16, seconds: float = 3.0, rounds: int = 2,
-            before: str = BEFORE) -> dict[str, dict[str, float]]:
+def measure(clients: int = 16, seconds: float = 3.0, rounds: int = 2, before: str = BEFORE,
+            only: tuple[str, ...] = ("cached", "uncached")) -> dict[str, dict[str, float]]:
     """{case: {"before": req/s, "now": req/s}}, best of ``rounds`` alternating rounds."""
     from urllib.parse import quote
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         keys = make_archive(Path(tmp), clients)
         archive = Path(tmp) / "archive"
-        cases = {"cached": (256.0, [keys[0]]), "uncached": (0.0, keys)}
+        cases = {c: v for c, v in {"cached": (256.0, [keys[0]]), "uncached": (0.0, keys)}.items()
+                 if c in only}
         best: dict[str, dict[str, float]] = {c: {"before": 0.0, "now": 0.0} for c in cases}
         for _ in range(rounds):
             for case, (cache_mb, case_keys) in cases.items():
@@ -169,6 +170,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cases", default="cached,uncached", help="cached, uncached or both")
     p.add_argument("--before", default=BEFORE, help=f"commit of the earlier server ({BEFORE})")
     p.add_argument("--serve", choices=("before", "now"), help=argparse.SUPPRESS)
     p.add_argument("--archive", help=argparse.SUPPRESS)
@@ -177,7 +179,8 @@ def main() -> None:
     if args.serve:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         return run_server(args.serve, args.before, args.archive, args.cache_mb)
-    best = measure(args.clients, args.seconds, args.rounds, args.before)
+    best = measure(args.clients, args.seconds, args.rounds, args.before,
+                   tuple(args.cases.split(",")))
     w, h = SIZE
     print(f"{args.clients} clients, keep-alive, {w}x{h} PNGs, best of {args.rounds} "
           f"rounds of {args.seconds:g} s; before = jobs/serve.py at {args.before}")
