@@ -478,4 +478,8 @@ def test_real_pipeline_output(tmp_path, local_ray):
     assert {r["source_key"] for r in worst} == set(sizes)
 
     path = report.write_report(str(out), tmp_path / "report.html")
-    parse_page(path.read_text(encoding="utf-8"))
+    root = parse_page(path.read_text(encoding="utf-8"))
+    # The gallery: both learned images of the newest run, decoded from their bitstreams.
+    pairs = root.findall(".//{http://www.w3.org/1999/xhtml}figure[@class='pair']")
+    assert sorted("".join(f.itertext()).split(" ")[0] for f in pairs) == sorted(sizes)
+    assert all(len(f.findall(".//{http://www.w3.org/1999/xhtml}img")) == 2 for f in pairs)
