@@ -20,16 +20,18 @@ import argparse
 import datetime as dt
 import json
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from bench import codec_speed, pipeline_overhead, train_step
+from bench import codec_speed, pipeline_overhead, plan_scale, train_step
 from bench.common import ROOT, busy_cpus, cpu_model, log, machine_info
 from codec.registry import REGISTRY
 
 SECTIONS = ("decode", "encode", "sga", "pipeline", "train")
+OPTIONAL = ("plan_scale",)  # run only when named in --only (minutes, GBs of disk)
 SGA_ITERATIONS = 2000  # the paper's budget, the issue's yardstick (sgarc encode defaults to 1000)
 TARGET_IMAGES_PER_HOUR = 2000  # per H100, 768x512 at 2000 iterations
 TARGET_DECODE_RATIO = 1.5  # decode on the 2-core CPU at most 1.5x its floor
@@ -56,10 +58,11 @@ class SummaryRow:
 
 def sections(text: str) -> set[str]:
     names = {s.strip() for s in text.split(",") if s.strip()}
-    unknown = names - set(SECTIONS)
+    unknown = names - set(SECTIONS) - set(OPTIONAL)
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+            f"unknown section(s) {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(SECTIONS + OPTIONAL)}")
     return names
 
 
@@ -73,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None,
                    help="write everything here (default runs/bench/bench-<time>.json)")
     p.add_argument("--only", type=sections, default=None, metavar="SECTIONS",
-                   help=f"comma-separated sections to run ({','.join(SECTIONS)}; default all)")
+                   help=f"comma-separated sections to run ({','.join(SECTIONS)}; default all; "
+                        f"optional: {','.join(OPTIONAL)}, archive-scale planning)")
     p.add_argument("--skip", type=sections, default=set(), metavar="SECTIONS",
                    help="comma-separated sections to leave out")
     which = p.add_mutually_exclusive_group()
@@ -188,6 +192,26 @@ def summarize(cpu: dict | None, dev: dict | None, pipe: dict | None,
     return rows
 
 
+def scale_rows(scale: dict | None) -> list[SummaryRow]:
+    """plan_scale's largest local archive: plan time, its peak RSS, the metrics summary."""
+    local = [r for r in (scale or {}).get("results", []) if r["label"].startswith("local")]
+    if not local:
+        return []
+    r = max(local, key=lambda x: x["objects"])
+    n = f"{r['objects'] / 1e6:g} M" if r["objects"] >= 1e6 else f"{r['objects'] / 1e3:g} k"
+    t, rss, summ = r["plan"]["seconds"], r["plan"]["peak_rss_mib"], r["summary"]["seconds"]
+    return [SummaryRow("plan_seconds", f"plan {n} objects, half done", "s", t,
+                       target=f"<= {plan_scale.TARGET_SECONDS_1M:g} s at 1 M",
+                       met=t <= plan_scale.TARGET_SECONDS_1M if r["objects"] >= 1e6 else None,
+                       note=f"over small parts {r['plan_parts']['seconds']:.1f} s"),
+            SummaryRow("plan_peak_rss", "  its peak RSS", "MiB", rss,
+                       target=f"<= {plan_scale.TARGET_RSS_GIB * 1024:g} MiB",
+                       met=rss <= plan_scale.TARGET_RSS_GIB * 1024),
+            SummaryRow("metrics_summary_seconds", f"sgarc metrics summary, {n} rows", "s", summ,
+                       target=f"<= {plan_scale.TARGET_SUMMARY_S:g} s",
+                       met=summ <= plan_scale.TARGET_SUMMARY_S)]
+
+
 def _num(v: float | None) -> str:
     if v is None:
         return "-"
@@ -267,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and {"encode", "sga"} & wanted:
         log(f"codec on {device} ...")
         dev = codec_speed.measure(speed_settings(args, device, sga="sga" in wanted))
+    scale = None
+    if "plan_scale" in wanted:
+        log("planning at archive scale (bench/plan_scale.py) ...")
+        with tempfile.TemporaryDirectory(prefix="sgarc-plan-scale-") as work:
+            scale = plan_scale.measure(
+                [10_000, 100_000] if args.quick else [100_000, 1_000_000],
+                0 if args.quick else 100_000, Path(work),
+                None if args.quick else plan_scale.BEFORE)
     if "pipeline" in wanted:
         log("pipeline overhead ...")
         model = args.model if args.model is not None else args.quality
@@ -283,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             **({"batch_size": 2, "crop": 64, "gemm_size": 1024, "gemm_runs": 2}
                if args.quick else {})))
 
-    rows = summarize(cpu, dev, pipe, wanted, train)
+    rows = summarize(cpu, dev, pipe, wanted, train) + scale_rows(scale)
     notes = suite_notes(cpu, dev, wanted, args.quick)
     first = cpu or dev
     machine = machine_info(busy) | {"threads": args.threads or torch.get_num_threads()}
@@ -313,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pipeline_marginal_ratio_min": pipeline_overhead.TARGET_RATIO},
         "summary": [asdict(r) for r in rows], "notes": notes,
         "codec_speed": {r["machine"]["device"]: r for r in (cpu, dev) if r is not None},
-        "pipeline_overhead": pipe, "train_step": train,
+        "pipeline_overhead": pipe, "train_step": train, "plan_scale": scale,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -8,6 +8,7 @@ write: the part's existence is what marks the shard done.
 from __future__ import annotations
 
 import io
+import re
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -165,8 +166,10 @@ def duckdb_connection(storage):
 
 
 def duck_path(storage, key: str) -> str:
-    """How DuckDB names `key`: a local path, or the URL of the registered filesystem."""
-    return storage.full_path(key) if storage.protocol == "file" else storage.url_of(key)
+    """How DuckDB names `key`: a local path, or the URL of the registered filesystem, with
+    glob characters escaped (``[`` -> ``[[]``): DuckDB globs every path it is given."""
+    path = storage.full_path(key) if storage.protocol == "file" else storage.url_of(key)
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def compacted_shards(storage, compacted: list[str]) -> set[tuple[str, str]]:
