@@ -5,7 +5,9 @@
     [route u8, version 3] | { tag 4s | length u32 | payload }*  |  crc32 u32 (of all before)
 
 Version 1 streams come from fixed-rate models; version 2 adds the rate point of a
-variable-rate model (its grid index, codec.variable_rate). Version 3 holds the source file
+variable-rate model (its grid index, codec.variable_rate). Version 4 (experimental) comes
+from a bits-back model (codec.bits_back): it adds the decoder's BBVI step count and a
+digest of the entropy model that carries the side information. Version 3 holds the source file
 itself instead of latents (codec.routes): a route byte (1 jpeg-lossless: a bit-exact JPEG XL
 transcode in JXLJ; 2 original: the file as it was in ORIG) and no model (an empty id). All
 are read; a writer uses the lowest version that holds its header, so learned streams are
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 from codec.errors import BitstreamError
 
 MAGIC = b"SGAC"
-FORMAT_VERSION = 3  # the newest version written and read
-VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest version written and read
+VERSIONS = (1, 2, 3, 4)
 MAX_RATE = 0xFFFF
 FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger (padded) image
 PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total stride)
@@ -50,6 +52,7 @@ _FIELDS = struct.Struct(">IIBBBBB")
 _SECTION = struct.Struct(">4sI")
 _CRC = struct.Struct(">I")
 _RATE = struct.Struct(">H")
+_BITS_BACK = struct.Struct(">II")  # version 4: BBVI steps, digest of Q(z_hat | ...)
 MIN_LENGTH = _PREFIX.size + _FIELDS.size + 1 + _CRC.size
 _MODEL_ID = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
@@ -65,11 +68,17 @@ class Header:
     pad_mode: str = "replicate"
     rate: int | None = None  # rate point of a variable-rate model (grid index); None: fixed
     route: str = "learned"  # or "jpeg-lossless" / "original": the source file, no model
+    # version 4, a bits-back model's stream (codec.bits_back): the BBVI steps that
+    # reproduce Q(z_hat | mu_z, sigma_z) from y_hat, and a digest of that Q; else None
+    bbvi_steps: int | None = None
+    q_digest: int = 0
 
     @property
     def version(self) -> int:
         if self.route != "learned":
             return 3
+        if self.bbvi_steps is not None:
+            return 4
         return 1 if self.rate is None else 2
 
     @property
@@ -108,6 +117,10 @@ class Header:
             raise BitstreamError(f"unknown padding mode {self.pad_mode!r}")
         if self.rate is not None and not 0 <= self.rate <= MAX_RATE:
             raise BitstreamError(f"invalid rate point {self.rate}")
+        if self.bbvi_steps is not None and (
+                self.rate is not None or self.route != "learned"
+                or not 0 <= self.bbvi_steps < 1 << 32 or not 0 <= self.q_digest < 1 << 32):
+            raise BitstreamError("invalid bits-back fields")
 
 
 @dataclass
@@ -128,7 +141,9 @@ def pack(bs: Bitstream) -> bytes:
     ]
     if h.rate is not None:
         parts.append(_RATE.pack(h.rate))
-    if h.version >= 3:
+    if h.version == 4:
+        parts.append(_BITS_BACK.pack(h.bbvi_steps, h.q_digest))
+    if h.version == 3:
         parts.append(bytes([ROUTES.index(h.route)]))
     order = ROUTE_SECTIONS[h.route]
     for tag in order:
@@ -170,8 +185,13 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     except UnicodeDecodeError as exc:
         raise BitstreamError("model id is not ASCII") from exc
     pos += id_len
-    rate, route = None, "learned"
-    if version == 2:
+    rate, route, bbvi_steps, q_digest = None, "learned", None, 0
+    if version == 4:
+        if pos + _BITS_BACK.size > len(body):
+            raise BitstreamError("truncated header: no bits-back fields")
+        bbvi_steps, q_digest = _BITS_BACK.unpack_from(body, pos)
+        pos += _BITS_BACK.size
+    elif version == 2:
         if pos + _RATE.size > len(body):
             raise BitstreamError("truncated header: no rate point")
         (rate,) = _RATE.unpack_from(body, pos)
@@ -191,7 +211,7 @@ def parse(data: bytes, max_pixels: int = FORMAT_MAX_PIXELS) -> Bitstream:
     if pad >= len(PAD_MODES):
         raise BitstreamError(f"unknown padding mode code {pad}")
     header = Header(model_id, w, h, COLORS[color], orientation, depth, PAD_MODES[pad], rate,
-                    route)
+                    route, bbvi_steps, q_digest)
     header.validate(max_pixels)
     order = ROUTE_SECTIONS[route]
     sections: dict[str, bytes] = {}

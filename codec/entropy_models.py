@@ -89,12 +89,14 @@ class FactorizedDensity(nn.Module):
                 logits = logits + torch.tanh(self.factors[i]) * torch.tanh(logits)
         return logits
 
-    def likelihood(self, z_hat: torch.Tensor) -> torch.Tensor:
-        """P(z_hat) per element; z_hat has shape (B, C, H, W)."""
+    def likelihood(self, z_hat: torch.Tensor, width: float = 1.0) -> torch.Tensor:
+        """P(z_hat) per element: the density's mass on the bin of `width` around each value
+        (unit bins: the coding lattice; finer ones: the bits-back grid, codec.bits_back);
+        z_hat has shape (B, C, H, W)."""
         B, C, H, W = z_hat.shape
         v = z_hat.permute(1, 0, 2, 3).reshape(C, 1, -1)
-        lower = self._logits_cumulative(v - 0.5)
-        upper = self._logits_cumulative(v + 0.5)
+        lower = self._logits_cumulative(v - width / 2)
+        upper = self._logits_cumulative(v + width / 2)
         # Evaluate in the tail where sigmoid is most precise.
         sign = -torch.sign(lower + upper).detach()
         lik = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
@@ -102,13 +104,15 @@ class FactorizedDensity(nn.Module):
         return lower_bound(lik, LIKELIHOOD_BOUND)
 
     @torch.no_grad()
-    def pmf_table(self, support: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """P(k) for integer k in [-support, support], per channel, in float64: (C, 2S+1)."""
+    def pmf_table(self, support: int = 512, step: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """P(k) of the bin of width `step` around k * step, for integer k in
+        [-support, support], per channel, in float64: (C, 2S+1)."""
         k = torch.arange(-support, support + 1, dtype=torch.float64)
         dev = self.matrices[0].device
-        v = k.to(dev, torch.float32).view(1, 1, -1).expand(self.channels, 1, -1)
-        lower = self._logits_cumulative(v - 0.5).double()
-        upper = self._logits_cumulative(v + 0.5).double()
+        v = (k * step).to(dev, torch.float32).view(1, 1, -1).expand(self.channels, 1, -1)
+        lower = self._logits_cumulative(v - step / 2).double()
+        upper = self._logits_cumulative(v + step / 2).double()
         sign = -torch.sign(lower + upper)
         pmf = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
         return pmf.reshape(self.channels, -1).cpu().numpy(), k.numpy().astype(np.int64)

@@ -56,6 +56,7 @@ class ModelEntry:
     note: str = ""
     lmbdas: tuple[float, ...] | None = None  # trained λ points of a variable-rate model
     default: bool = False  # the model used when none is named
+    bits_back: int | None = None  # a bits-back model (codec.bits_back): its z grid bits
 
     def __post_init__(self) -> None:
         if self.lmbdas is not None:
@@ -155,7 +156,8 @@ def _default(known: list[ModelEntry]) -> ModelEntry:
     marked = [e for e in known if e.default]
     if marked:
         return marked[0]
-    ordered = sorted((e for e in known if not e.variable_rate), key=lambda e: e.quality)
+    ordered = sorted((e for e in known if not e.variable_rate and e.bits_back is None),
+                     key=lambda e: e.quality)
     ordered = ordered or known
     return ordered[len(ordered) // 2]
 
@@ -167,6 +169,9 @@ def sha256_of(path: Path) -> str:
 @lru_cache(maxsize=8)
 def load(model: str | int | None = None, registry: Path = REGISTRY) -> LoadedModel:
     entry = find(model, registry)
+    if entry.bits_back is not None:
+        raise ModelError(f"model {entry.id!r} is an experimental bits-back model: it encodes "
+                         "with --method sga-bb (or bb-no-sga, bb-amortized) only")
     path = registry.parent / entry.file
     if not path.exists():
         raise ModelError(f"weights file {path} of model {entry.id!r} is missing; reinstall sgarc")
@@ -236,15 +241,22 @@ def export_model(model: MeanScaleHyperprior | GainedMeanScaleHyperprior, model_i
     entry = ModelEntry(model_id, quality, lmbda, model.N, model.M, steps, data, path.name,
                        hashlib.sha256(buf.getvalue()).hexdigest(), note,
                        model.lmbdas if variable else None, default)
-    others = [e for e in entries(registry)
-              if e.id != model_id and (variable or e.quality != quality)]
-    if default:
+    register(entry, registry, replaces_quality=not variable)
+    return entry
+
+
+def register(entry: ModelEntry, registry: Path = REGISTRY,
+             replaces_quality: bool = False) -> None:
+    """Add (or replace) an entry, atomically; a fixed-rate model replaces the one of its
+    quality level, a default one takes the mark from the others."""
+    others = [e for e in entries(registry) if e.id != entry.id
+              and not (replaces_quality and e.quality == entry.quality)]
+    if entry.default:
         others = [replace(e, default=False) for e in others]
     models = sorted([*others, entry], key=lambda e: e.quality)
     atomic_write(registry, (json.dumps({"models": [_as_json(e) for e in models]}, indent=2)
                              + "\n").encode())
     load.cache_clear()
-    return entry
 
 
 
@@ -257,4 +269,6 @@ def _as_json(entry: ModelEntry) -> dict:
         d["lmbdas"] = list(d["lmbdas"])
     if not d["default"]:
         del d["default"]
+    if d["bits_back"] is None:
+        del d["bits_back"]
     return d
