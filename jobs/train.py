@@ -173,6 +173,8 @@ def cmd_train(args) -> int:
     if args.crop < DOWNSAMPLE or args.crop % DOWNSAMPLE:
         raise SgarcError(f"--crop must be a multiple of {DOWNSAMPLE} (the model's total "
                          f"downsampling), not {args.crop}")
+    if args.bits_back:
+        return _train_bits_back(args)
     variable = bool(args.lmbdas)
     if not variable and (args.export is None) != (args.quality is None):
         raise SgarcError("--export ID and --quality Q go together")
@@ -229,6 +231,37 @@ def cmd_train(args) -> int:
         print(f"exported {entry.id} (quality {entry.quality}, λ {entry.lmbda}, N {entry.N}, "
               f"M {entry.M}, {entry.steps} steps) to {registry.parent / entry.file}, "
               f"sha256 {entry.sha256[:12]}…")
+    return 0
+
+
+def _train_bits_back(args) -> int:
+    """`--bits-back`: fine-tune a bits-back model's hyper parts from a shipped model
+    (codec.bits_back.finetune; g_a, g_s kept), save its weights at --checkpoint, export."""
+    import torch
+
+    from codec import bits_back
+    from codec.registry import REGISTRY, load
+
+    if args.lmbdas or args.address or any(_is_url(d) for d in args.data):
+        raise SgarcError("--bits-back trains from local folders, one λ: leave out --lmbdas "
+                         "and --address")
+    src = load(args.init_from or "msh-small-q4")
+    model = bits_back.from_msh(src.model)
+    bits_back.finetune(model, args.data, args.steps, args.batch_size, args.crop, args.lr,
+                       args.seed, args.log_every,
+                       log=lambda record: print(json.dumps(record), file=sys.stderr))
+    torch.save(model.state_dict(), args.checkpoint)
+    print(f"weights {args.checkpoint} after {args.steps} steps from {src.entry.id}")
+    if args.export is not None:
+        registry = Path(args.registry) if args.registry else REGISTRY
+        data = args.export_data or " + ".join(_data_name(d) for d in args.data)
+        entry = bits_back.export(
+            model, args.export, src.entry.lmbda, src.entry.steps + args.steps,
+            f"{data}, {args.crop}px crops", note=args.note or (
+                f"bits-back (experimental), hyper parts fine-tuned from {src.entry.id} for "
+                f"{args.steps} steps, g_a/g_s as in {src.entry.id}"), registry=registry)
+        print(f"exported {entry.id} (bits-back, λ {entry.lmbda}) to "
+              f"{registry.parent / entry.file}, sha256 {entry.sha256[:12]}…")
     return 0
 
 
@@ -290,6 +323,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "
                         "GPUs: bench/train_step.py)")
+    p.add_argument("--bits-back", action="store_true",
+                   help="experimental: a lossy bits-back model (codec.bits_back) from "
+                   "--init-from (default msh-small-q4): its hyper parts fine-tuned, g_a/g_s "
+                   "kept; --checkpoint receives the weights")
     p.add_argument("--nchw", action="store_true",
                    help="plain NCHW layout instead of channels_last (slower; for comparison)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -335,14 +372,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgarc")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except SgarcError as exc:
-        print(f"sgarc train: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m jobs.train ARGS`` is ``sgarc train ARGS``."""
+    from jobs.cli import run_as
+    return run_as("train", argv)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,20 @@ def test_a_bits_back_model_is_refused_by_the_other_methods(bb_registry):
 def test_oversized_side_information_is_refused(bb_registry, image):
     with pytest.raises(ValueError, match="at most"):
         _encode(image, bytes(bb.MAX_SIDE_INFO + 1), bb_registry)
+
+
+def test_sgarc_train_bits_back_exports_a_working_model(tmp_path, image):
+    from codec.registry import find
+    from jobs.train import main
+
+    data = tmp_path / "train"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(smooth_image(80, 80, seed=i)).save(data / f"{i}.png")
+    registry = tmp_path / "weights" / "registry.json"
+    assert main(["--bits-back", "--data", str(data), "--checkpoint", str(tmp_path / "bb.pt"),
+                 "--steps", "2", "--batch-size", "2", "--crop", "64", "--export", "bb-cli",
+                 "--registry", str(registry)]) == 0
+    assert find("bb-cli", registry).bits_back == bb.Z_GRID_BITS
+    result = bb.encode(image, b"hello", "bb-cli", "bb-amortized", registry=registry)
+    assert bb.decode(result.data, side_info=True, registry=registry)[2] == b"hello"
