@@ -67,7 +67,7 @@ from codec.errors import ModelError  # noqa: E402
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact  # noqa: E402
 from codec.gdn import GDN  # noqa: E402
 from codec.images import PreparedImage, load_image  # noqa: E402
-from codec.inference import DEFAULTS, InferenceConfig, infer  # noqa: E402
+from codec.inference import InferenceConfig, infer  # noqa: E402
 from codec.model import DOWNSAMPLE  # noqa: E402
 from codec.registry import REGISTRY  # noqa: E402
 
@@ -265,7 +265,7 @@ class SpeedSettings:
     sga_iterations: int = 10
     sga_repeats: int | None = None  # None: min(repeats, 3)
     sga_batch: int = 1  # images per SGA batch; times are reported per image
-    eval_every: int = DEFAULTS.eval_every  # the product default (codec.inference.DEFAULTS)
+    eval_every: int = InferenceConfig.eval_every  # the product default
     backward_factor: float = 2.0
     gemm_size: int | None = None  # None: 2048 on the CPU, 8192 on CUDA
     gemm_runs: int = 5

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     from codec import tiling
     from codec.api import Codec, decode
     from codec.images import load_image
-    from codec.inference import DEFAULTS, InferenceConfig
+    from codec.inference import InferenceConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     if args.op in ("encode", "sga"):
         image = load_image(work / "photo.jpg")
         config = (InferenceConfig(method="amortized") if args.op == "encode" else
-                  replace(DEFAULTS, iterations=args.sga_iterations))
+                  InferenceConfig(iterations=args.sga_iterations))
         before = peak_rss()
         t0 = time.perf_counter()
         result = codec.encode(image, config)

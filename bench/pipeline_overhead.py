@@ -78,13 +78,13 @@ def bare_loop(folder: Path, out: Path, model, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def pipeline(folder: Path, out: Path, model, shard_size: int) -> float:
+def pipeline(folder: Path, out: Path, quality: int | None, shard_size: int) -> float:
     """Seconds for `sgarc run` on the same folder (Ray already up)."""
     from pipeline.run import RunOptions, run
     from pipeline.settings import EncodeSettings
 
     t0 = time.perf_counter()
-    summary = run(str(folder), str(out), EncodeSettings(model=model, method="amortized"),
+    summary = run(str(folder), str(out), EncodeSettings(quality=quality, method="amortized"),
                   RunOptions(shard_size=shard_size, device="cpu", progress=False))
     assert summary.errors == 0 and summary.skipped == 0
     return time.perf_counter() - t0

@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from codec.inference import InferenceConfig, infer  # noqa: E402
+from codec.inference import PAPER, InferenceConfig, infer  # noqa: E402
 from codec.registry import load  # noqa: E402
 from jobs.evaluate import load_images  # noqa: E402
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[str, dict] = {}
     best, true, seconds = run(model, x, lmbda,
-                              InferenceConfig(iterations=args.full, seed=args.seed))
+                              replace(PAPER, iterations=args.full, seed=args.seed))
     start = best[0]
     runs["paper"] = {"iterations": args.full, "seconds": seconds,
                      "best": best.tolist(), "true": true.tolist()}

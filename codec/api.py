@@ -1,7 +1,7 @@
 """Encode images to sgarc bitstreams and decode them back: the codec's public surface.
 
     codec = Codec(quality=3)                      # loads a shipped model once
-    result = codec.encode(load_image("a.jpg"))    # InferenceConfig() = SGA, paper defaults
+    result = codec.encode(load_image("a.jpg"))    # InferenceConfig(): SGA, product defaults
     decoded = decode(result.data)                 # any device, any thread count
     decoded.save("a.png")                         # with its EXIF / ICC / XMP where PNG allows
 

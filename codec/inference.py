@@ -39,8 +39,13 @@ _DEFAULT_LR = {"ste": 1e-4}  # paper S3: STE needed a tiny learning rate
 
 @dataclass
 class InferenceConfig:
+    """How to infer latents. The defaults are the product's (what ``sgarc encode``, job
+    specs and the pipeline use): 1000 iterations of the scaled schedule reached 98% of the
+    paper's 2000-iteration gain on val crops at half its cost (docs/performance.md).
+    :data:`PAPER` holds the paper's own settings, for reproducing its figures."""
+
     method: str = "sga"
-    iterations: int = 2000
+    iterations: int = 1000
     lr: float | None = None  # None: 5e-3 (1e-4 for ste), the paper's; 1e-2 when "scaled"
     tau0: float = 0.5
     c: float = 1e-3
@@ -51,7 +56,7 @@ class InferenceConfig:
     # stretched onto `iterations` (t0 * T / 2000, c * 2000 / T), so a short run still anneals
     # down to hard rounding, with twice the paper's step size (lr 1e-2 unless set): tuned
     # for budgets of 250-1000 iterations (docs/performance.md).
-    schedule: str = "paper"
+    schedule: str = "scaled"
     # Per-image early stopping: an image whose best true RD loss improved by less than
     # `min_improvement` (relative) over the last `patience` iterations stops; 0 = off.
     patience: int = 0
@@ -83,10 +88,8 @@ class InferenceConfig:
         return min(self.tau0, self.tau0 * math.exp(-c * (t - t0)))
 
 
-# What the CLI, job specs and the pipeline default to: 1000 iterations of the scaled
-# schedule reached 98% of the paper's 2000-iteration gain on val crops at half its cost
-# (docs/performance.md).
-DEFAULTS = InferenceConfig(iterations=1000, schedule="scaled")
+# The paper's settings: 2000 iterations of tau(t) with its fixed t0 and c, lr 5e-3.
+PAPER = InferenceConfig(iterations=PAPER_ITERATIONS, schedule="paper")
 
 
 @dataclass

@@ -9,6 +9,7 @@ a refinement pass re-encodes them with SGA, and the metrics summary is printed.
 
 from __future__ import annotations
 
+import argparse
 import io
 import time
 from pathlib import Path
@@ -31,15 +32,24 @@ def sample_photos() -> dict[str, bytes]:
     return out
 
 
-def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> int:
-    from dataclasses import replace
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sgarc demo``."""
+    p = subparsers.add_parser("demo", help="encode and decode a few sample photos (the "
+                              "README's demo)")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--iterations", "-n", type=int, default=100,
+                   help="SGA iterations per image (default: 100, to finish in minutes on CPU)")
+    p.add_argument("--quality", "-q", type=int, default=None)
+    p.set_defaults(func=lambda args: run_demo(Path(args.out), args.iterations, args.quality))
 
+
+def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> int:
     from tqdm import tqdm
 
     from codec.api import Codec, decode
     from codec.files import atomic_write
     from codec.images import load_image
-    from codec.inference import DEFAULTS
+    from codec.inference import InferenceConfig
 
     out.mkdir(parents=True, exist_ok=True)
     codec = Codec(quality)
@@ -49,7 +59,7 @@ def run_demo(out: Path, iterations: int = 100, quality: int | None = None) -> in
     for name, png in photos.items():
         image = load_image(png)
         for method, n in (("amortized", 0), ("sga", iterations)):
-            cfg = replace(DEFAULTS, method=method, iterations=n)  # the product's settings
+            cfg = InferenceConfig(method=method, iterations=n)  # the product's settings
             with tqdm(total=n, desc=f"{method} {name}", leave=False, disable=n == 0) as bar:
                 result = codec.encode(image, cfg, progress=bar.update)
             stream = out / f"{name}-{method}.sga"

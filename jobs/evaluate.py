@@ -428,10 +428,12 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def evaluate(args) -> dict:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from codec.api import Codec
-    from codec.inference import InferenceConfig
+    from codec.inference import PAPER, InferenceConfig
     from codec.registry import REGISTRY, entries
     from codec.variable_rate import RATE_STEPS
 
@@ -484,8 +486,8 @@ def evaluate(args) -> dict:
         for prefix, label_prefix, make in sgarc_points:
             codec = make()
             runs = ([] if args.no_amortized else [InferenceConfig(method="amortized")]) + (
-                [InferenceConfig(iterations=max(iterations), snapshots=tuple(iterations),
-                                 seed=args.seed)] if iterations else [])
+                [replace(PAPER, iterations=max(iterations), snapshots=tuple(iterations),
+                         seed=args.seed)] if iterations else [])
             for cfg in runs:
                 bar.set_description(f"{prefix}-{cfg.method} "
                                     f"{codec.lm.entry.quality or f'r{codec.rate}'}")
@@ -517,8 +519,8 @@ def evaluate(args) -> dict:
                                                if e.quality in qualities},
             "registry": str(registry), "methods": [m if not n else f"{m}-{n}"
                                                    for m, n in methods],
-            "sga": {"lr": InferenceConfig().learning_rate, "tau0": InferenceConfig().tau0,
-                    "c": InferenceConfig().c, "t0": InferenceConfig().t0, "seed": args.seed,
+            "sga": {"lr": PAPER.learning_rate, "tau0": PAPER.tau0,
+                    "c": PAPER.c, "t0": PAPER.t0, "seed": args.seed,
                     "schedule": "paper; one run per image, coded at each budget"},
             "device": device,
             "baselines": {b: {"label": BASELINES[b][0], "parameter": BASELINES[b][1],
@@ -649,14 +651,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sgarc")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except SgarcError as exc:
-        print(f"sgarc eval: error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m jobs.evaluate ARGS`` is ``sgarc eval ARGS``."""
+    from jobs.cli import run_as
+    return run_as("eval", argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Command-line values shared by several `sgarc` commands, and `${ENV}` references.
 
+The encode settings' flags are generated from :class:`pipeline.settings.EncodeSettings`
+(:func:`add_settings_options`, :func:`settings_from_args`), and a validation error of any
+settings model becomes one line that names the flag or key (:func:`explain`).
+
 ``--storage-options`` may hold credentials, and a command line is visible to every user of
 the machine (``ps``, /proc). So the value can stay free of secrets in two ways, as a job
 spec's ``[storage] options`` can: string values may say ``${NAME}``, replaced by the
@@ -9,11 +13,15 @@ reads the JSON from a file (which may use ``${NAME}`` too).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
-from collections.abc import Mapping
-from typing import Any
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
 
 from codec.errors import SgarcError
 
@@ -76,3 +84,103 @@ def parse_storage_options(text: str | None, error: type[SgarcError] = SgarcError
         raise error(f"{source} must be a JSON object")
     return expand_env(options, os.environ if environ is None else environ, f"{source}: ",
                       error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings models on the command line, and their errors as one line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_settings_options(parser: argparse.ArgumentParser, model: type[BaseModel] | None = None
+                         ) -> None:
+    """One ``--flag`` per field of ``model`` (default: EncodeSettings), its help the field's
+    description. Absent flags stay absent, so the model's own defaults apply."""
+    if model is None:
+        from pipeline.settings import EncodeSettings
+        model = EncodeSettings
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra or {}
+        kind = _arg_type(info.annotation)
+        default = "" if info.default is None else f" (default: {info.default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": (info.description + default).replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs.update(choices=get_args(kind))
+        else:
+            kwargs.update(type=kind, metavar=extra.get("metavar"))
+        parser.add_argument(_flag(name), *extra.get("flags", ()), **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, model: type[BaseModel] | None = None,
+                       **changes: Any) -> Any:
+    """The ``model`` (default: EncodeSettings) of the flags given; a bad value is an
+    SgarcError naming the flag (``--iterations: must be >= 0, got -5``)."""
+    if model is None:
+        from pipeline.settings import EncodeSettings
+        model = EncodeSettings
+    values = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    try:
+        return model.model_validate({**values, **changes})
+    except ValidationError as exc:
+        raise SgarcError(explain(exc, lambda loc: _flag(loc[0]) if loc else "")) from None
+
+
+def explain(exc: ValidationError, where: Callable[[tuple], str]) -> str:
+    """``exc`` as one line: each error as "WHERE: what is wrong, got VALUE", WHERE being
+    ``where(loc)`` (a flag, or a spec's table and key); "" for errors of the whole model."""
+    return "; ".join(_explain_one(e, where(tuple(e["loc"]))) for e in exc.errors())
+
+
+def _explain_one(error: Any, where: str) -> str:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    expected = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "string": "a non-empty string", "dict": "a table", "model": "a table",
+                "list": "a list", "tuple": "a list"}.get(kind.split("_")[0])
+    bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+             "less_than": "<"}.get(kind)
+    if kind == "missing":
+        return f"{where} is required"
+    if bound:
+        limit = next(iter(ctx.values()))
+        phrase = f"must be {bound} {_number(limit)}, got {_number(value)}"
+    elif kind == "literal_error":
+        phrase = (f"{value!r} is not one of "
+                  + ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", ""))))
+    elif kind == "value_error":
+        phrase = str(ctx.get("error", error["msg"]))
+    elif kind == "extra_forbidden":
+        phrase = "unknown key"
+    elif expected:
+        phrase = f"expected {expected}, got {type_name(value)}"
+    else:
+        phrase = error["msg"]
+    return f"{where}{': ' if error['loc'] else ' '}{phrase}" if where else phrase
+
+
+def type_name(value: Any) -> str:
+    """How a value is named in messages: "string 'high'", "boolean true", "a table"."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"string {value!r}" if len(value) < 40 else "a string"
+    if isinstance(value, int | float):
+        return f"number {value}"
+    return {"dict": "a table", "list": "a list"}.get(type(value).__name__,
+                                                     type(value).__name__)
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(annotation: Any) -> Any:
+    """``int | None`` -> int; a Literal stays a Literal (its values are the choices)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation

@@ -757,14 +757,8 @@ def cmd_scheduler_run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.schedule schedule ...`` / ``... scheduler run`` (as ``sgarc``)."""
-    parser = argparse.ArgumentParser(prog="sgarc")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SgarcError as exc:
-        print(f"sgarc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    from jobs.cli import main as sgarc
+    return sgarc(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ key and list the allowed ones):
 
     [job]      name, input (required), output (required), manifest
     [storage]  options: fsspec options; string values may say "${ENV_VAR}"
-    [encode]   quality | model, method, iterations, lr, seed, schedule, patience, alpha,
-               depth, metadata, max_pixels, rate, target_psnr | target_bpp
+    [encode]   the fields of pipeline.settings.EncodeSettings (quality | model, method,
+               iterations, lr, ...), with its bounds and defaults
+    [policy]   its policy fields (min_psnr: the quality floor, dB; codec.routes)
     [run]      shard_size, actors, gpus, address (Ray Jobs API, http://head:8265), device
     [filters]  extensions, include, exclude (glob patterns on keys), min_bytes, max_bytes
-    [refine]   enabled, method, iterations, max_images
-    [policy]   min_psnr (the quality floor, dB; codec.routes)
+    [refine]   enabled, method, iterations, max_images (RefineSpec)
 
 Secrets stay out of the file: ``${NAME}`` in a storage option is replaced by the
 environment variable NAME when the run starts (:meth:`JobSpec.storage_options`), on the
@@ -29,14 +29,16 @@ import functools
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from codec.errors import SgarcError
-from codec.inference import DEFAULTS
-from jobs.options import ENV_ANY, ENV_NAME, ENV_REF, expand_env
+from jobs.options import ENV_ANY, ENV_NAME, ENV_REF, expand_env, explain, type_name
+from pipeline.settings import EncodeSettings, IterativeMethod
 from pipeline.storage import IMAGE_EXTENSIONS, ObjectInfo
 
 
@@ -47,25 +49,6 @@ class SpecError(SgarcError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # The spec
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodeSpec:
-    quality: int | None = None
-    model: str | None = None
-    method: str = "sga"
-    iterations: int = DEFAULTS.iterations
-    lr: float | None = None
-    seed: int = 0
-    schedule: str = DEFAULTS.schedule
-    patience: int = DEFAULTS.patience
-    alpha: str = "keep"
-    depth: str = "error"
-    metadata: str = "keep"
-    max_pixels: int | None = None  # None: the codec's default limit
-    rate: int | None = None  # rate point of a variable-rate model
-    target_psnr: float | None = None  # per-image targets (codec.targets)
-    target_bpp: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,22 +76,15 @@ class FilterSpec:
                     or self.min_bytes is not None or self.max_bytes is not None)
 
 
-@dataclass(frozen=True)
-class RefineSpec:
+class RefineSpec(BaseModel):
     """The refinement pass after the coverage pass (pipeline.run.refine consumes it)."""
 
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
     enabled: bool = False
-    method: str = "sga"
-    iterations: int = DEFAULTS.iterations
-    max_images: int | None = None  # per run; None: every candidate
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """The owner's rules (codec.routes): a quality floor; "never bigger than the source" is
-    always on. Both passes (coverage and refinement) keep them."""
-
-    min_psnr: float | None = None
+    method: IterativeMethod = "sga"
+    iterations: int = Field(EncodeSettings.model_fields["iterations"].default, ge=1)
+    max_images: int | None = Field(None, ge=1)  # per run; None: every candidate
 
 
 @dataclass(frozen=True)
@@ -118,11 +94,10 @@ class JobSpec:
     output: str
     manifest: str | None = None
     storage: Mapping[str, Any] = field(default_factory=dict, repr=False)  # unexpanded
-    encode: EncodeSpec = field(default_factory=EncodeSpec)
+    encode: EncodeSettings = field(default_factory=EncodeSettings)  # [encode] and [policy]
     run: RunSpec = field(default_factory=RunSpec)
     filters: FilterSpec = field(default_factory=FilterSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
-    policy: PolicySpec = field(default_factory=PolicySpec)
     source: str = "<spec>"  # the file it came from (for messages)
     base_dir: str = "."  # relative local paths are relative to this (the file's folder)
     text: str = field(default="", repr=False, compare=False)  # the TOML as written
@@ -137,30 +112,24 @@ class JobSpec:
     def output_url(self) -> str:
         return _resolve_path(self.output, self.base_dir)
 
+    @property
+    def policy(self):
+        """The owner's rules (codec.routes.Policy) of both passes, from [policy]."""
+        return self.encode.policy()
+
     # -- what the pipeline takes -------------------------------------------------------------
 
-    def to_settings(self):
-        """The coverage pass's :class:`pipeline.settings.EncodeSettings`."""
-        from pipeline.settings import EncodeSettings
+    def to_settings(self) -> EncodeSettings:
+        """The coverage pass's settings: [encode] and [policy]."""
+        return self.encode
 
-        e = self.encode
-        kwargs = {} if e.max_pixels is None else {"max_pixels": e.max_pixels}
-        return EncodeSettings(model=e.model if e.model is not None else e.quality,
-                              method=e.method, iterations=e.iterations, lr=e.lr, seed=e.seed,
-                              schedule=e.schedule, patience=e.patience,
-                              alpha=e.alpha, depth=e.depth, metadata=e.metadata,
-                              rate=e.rate, target_psnr=e.target_psnr, target_bpp=e.target_bpp,
-                              min_psnr=self.policy.min_psnr, **kwargs)
-
-    def refine_settings(self):
+    def refine_settings(self) -> EncodeSettings:
         """The refinement pass's settings: [encode] with [refine]'s method and iterations.
 
         ``lr`` goes back to the method's default: a learning rate chosen for the coverage
         method need not suit the refinement method."""
-        from dataclasses import replace
-
-        return replace(self.to_settings(), method=self.refine.method,
-                       iterations=self.refine.iterations, lr=None)
+        return self.encode.replace(method=self.refine.method,
+                                   iterations=self.refine.iterations, lr=None)
 
     def to_options(self, *, progress: bool = True, run_id: str | None = None):
         """:class:`pipeline.run.RunOptions` for a run driven from this process.
@@ -204,7 +173,7 @@ class JobSpec:
         return (f"JobSpec(name={self.name!r}, input={self.input!r}, output={self.output!r}, "
                 f"storage={self.redacted_storage()!r}, encode={self.encode!r}, "
                 f"run={self.run!r}, filters={self.filters!r}, refine={self.refine!r}, "
-                f"policy={self.policy!r}, source={self.source!r})")
+                f"source={self.source!r})")
 
     def describe(self) -> str:
         """A human summary (secrets redacted), one setting per line."""
@@ -275,7 +244,7 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: str | None = None
     for table in _TABLES:
         if table in data and not isinstance(data[table], dict):
             raise SpecError(f"{source}: [{table}] must be a table, not "
-                            f"{_type_name(data[table])}")
+                            f"{type_name(data[table])}")
 
     job = data.get("job", {})
     v.keys(job, "job", ("name", "input", "output", "manifest"))
@@ -295,22 +264,19 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: str | None = None
     storage = storage_table.get("options", {})
     if not isinstance(storage, dict):
         raise SpecError(f"{source}: [storage] options must be a table, not "
-                        f"{_type_name(storage)}")
+                        f"{type_name(storage)}")
     for dotted, value in _leaves(storage, ()):
         for ref in ENV_ANY.findall(value) if isinstance(value, str) else ():
             if not ENV_NAME.fullmatch(ref):
                 raise SpecError(f"{source}: [storage] options.{'.'.join(dotted)}: "
                                 f"${{{ref}}} is not an environment variable name")
 
-    encode = _encode(v, data.get("encode", {}))
+    encode = _encode(v, data.get("encode", {}), data.get("policy", {}))
     run = _run(v, data.get("run", {}))
     filters = _filters(v, data.get("filters", {}))
-    refine = _refine(v, data.get("refine", {}))
-    policy_table = data.get("policy", {})
-    v.keys(policy_table, "policy", ("min_psnr",))
-    policy = PolicySpec(min_psnr=v.number(policy_table, "policy", "min_psnr", positive=True))
+    refine = v.model(RefineSpec, data.get("refine", {}), "refine")
     spec = JobSpec(name=name, input=input_, output=output, manifest=manifest, storage=storage,
-                   encode=encode, run=run, filters=filters, refine=refine, policy=policy,
+                   encode=encode, run=run, filters=filters, refine=refine,
                    source=source, base_dir=base_dir or os.getcwd(), text=text)
     _check_settings(spec)
     return spec
@@ -320,36 +286,16 @@ _TABLES = ("job", "storage", "encode", "run", "filters", "refine", "policy")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
-def _encode(v: _Validator, t: dict) -> EncodeSpec:
-    from codec.inference import METHODS, SCHEDULES
-    from codec.metadata import METADATA_POLICIES
-
-    v.keys(t, "encode", ("quality", "model", "method", "iterations", "lr", "seed", "schedule",
-                         "patience", "alpha", "depth", "metadata", "max_pixels", "rate",
-                         "target_psnr", "target_bpp"))
-    quality = v.integer(t, "encode", "quality", minimum=0)
-    model = v.string(t, "encode", "model")
-    if quality is not None and model is not None:
-        raise SpecError(f"{v.source}: [encode] give quality or model, not both")
-    target_psnr = v.number(t, "encode", "target_psnr", positive=True)
-    target_bpp = v.number(t, "encode", "target_bpp", positive=True)
-    if target_psnr is not None and target_bpp is not None:
-        raise SpecError(f"{v.source}: [encode] give target_psnr or target_bpp, not both")
-    return EncodeSpec(
-        quality=quality, model=model,
-        method=v.choice(t, "encode", "method", METHODS, default="sga"),
-        iterations=v.integer(t, "encode", "iterations", minimum=0,
-                             default=DEFAULTS.iterations),
-        lr=v.number(t, "encode", "lr", positive=True),
-        seed=v.integer(t, "encode", "seed", minimum=0, default=0),
-        schedule=v.choice(t, "encode", "schedule", SCHEDULES, default=DEFAULTS.schedule),
-        patience=v.integer(t, "encode", "patience", minimum=0, default=DEFAULTS.patience),
-        alpha=v.choice(t, "encode", "alpha", ("keep", "flatten", "error"), default="keep"),
-        depth=v.choice(t, "encode", "depth", ("error", "reduce"), default="error"),
-        metadata=v.choice(t, "encode", "metadata", METADATA_POLICIES, default="keep"),
-        max_pixels=v.integer(t, "encode", "max_pixels", minimum=1),
-        rate=v.integer(t, "encode", "rate", minimum=0),
-        target_psnr=target_psnr, target_bpp=target_bpp)
+def _encode(v: _Validator, encode: dict, policy: dict) -> EncodeSettings:
+    """[encode] and [policy]: the fields of EncodeSettings, by group."""
+    groups = {name: info.json_schema_extra["group"]
+              for name, info in EncodeSettings.model_fields.items()}
+    for table, t in (("encode", encode), ("policy", policy)):
+        for key in t:
+            if groups.get(key, table) != table:
+                raise SpecError(f"{v.source}: [{table}] {key} belongs in [{groups[key]}]")
+        v.keys(t, table, [name for name, group in groups.items() if group == table])
+    return v.model(EncodeSettings, {**encode, **policy}, lambda key: groups[key])
 
 
 def _run(v: _Validator, t: dict) -> RunSpec:
@@ -399,19 +345,6 @@ def _filters(v: _Validator, t: dict) -> FilterSpec:
     return FilterSpec(tuple(exts), tuple(include), tuple(exclude), lo, hi)
 
 
-def _refine(v: _Validator, t: dict) -> RefineSpec:
-    from codec.inference import METHODS
-
-    v.keys(t, "refine", ("enabled", "method", "iterations", "max_images"))
-    iterative = tuple(m for m in METHODS if m != "amortized")
-    return RefineSpec(
-        enabled=v.boolean(t, "refine", "enabled", default=False),
-        method=v.choice(t, "refine", "method", iterative, default="sga"),
-        iterations=v.integer(t, "refine", "iterations", minimum=1,
-                             default=DEFAULTS.iterations),
-        max_images=v.integer(t, "refine", "max_images", minimum=1))
-
-
 def _check_settings(spec: JobSpec) -> None:
     """Let the pipeline's own validation (model lookup, method, iterations) speak, with the
     file name in front."""
@@ -432,6 +365,17 @@ class _Validator:
 
     def _where(self, table: str, key: str) -> str:
         return f"{self.source}: [{table}] {key}" if table else f"{self.source}: {key}"
+
+    def model(self, model: type[BaseModel], t: dict, table: str | Callable[[str], str]) -> Any:
+        """``t`` validated as ``model`` (its keys already checked); ``table``: the table, or
+        the table of a key."""
+        try:
+            return model.model_validate(t)
+        except ValidationError as exc:
+            def where(loc: tuple) -> str:
+                name = table if isinstance(table, str) else table(loc[0]) if loc else "encode"
+                return f"[{name}] {loc[0]}" if loc else f"[{name}]"
+            raise SpecError(f"{self.source}: {explain(exc, where)}") from None
 
     def keys(self, t: dict, table: str, allowed: Iterable[str]) -> None:
         allowed = tuple(allowed)
@@ -456,7 +400,7 @@ class _Validator:
             return default
         if not isinstance(value, str) or not value.strip():
             raise SpecError(f"{self._where(table, key)}: expected a non-empty string, got "
-                            f"{_type_name(value)}")
+                            f"{type_name(value)}")
         return value
 
     def integer(self, t, table, key, *, minimum=None, default=None) -> Any:
@@ -465,36 +409,9 @@ class _Validator:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{self._where(table, key)}: expected an integer, got "
-                            f"{_type_name(value)}")
+                            f"{type_name(value)}")
         if minimum is not None and value < minimum:
             raise SpecError(f"{self._where(table, key)}: must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, t, table, key, *, positive=False) -> Any:
-        value = self._get(t, table, key, False)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SpecError(f"{self._where(table, key)}: expected a number, got "
-                            f"{_type_name(value)}")
-        if positive and not value > 0:
-            raise SpecError(f"{self._where(table, key)}: must be > 0, got {value}")
-        return float(value)
-
-    def boolean(self, t, table, key, *, default=False) -> bool:
-        value = self._get(t, table, key, False)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise SpecError(f"{self._where(table, key)}: expected true or false, got "
-                            f"{_type_name(value)}")
-        return value
-
-    def choice(self, t, table, key, choices, *, default) -> str:
-        value = self.string(t, table, key, default=default)
-        if value not in choices:
-            raise SpecError(f"{self._where(table, key)}: {value!r} is not one of "
-                            f"{', '.join(choices)}")
         return value
 
     def strings(self, t, table, key) -> list[str]:
@@ -505,19 +422,8 @@ class _Validator:
             value = [value]
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
             raise SpecError(f"{self._where(table, key)}: expected a list of non-empty "
-                            f"strings, got {_type_name(value)}")
+                            f"strings, got {type_name(value)}")
         return value
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"string {value!r}" if len(value) < 40 else "a string"
-    if isinstance(value, int | float):
-        return f"number {value}"
-    return {"dict": "a table", "list": "a list"}.get(type(value).__name__,
-                                                     type(value).__name__)
 
 
 def _resolve_path(url: str, base_dir: str) -> str:

@@ -672,8 +672,8 @@ def test_metadata_policy_is_not_in_the_fingerprint():
     assert (EncodeSettings(metadata="drop-oversized").fingerprint()
             == EncodeSettings().fingerprint())
     assert EncodeSettings().resolved()["metadata_version"] == 1
-    with pytest.raises(ValueError, match="metadata must be one of"):
-        EncodeSettings(metadata="strip").resolved()
+    with pytest.raises(ValueError, match="metadata"):
+        EncodeSettings(metadata="strip")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -102,11 +102,11 @@ def test_full_spec_loads_and_maps_to_pipeline_objects(tmp_path, monkeypatch):
     assert spec.input_url == "s3://bucket/photos"
     assert spec.output_url == str(tmp_path / "archive")  # relative to the spec's folder
     s = spec.to_settings()
-    assert (s.model, s.method, s.iterations, s.lr, s.seed, s.alpha, s.depth, s.metadata,
-            s.max_pixels) == (4, "amortized", 10, 0.001, 3, "flatten", "reduce",
-                              "drop-oversized", 1_000_000)
+    assert (s.quality, s.model, s.method, s.iterations, s.lr, s.seed, s.alpha, s.depth,
+            s.metadata, s.max_pixels) == (4, None, "amortized", 10, 0.001, 3, "flatten",
+                                          "reduce", "drop-oversized", 1_000_000)
     r = spec.refine_settings()
-    assert (r.method, r.iterations, r.lr, r.model) == ("sga", 50, None, 4)
+    assert (r.method, r.iterations, r.lr, r.quality) == ("sga", 50, None, 4)
     assert spec.refine.enabled and spec.refine.max_images == 100
     o = spec.to_options(progress=False)
     assert (o.shard_size, o.actors, o.device, o.manifest, o.address) == (4, 2, "cuda",
