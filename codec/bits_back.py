@@ -308,8 +308,10 @@ def load(model_id: str, registry: Path = REGISTRY) -> BitsBackModel:
 
 def export(model: BitsBackHyperprior, model_id: str, lmbda: float, steps: int, data: str,
            note: str = "", registry: Path = REGISTRY) -> ModelEntry:
-    """Freeze the grid z tables and the exact h_s, write the model file, register it."""
+    """Freeze the grid z tables and the exact h_s, write the model file (weights in fp16,
+    frozen from exactly the weights the decoder will load), register it."""
     model = model.cpu().eval()
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
     g = model.z_grid_bits
     with torch.no_grad():
         pmf, k = model.p_z.pmf_table(Z_SUPPORT << g, model.z_step)
@@ -318,7 +320,9 @@ def export(model: BitsBackHyperprior, model_id: str, lmbda: float, steps: int, d
     tables = CodingTables(freeze_hyper_synthesis(model.h_s, g), thresholds, y_pmfs, z_pmfs,
                           z_lo)
     digest = bytes.fromhex(_digest(y_offset_tables()[0]))
-    payload = {"state_dict": model.state_dict(), "tables": tables.state_dict(),
+    payload = {"state_dict": {k: v.half() if v.is_floating_point() else v
+                              for k, v in model.state_dict().items()},
+               "tables": tables.state_dict(),
                "y_digest": torch.tensor(list(digest), dtype=torch.uint8)}
     buf = io.BytesIO()
     torch.save(payload, buf)
