@@ -439,7 +439,7 @@ def evaluate(args) -> dict:
 
     registry = Path(args.registry) if args.registry else REGISTRY
     known = entries(registry)
-    fixed = [e for e in known if not e.variable_rate]
+    fixed = [e for e in known if not e.variable_rate and e.bits_back is None]
     qualities = (_int_list(args.quality, "--quality") if args.quality
                  else sorted(e.quality for e in fixed)) if not args.model or args.zoo else []
     # (curve prefix, label prefix, codec factory) per sgarc point: the fixed-rate zoo's
