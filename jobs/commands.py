@@ -29,10 +29,12 @@ def _progress_bar(total: int, desc: str):
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from codec import routes
+    from codec import bits_back, routes
     from codec.api import Codec
     from codec.images import load_image
 
+    if getattr(args, "method", None) in bits_back.METHODS:
+        return _encode_bits_back(args)
     settings = settings_from_args(args)  # what a pipeline run with these options would do
     cfg, target = settings.inference(), settings.target()
     source = Path(args.input).read_bytes()
@@ -66,6 +68,56 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_bits_back(args: argparse.Namespace) -> int:
+    """`--method sga-bb | bb-no-sga | bb-amortized` (experimental, codec.bits_back): the
+    image carries the bytes of --side-info in its choice of hyper-latents."""
+    from codec import bits_back
+    from codec.images import load_image
+
+    method, model = args.method, getattr(args, "model", None)
+    if getattr(args, "quality", None) is not None or getattr(args, "rate", None) is not None:
+        raise SgarcError("the bits-back methods use a bits-back model (--model, default the "
+                         "shipped one), not --quality or --rate")
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                  if k not in ("method", "model")})
+    settings = settings_from_args(plain)  # the other encode flags, validated as usual
+    if settings.target() is not None or settings.min_psnr is not None:
+        raise SgarcError("the bits-back methods take no --target-psnr, --target-bpp or "
+                         "--min-psnr (experimental: one model, one rate)")
+    side_info = Path(args.side_info).read_bytes() if args.side_info else b""
+    if not side_info:
+        print("sgarc encode: note: no --side-info: random filler takes its place, so the "
+              "file is larger than one without bits-back", file=sys.stderr)
+    image = load_image(Path(args.input).read_bytes(), alpha=settings.alpha,
+                       depth=settings.depth, name=Path(args.input).name,
+                       max_pixels=settings.max_pixels, metadata=settings.metadata)
+    cfg = settings.inference()
+    total = cfg.iterations if method == "sga-bb" else 0
+    try:
+        with _progress_bar(total, f"{method} {Path(args.input).name}") as bar:
+            result = bits_back.encode(image, side_info, model, method, cfg, args.bbvi_steps,
+                                      args.device or "cpu", progress=bar.update)
+    except ValueError as exc:  # side information too large, bad step count
+        raise SgarcError(str(exc)) from None
+    atomic_write(Path(args.output), result.data)
+    print(f"{args.input} -> {args.output}: {result.summary()}")
+    return 0
+
+
+def _save_side_info(args: argparse.Namespace, data: bytes) -> None:
+    """`decode --side-info-out`: BBVI as the encoder ran it, then the bytes, written whole."""
+    from codec import bits_back
+    from codec.bitstream import parse
+
+    bs = parse(data, args.max_pixels)
+    if bs.header.bbvi_steps is None:
+        raise SgarcError(f"{args.input} carries no side information (it was not encoded with "
+                         "a bits-back method)")
+    _, _, side_info = bits_back.decode(bs, side_info=True)
+    atomic_write(Path(args.side_info_out), side_info)
+    print(f"side information: {len(side_info)} bytes -> {args.side_info_out}")
+
+
 def _storage_options(args: argparse.Namespace) -> dict | None:
     return parse_storage_options(getattr(args, "storage_options", None))
 
@@ -85,7 +137,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not output:
         raise SgarcError("no output file: give OUT or -o OUT (e.g. -o photo.png)")
     t0 = time.perf_counter()
-    decoded = decode(_read_input(args), max_pixels=args.max_pixels,
+    data = _read_input(args)
+    if args.side_info_out:
+        _save_side_info(args, data)
+    decoded = decode(data, max_pixels=args.max_pixels,
                      device=args.device, read_metadata=not args.strip_metadata)
     args.output = output
     report = decoded.save(Path(output), strip_metadata=args.strip_metadata)
@@ -142,7 +197,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 1
     print(f"{'quality':>7}  {'id':<24} {'lambda':>8} {'N':>4} {'M':>4} {'steps':>8}  data")
     for e in rows:
-        level = "1..6" if e.variable_rate else e.quality
+        level = "1..6" if e.variable_rate else "bb" if e.bits_back is not None else e.quality
         print(f"{level:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
               f"{e.data}{'  [default]' if e.default else ''}")
         if e.variable_rate:
@@ -151,6 +206,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{'':>9}variable rate: --rate 0..{top} (λ {e.lmbdas[0]:g} .. "
                   f"{e.lmbdas[-1]:g}, {RATE_STEPS} points per doubling of λ); "
                   "--quality 1..6 name points of it; --target-psnr / --target-bpp")
+        if e.bits_back is not None:
+            print(f"{'':>9}experimental lossy bits-back: --method sga-bb (bb-no-sga, "
+                  "bb-amortized) --side-info FILE; decode --side-info-out FILE")
     return 0
 
 
@@ -201,6 +259,24 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    "\"http://minio:9000\"}}'")
 
 
+def _add_bits_back_options(p: argparse.ArgumentParser) -> None:
+    """The paper's lossy bits-back methods join --method's choices (CLI only)."""
+    from codec import bits_back
+
+    for action in p._actions:
+        if action.dest == "method" and action.choices is not None:
+            action.choices = (*action.choices, *bits_back.METHODS)
+            action.help += (f"; experimental lossy bits-back: {', '.join(bits_back.METHODS)} "
+                            "(with --side-info)")
+    g = p.add_argument_group("lossy bits-back (experimental; docs/codec.md)")
+    g.add_argument("--side-info", default=None, metavar="FILE",
+                   help="bytes to carry in the stream (at most 1 MiB); `sgarc decode "
+                        "--side-info-out` gives them back")
+    g.add_argument("--bbvi-steps", type=int, default=bits_back.DEFAULT_BBVI_STEPS,
+                   metavar="N", help="steps of the reproducible BBVI that encoder and decoder "
+                   f"run (default {bits_back.DEFAULT_BBVI_STEPS}; bb-amortized runs none)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add encode, run, refine, decode, info and models to the sgarc parser."""
     from codec.images import DEFAULT_MAX_PIXELS
@@ -212,6 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("output", metavar="OUT")
     add_settings_options(p.add_argument_group("encode settings (a job spec's [encode] keys)"))
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    _add_bits_back_options(p)
     p.set_defaults(func=cmd_encode)
 
     p = subparsers.add_parser(
@@ -254,6 +331,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strip-metadata", action="store_true",
                    help="write the pixels only: no EXIF, ICC profile or XMP (the metadata "
                         "section is not read)")
+    p.add_argument("--side-info-out", default=None, metavar="FILE",
+                   help="experimental: write the side information a bits-back stream "
+                        "carries to FILE (runs the decoder's BBVI; without it none runs)")
     p.set_defaults(func=cmd_decode)
 
     p = subparsers.add_parser("info", help="show a bitstream's header fields and metadata")

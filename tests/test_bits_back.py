@@ -179,3 +179,27 @@ def test_sgarc_train_bits_back_exports_a_working_model(tmp_path, image):
     assert find("bb-cli", registry).bits_back == bb.Z_GRID_BITS
     result = bb.encode(image, b"hello", "bb-cli", "bb-amortized", registry=registry)
     assert bb.decode(result.data, side_info=True, registry=registry)[2] == b"hello"
+
+
+def test_cli_carries_side_information(tmp_path, capsys):
+    """sgarc encode --method sga-bb --side-info, sgarc decode --side-info-out (shipped model)."""
+    from jobs.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray(smooth_image(64, 96, seed=5)).save(src)
+    side = tmp_path / "caption.txt"
+    side.write_bytes("Hafen bei Sonnenaufgang, 1962 \N{CAMERA}".encode())
+    out, back, png = tmp_path / "x.sga", tmp_path / "back.txt", tmp_path / "x.png"
+    assert main(["encode", str(src), str(out), "--method", "sga-bb", "--side-info", str(side),
+                 "--iterations", "2", "--bbvi-steps", "3"]) == 0
+    assert "got back" in capsys.readouterr().out
+    assert main(["decode", str(out), str(png), "--side-info-out", str(back)]) == 0
+    assert back.read_bytes() == side.read_bytes()
+    assert main(["decode", str(out), str(tmp_path / "plain.png")]) == 0
+    assert not (tmp_path / "plain.txt").exists()
+    assert main(["encode", str(src), str(out), "--method", "sga-bb", "--quality", "2"]) == 2
+    assert main(["decode", str(out), str(png), "--side-info-out", str(back)]) == 0
+    plain = tmp_path / "plain.sga"
+    assert main(["encode", str(src), str(plain), "-m", "amortized"]) == 0
+    assert main(["decode", str(plain), str(png), "--side-info-out", str(back)]) == 2
+    assert "carries no side information" in capsys.readouterr().err
