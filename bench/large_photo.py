@@ -5,6 +5,7 @@
     python bench/large_photo.py --size 1500x1000 --json large.json
     python bench/large_photo.py --size 1500x1000 --min-tiled-pixels 0 --tile 32   # quick
     python bench/large_photo.py --device cuda --threads 8
+    python bench/large_photo.py --size 10000x10000 --threads 1   # 100 MP: tiled only
 
 A synthetic photo-like JPEG (quality 95) of --size is written once; then each operation
 runs in its own subprocess, so that its peak resident memory (getrusage ru_maxrss, which
@@ -13,13 +14,15 @@ only grows) is that operation's alone:
     encode untiled, encode tiled   Codec.encode, amortized, of the JPEG (load not timed)
     decode untiled, decode tiled   decode() of the tiled run's stream, to 8-bit pixels
 
-"untiled" forces codec.tiling's size threshold off, so the whole image runs at once (the
-code path of every image below the threshold); "tiled" is the default behaviour. Reported
-per run: seconds, peak RSS, and RSS before the operation (interpreter, torch, model,
-source image), and per operation the ratio tiled / untiled. On CUDA also the peak of
-torch.cuda.max_memory_allocated. The two modes' streams and decoded pixels are compared
-(the stream must be the same; pixels equal or within one 8-bit level). A tool, not a
-test: nothing is asserted.
+"untiled" forces codec.tiling's size threshold off and the exact hyper-synthesis into one
+tile, so the whole image runs at once (the code path of every image below the threshold);
+"tiled" is the default behaviour. The untiled runs are skipped above --untiled-max-pixels
+(default 30 MP: a whole 100 MP image needs tens of GiB). Reported per run: seconds, peak
+RSS, RSS before the operation (interpreter, torch, model, source image), the growth
+(peak - before) in bytes per pixel, and per operation the ratio tiled / untiled. On CUDA
+also the peak of torch.cuda.max_memory_allocated. The two modes' streams and decoded
+pixels are compared (the stream must be the same; pixels equal or within one 8-bit level).
+A tool, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one operation in this process and print its measurements as one JSON line."""
     import torch
 
-    from codec import tiling
+    from codec import frozen, tiling
     from codec.api import Codec, decode
     from codec.images import load_image
     from codec.inference import InferenceConfig
@@ -91,7 +94,7 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mode == "untiled":
-        tiling.MIN_TILED_PIXELS = sys.maxsize
+        tiling.MIN_TILED_PIXELS = frozen.HS_TILE = sys.maxsize
     elif args.min_tiled_pixels is not None:
         tiling.MIN_TILED_PIXELS = args.min_tiled_pixels
     if args.tile:
@@ -156,26 +159,35 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
     log(f"writing a synthetic {width}x{height} JPEG")
     Image.fromarray(synthetic_photo(width, height)).save(workdir / "photo.jpg", quality=95)
     results: dict[str, dict] = {}
+    modes = MODES if width * height <= args.untiled_max_pixels else ("tiled",)
+    if "untiled" not in modes:
+        log(f"{width}x{height} is over --untiled-max-pixels: tiled runs only")
     for op in ("encode", "decode"):
-        runs = {mode: run_child(op, mode, args, workdir) for mode in MODES}
-        tiled, untiled = runs["tiled"], runs["untiled"]
-        runs["ratio_seconds"] = tiled["seconds"] / untiled["seconds"]
-        runs["ratio_peak_rss"] = tiled["peak_rss"] / untiled["peak_rss"]
+        runs = {mode: run_child(op, mode, args, workdir) for mode in modes}
+        if "untiled" in runs:
+            tiled, untiled = runs["tiled"], runs["untiled"]
+            runs["ratio_seconds"] = tiled["seconds"] / untiled["seconds"]
+            runs["ratio_peak_rss"] = tiled["peak_rss"] / untiled["peak_rss"]
         results[op] = runs
     if args.sga_iterations:  # tiled only: untiled SGA on a 24 MP image needs tens of GiB
         results["sga"] = {"tiled": run_child("sga", "tiled", args, workdir)}
+    for m in (m for runs in results.values() for m in runs.values() if isinstance(m, dict)):
+        m["grown_bytes_per_pixel"] = (m["peak_rss"] - m["rss_before"]) / (width * height)
     from codec import tiling
 
     threshold = tiling.MIN_TILED_PIXELS if args.min_tiled_pixels is None else (
         args.min_tiled_pixels)
     tile = args.tile or tiling.SYNTHESIS_TILE
-    same_stream = (workdir / "tiled.sga").read_bytes() == (workdir / "untiled.sga").read_bytes()
-    diff = np.abs(np.load(workdir / "tiled.npy").astype(np.int16)
-                  - np.load(workdir / "untiled.npy")).max()
+    same_stream = diff = None
+    if "untiled" in modes:
+        same_stream = ((workdir / "tiled.sga").read_bytes()
+                       == (workdir / "untiled.sga").read_bytes())
+        diff = int(np.abs(np.load(workdir / "tiled.npy").astype(np.int16)
+                          - np.load(workdir / "untiled.npy")).max())
     return {"size": f"{width}x{height}", "megapixels": width * height / 1e6,
             "device": args.device, "machine": machine(args), "threads": args.threads or None,
             "model": args.model, "min_tiled_pixels": threshold, "tile": tile,
-            "results": results, "same_stream": same_stream, "max_pixel_diff": int(diff)}
+            "results": results, "same_stream": same_stream, "max_pixel_diff": diff}
 
 
 def machine(args: argparse.Namespace) -> str:
@@ -196,8 +208,8 @@ def format_report(r: dict) -> str:
     lines = [f"{r['size']} ({r['megapixels']:.1f} MP) synthetic JPEG, amortized, {r['machine']}",
              f"tiled mode: images over {r['min_tiled_pixels']:,} pixels, cores of "
              f"{r['tile']} latents ({16 * r['tile']} px)",
-             "", "| operation | mode | seconds | peak RSS GiB | RSS before GiB |",
-             "| --- | --- | ---: | ---: | ---: |"]
+             "", "| operation | mode | seconds | peak RSS GiB | RSS before GiB | growth B/px |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for op, runs in r["results"].items():
         for mode in [m for m in MODES if m in runs]:
             m = runs[mode]
@@ -205,12 +217,14 @@ def format_report(r: dict) -> str:
                     if "cuda_peak_allocated" in m else "")
             name = f"SGA, {m['iterations']} it" if op == "sga" else op
             lines.append(f"| {name} | {mode} | {m['seconds']:.2f} | {m['peak_rss'] / GIB:.2f}"
-                         f"{cuda} | {m['rss_before'] / GIB:.2f} |")
+                         f"{cuda} | {m['rss_before'] / GIB:.2f} | "
+                         f"{m['grown_bytes_per_pixel']:.1f} |")
         if "ratio_seconds" in runs:
             lines.append(f"| {op} | tiled / untiled | {runs['ratio_seconds']:.2f}x | "
-                         f"{runs['ratio_peak_rss']:.2f}x | |")
-    lines += ["", f"same stream: {r['same_stream']}; decoded pixels differ by at most "
-              f"{r['max_pixel_diff']} level(s)"]
+                         f"{runs['ratio_peak_rss']:.2f}x | | |")
+    if r["same_stream"] is not None:
+        lines += ["", f"same stream: {r['same_stream']}; decoded pixels differ by at most "
+                  f"{r['max_pixel_diff']} level(s)"]
     return "\n".join(lines)
 
 
@@ -236,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tile", type=int, default=None,
                    help="core edge in latents (g_s; g_a gets 16x as many pixels); "
                         "default: codec.tiling's")
+    p.add_argument("--untiled-max-pixels", type=int, default=30_000_000,
+                   help="run the untiled baseline only up to this many pixels (default 30 MP)")
     p.add_argument("--workdir", default=None, help="keep the JPEG, streams and pixels here")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--sga-iterations", type=int, default=0,

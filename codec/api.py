@@ -33,7 +33,7 @@ from codec.images import (
     PreparedImage,
     output_format,
     output_pixels,
-    pad_to_multiple,
+    padded_batch,
     save_image,
 )
 from codec.inference import InferenceConfig, infer
@@ -171,12 +171,22 @@ def decode_latents(bs: Bitstream, lm: LoadedModel
     return z_hat, k, mu[0]
 
 
-def _synthesize(lm: LoadedModel, y_hat: np.ndarray | torch.Tensor, height: int, width: int,
+def y_hat_of(mu: np.ndarray, k: np.ndarray) -> torch.Tensor:
+    """y_hat = mu + k as float32 (M, H, W): the exact float64 sum rounded once, channel by
+    channel, so no full-size float64 y_hat is made beside mu and k."""
+    y = torch.empty(mu.shape, dtype=torch.float32)
+    out = y.numpy()
+    for c in range(mu.shape[0]):
+        np.add(mu[c], k[c], out=out[c], casting="same_kind")
+    return y
+
+
+def _synthesize(lm: LoadedModel, y_hat: torch.Tensor, height: int, width: int,
                 device: torch.device) -> np.ndarray:
-    """8-bit pixels (height, width, 3) of g_s(y_hat); large images over tiles (codec.tiling),
-    so memory stays bounded and no full-size float image is made."""
-    y = torch.as_tensor(y_hat, dtype=torch.float32, device=device)[None]
-    return tiling.synthesize_pixels(lm.on(device).g_s, y, height, width)[0]
+    """8-bit pixels (height, width, 3) of g_s(y_hat) for float32 y_hat (M, H, W); large
+    images over tiles (codec.tiling), so memory stays bounded and no full-size float image
+    is made."""
+    return tiling.synthesize_pixels(lm.on(device).g_s, y_hat.to(device)[None], height, width)[0]
 
 
 def _load_for(header: Header, registry) -> LoadedModel:
@@ -212,9 +222,15 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, device: str | None
     if h.route != "learned":  # the source file itself (codec.routes)
         from codec.routes import decode_source
         return decode_source(bs, meta, max_pixels, read_metadata)
+    if h.bbvi_steps is not None:  # a bits-back stream: the image, no BBVI (codec.bits_back)
+        from codec import bits_back
+        rgb, alpha, _ = bits_back.decode(bs, registry=registry, device=device or "cpu")
+        return DecodedImage(rgb, alpha, h, meta)
     lm = _load_for(h, registry)
     _, k, mu = decode_latents(bs, lm)
-    rgb = _synthesize(lm, mu + k, h.height, h.width, torch.device(device or "cpu"))
+    y_hat = y_hat_of(mu, k)
+    del k, mu  # from here on only y_hat, one tile and the 8-bit output (docs/benchmarks.md)
+    rgb = _synthesize(lm, y_hat, h.height, h.width, torch.device(device or "cpu"))
     alpha = None
     if "ALPH" in bs.sections:
         alpha = np.frombuffer(unpack_alpha(bs.sections["ALPH"], h.width, h.height),
@@ -308,8 +324,9 @@ class Codec:
     def _infer(self, images: list[PreparedImage], config: InferenceConfig, progress):
         """Latents of images of one padded size, and the inference seconds per image."""
         t0 = time.perf_counter()
-        x = torch.from_numpy(np.stack([pad_to_multiple(im.rgb, DOWNSAMPLE) for im in images]))
-        x = x.permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
+        # 8-bit, converted to float tile by tile (codec.tiling.to_unit): never a float image
+        x = torch.from_numpy(padded_batch([im.rgb for im in images], DOWNSAMPLE))
+        x = x.permute(0, 3, 1, 2).to(self.device)
         sizes = [(im.info.height, im.info.width) for im in images]
         lat = infer(self.model, x, sizes, self.lm.entry.lmbda, config, progress)
         return lat, (time.perf_counter() - t0) / len(images)
@@ -324,12 +341,14 @@ class Codec:
         t0 = time.perf_counter()
         lm, info = self.lm, im.info
         z_hat = lat.z_hat[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
-        k = lat.k[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
+        # int32 holds |k| <= LATENT_LIMIT at half the bytes of the int64 latents
+        k = lat.k[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).to(torch.int32).cpu().numpy()
         mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
         sections = {
             "ZLAT": coding.encode_z(lm.tables, z_hat).astype(_WORD).tobytes(),
             "YLAT": coding.encode_y(lm.tables, k, index[0]).astype(_WORD).tobytes(),
         }
+        del index
         if im.alpha is not None:
             sections["ALPH"] = pack_alpha(np.ascontiguousarray(im.alpha).tobytes())
         if im.metadata is not None and im.metadata.fields():
@@ -339,14 +358,18 @@ class Codec:
         data = pack(Bitstream(header, sections))
         self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
 
-        rgb = _synthesize(lm, mu[0] + k, info.height, info.width, self.device)
+        estimated_bits = self._estimated_bits(z_hat, k)
+        y_hat = y_hat_of(mu[0], k)
+        del mu, k  # the synthesis below holds y_hat, one tile and the 8-bit output
+        rgb = _synthesize(lm, y_hat, info.height, info.width, self.device)
+        del y_hat
         amortized_mse = float(lat.start_terms["mse"][i])
         return EncodeResult(
             data=data, width=info.width, height=info.height, model_id=lm.entry.id,
             lmbda=lm.entry.lmbda, method=config.method,
             iterations=lat.iterations[i],  # fewer than configured if it stopped early
             bits=len(data) * 8, payload_bits=8 * (len(sections["ZLAT"]) + len(sections["YLAT"])),
-            estimated_bits=self._estimated_bits(z_hat, k),
+            estimated_bits=estimated_bits,
             bpp=bpp(len(data), info.width, info.height),
             psnr=psnr(output_pixels(rgb, info.color), output_pixels(im.rgb, info.color)),
             rd_loss=float(lat.loss[i]),

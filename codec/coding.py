@@ -195,20 +195,23 @@ def _free_symbol(segments: list[tuple[np.ndarray, np.ndarray | None]]
 
 def _encode_groups(groups: list[tuple[int, np.ndarray]], offsets: np.ndarray,
                    sizes: np.ndarray, models: _Models, costs: list[TableCost]) -> np.ndarray:
-    """groups: (table, values) in decoding order. Returns the compressed uint32 words."""
+    """groups: (table, values) in decoding order. Returns the compressed uint32 words.
+
+    Symbols are int32 (what constriction codes), made once per group: a large image's
+    latents are not copied at 64 bits."""
     coder = constriction.stream.stack.AnsCoder()
     symbols, masks = [], []
     for table, values in groups:
-        s = values.astype(np.int64) - offsets[table]
+        s = np.subtract(values, offsets[table], dtype=np.int32, casting="unsafe")
         escaped = (s < 0) | (s >= sizes[table])
         s[escaped] = sizes[table]
         symbols.append(s)
         masks.append(escaped)
     while True:  # a table's first symbol that the coder would hold for free is escaped
         esc = np.concatenate([v[m] for (_, v), m in zip(groups, masks, strict=True)]
-                             ) if groups else np.zeros(0, np.int64)
+                             ).astype(np.int64) if groups else np.zeros(0, np.int64)
         segments = [(s, costs[t].cdf) for (t, _), s in zip(groups, symbols, strict=True)]
-        free = _free_symbol([*segments, (esc.astype(np.int64) + (1 << 15), None)])
+        free = _free_symbol([*segments, (esc + (1 << 15), None)])
         if free is None:
             break
         g, i = free
@@ -218,7 +221,7 @@ def _encode_groups(groups: list[tuple[int, np.ndarray]], offsets: np.ndarray,
     if len(esc):
         coder.encode_reverse((esc + (1 << 15)).astype(np.int32), _uniform())
     for (table, _), s in zip(reversed(groups), reversed(symbols), strict=True):
-        coder.encode_reverse(s.astype(np.int32), models[table])
+        coder.encode_reverse(s, models[table])
     return coder.get_compressed()
 
 
@@ -232,10 +235,10 @@ def _decode_groups(words: np.ndarray, counts: list[tuple[int, int]], offsets: np
             if coder.is_empty():  # all that follows would come from nothing
                 raise BitstreamError(f"corrupt latent stream: the data ran out after {done} "
                                      f"of {total} symbols")
-            s = coder.decode(models[table], n).astype(np.int64)
+            s = coder.decode(models[table], n)  # int32
             segments.append((s, costs[table].cdf))
             escaped.append(s == sizes[table])
-            out.append(s + offsets[table])
+            out.append(np.add(s, offsets[table], dtype=np.int32, casting="unsafe"))
             done += n
         n_esc = int(sum(e.sum() for e in escaped))
         esc = np.zeros(0, np.int64)
@@ -263,7 +266,7 @@ def _decode_groups(words: np.ndarray, counts: list[tuple[int, int]], offsets: np
 
 
 def _check_range(name: str, values: np.ndarray) -> None:
-    if values.size and int(np.abs(values).max()) > LATENT_LIMIT:
+    if values.size and max(-int(values.min()), int(values.max())) > LATENT_LIMIT:
         raise ValueError(f"{name} exceeds the codable range |v| <= {LATENT_LIMIT}; clamp first")
 
 
@@ -292,7 +295,7 @@ def decode_z(tables: CodingTables, words: np.ndarray, shape: tuple[int, int, int
     costs = table_costs(tables)[0]
     check_capacity(words, counts, costs, "the hyper-latents (ZLAT)")
     values = _decode_groups(words, counts, lo, sizes, _models(tables)[0], costs)
-    return np.stack(values).reshape(C, h, w)
+    return np.stack(values).astype(np.int64).reshape(C, h, w)
 
 
 # ------------------------------------------------------------------------------ y
@@ -326,16 +329,20 @@ def encode_y(tables: CodingTables, k: np.ndarray, scale_index: np.ndarray) -> np
 
 
 def decode_y(tables: CodingTables, words: np.ndarray, scale_index: np.ndarray) -> np.ndarray:
-    """k for the scale indices of `hyper_synthesis_exact`; BitstreamError when the words
-    cannot hold that many symbols under their tables (checked first) or do not decode."""
+    """k for the scale indices of `hyper_synthesis_exact`, int32 (|k| <= LATENT_LIMIT);
+    BitstreamError when the words cannot hold that many symbols under their tables
+    (checked first) or do not decode."""
     counts = [(int(t), int(n)) for t, n in enumerate(np.bincount(scale_index.ravel())) if n]
     costs = table_costs(tables)[1]
     check_capacity(words, counts, costs, "the latents (YLAT)")
     order, counts = _y_order(scale_index)
     offsets, sizes = _y_layout(tables)
     values = _decode_groups(words, counts, offsets, sizes, _models(tables)[1], costs)
-    k = np.empty(scale_index.size, np.int64)
-    k[order] = np.concatenate(values) if values else np.zeros(0, np.int64)
+    k = np.empty(scale_index.size, np.int32)
+    pos = 0
+    for v in values:  # group by group: no concatenated copy of all of k
+        k[order[pos:pos + len(v)]] = v
+        pos += len(v)
     return k.reshape(scale_index.shape)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codec.entropy_models import SCALE_BOUND, gaussian_pmf
+from codec.tiling import input_span, strides
 
 KW = 16  # fractional bits of the frozen h_s weights
 KA = 16  # fractional bits of h_s activations
@@ -58,6 +59,11 @@ class HsLayer:
     output_padding: int
     in_frac: int  # fractional bits of this layer's input (0 for the integer z_hat)
     relu: bool
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int, bool]:
+        """(kernel, stride, padding, dilation, transposed), for codec.tiling's halo."""
+        return self.weight.shape[-1], self.stride, self.padding, 1, self.transposed
 
 
 @dataclass
@@ -116,9 +122,12 @@ def _layers_of(h_s: nn.Sequential) -> list[tuple[nn.Module, bool]]:
     return out
 
 
-def freeze_hyper_synthesis(h_s: nn.Sequential) -> list[HsLayer]:
-    """Fixed-point copy of h_s, with a proof that no accumulator leaves the exact range."""
-    layers, in_frac, bound_in = [], 0, LATENT_LIMIT
+def freeze_hyper_synthesis(h_s: nn.Sequential, z_frac_bits: int = 0) -> list[HsLayer]:
+    """Fixed-point copy of h_s, with a proof that no accumulator leaves the exact range.
+
+    Its input is the integer z_hat, or for `z_frac_bits` > 0 (the bits-back model's grid,
+    codec.bits_back) z_hat * 2^z_frac_bits: fixed point with that many fractional bits."""
+    layers, in_frac, bound_in = [], z_frac_bits, LATENT_LIMIT
     for m, relu in _layers_of(h_s):
         w = m.weight.detach().double().cpu()
         b = m.bias.detach().double().cpu()
@@ -174,29 +183,86 @@ def freeze(model) -> CodingTables:
 # ---------------------------------------------------------------- exact hyper-synthesis
 
 
+HS_TILE = 48  # y positions per tile edge of the exact hyper-synthesis (768 pixels)
+
+
+def _hs_layer(layer: HsLayer, a: torch.Tensor) -> torch.Tensor:
+    """One fixed-point layer over integer activations a, int64. Integer steps run in place,
+    so one float64 input, its convolution buffers and one int64 output are alive."""
+    x = a.double()
+    w = layer.weight.double()
+    if layer.transposed:
+        acc = F.conv_transpose2d(x, w, None, layer.stride, layer.padding, layer.output_padding)
+    else:
+        acc = F.conv2d(x, w, None, layer.stride, layer.padding)
+    del x
+    out = acc.to(torch.int64)
+    del acc
+    out += layer.bias.view(1, -1, 1, 1)
+    shift = KW + layer.in_frac - KA
+    if shift > 0:  # round half up: (acc + 2^(shift-1)) >> shift
+        out += 1 << (shift - 1)
+        out >>= shift
+    elif shift < 0:
+        out <<= -shift
+    if layer.relu:
+        out.clamp_(0, ACT_LIMIT)
+    return out
+
+
+def _hs_window(layers: list[HsLayer], z: torch.Tensor, rows: tuple[int, int],
+               cols: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Output [rows) x [cols) (global positions) of the fixed-point layers over z, whose
+    full output is `size`. Each layer computes only the span its successor reads (its
+    receptive field, clipped at the border, where the window sees the image's own zero
+    padding), so small tiles cost little more than the whole image."""
+    if not layers:
+        return z[..., rows[0]:rows[1], cols[0]:cols[1]]
+    *head, last = layers
+    _, s, _, _, transposed = last.geometry
+    n_in = [n // s if transposed else n * s for n in size]  # this layer's input size
+    spans = [input_span([last], lo, hi - 1) for lo, hi in (rows, cols)]
+    spans = [(max(lo, 0), min(hi + 1, n)) for (lo, hi), n in zip(spans, n_in, strict=True)]
+    if not transposed and (spans[0][0] % s or spans[1][0] % s):
+        raise ValueError("a strided convolution's window must start on its stride")
+    out = _hs_layer(last, _hs_window(head, z, *spans, n_in))
+    # where the window's output starts in the whole output
+    origin = [lo * s if transposed else lo // s for lo, _ in spans]
+    part = out[..., rows[0] - origin[0]:rows[1] - origin[0],
+               cols[0] - origin[1]:cols[1] - origin[1]]
+    if part.shape[-2:] != (rows[1] - rows[0], cols[1] - cols[0]):
+        raise ValueError("h_s geometry not supported by the windowed exact evaluation")
+    return part
+
+
 @torch.no_grad()
-def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray
+def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | None = None
                           ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, scale_index) of p(y | z_hat) for integer z_hat (B, C, h, w); bit-exact everywhere.
 
     Runs on the CPU in float64 over integer values; mu is float64 (B, M, H, W), the scale
-    index int64 of the same shape.
+    index uint8 (it is < NUM_SCALES) of the same shape. Computed over tiles of `tile` y
+    positions (None: HS_TILE; `_hs_window`), so a large image's hidden layers and their
+    float64 convolution buffers (im2col: about 10 KB per y position for the last layer,
+    i.e. 40 bytes per pixel) never exist at full size. Integer arithmetic is exact, so the
+    tiles give the same bits as the whole image.
     """
-    a = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64)).double()
-    out = None
-    for layer in tables.hs:
-        w = layer.weight.double()
-        if layer.transposed:
-            acc = F.conv_transpose2d(a, w, None, layer.stride, layer.padding,
-                                     layer.output_padding)
-        else:
-            acc = F.conv2d(a, w, None, layer.stride, layer.padding)
-        acc = acc.to(torch.int64) + layer.bias.view(1, -1, 1, 1)
-        shift = KW + layer.in_frac - KA
-        out = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc << -shift
-        if layer.relu:
-            out = out.clamp(0, ACT_LIMIT)
-        a = out.double()
-    sigma_int, mu_int = out.chunk(2, dim=1)
-    index = np.searchsorted(tables.y_thresholds, sigma_int.numpy(), side="right")
-    return mu_int.double().numpy() / 2.0**KA, index.astype(np.int64)
+    z = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64))
+    B, _, h, w = z.shape
+    _, up = strides(tables.hs)
+    size = (h * up, w * up)
+    tile = HS_TILE if tile is None else tile
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1 (got {tile})")
+    mu, index = None, None
+    for r0 in range(0, size[0], tile):
+        for c0 in range(0, size[1], tile):
+            rows, cols = (r0, min(r0 + tile, size[0])), (c0, min(c0 + tile, size[1]))
+            sigma_int, mu_int = _hs_window(tables.hs, z, rows, cols, size).chunk(2, dim=1)
+            if mu is None:
+                mu = np.empty((B, mu_int.shape[1], *size), np.float64)
+                index = np.empty(mu.shape, np.uint8)
+            at = (..., slice(*rows), slice(*cols))
+            mu[at] = mu_int.double().numpy() / 2.0**KA
+            index[at] = np.searchsorted(tables.y_thresholds, sigma_int.numpy(), side="right")
+    return mu, index

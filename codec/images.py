@@ -117,7 +117,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -145,6 +145,7 @@ __all__ = [
     "output_format",
     "output_pixels",
     "pad_to_multiple",
+    "padded_batch",
     "save_image",
     "to_pil",
 ]
@@ -853,6 +854,30 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     if ph == 0 and pw == 0:
         return x
     return np.pad(x, ((0, ph), (0, pw)) + ((0, 0),) * (x.ndim - 2), mode="edge")
+
+
+def padded_batch(images: Sequence[np.ndarray], multiple: int) -> np.ndarray:
+    """(B, Hp, Wp, C) batch of (H, W, C) images of one padded size, each padded at the
+    bottom/right by edge replication as `pad_to_multiple` does, written in place.
+
+    One copy per image instead of two (padding, then stacking); a single image that needs
+    no padding is not copied at all (the batch is a view of it).
+    """
+    if not images:
+        raise ValueError("padded_batch needs at least one image")
+    h, w = images[0].shape[:2]
+    hp, wp = -(-h // multiple) * multiple, -(-w // multiple) * multiple
+    if len(images) == 1 and (hp, wp) == (h, w):
+        return images[0][None]
+    out = np.empty((len(images), hp, wp, *images[0].shape[2:]), images[0].dtype)
+    for dst, x in zip(out, images, strict=True):
+        h, w = x.shape[:2]
+        if (-(-h // multiple) * multiple, -(-w // multiple) * multiple) != (hp, wp):
+            raise ValueError(f"image of shape {x.shape} does not pad to {hp}x{wp}")
+        dst[:h, :w] = x
+        dst[h:, :w] = x[h - 1:h]  # rows below: the last row
+        dst[:, w:] = dst[:, w - 1:w]  # columns to the right: the last column, corner included
+    return out
 
 
 def crop(x: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codec.model import MeanScaleHyperprior
-from codec.tiling import analysis, masked_sse
+from codec.tiling import Sizes, analysis, masked_sse
 
 METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-annealing")
 SCHEDULES = ("paper", "scaled")
@@ -106,23 +106,16 @@ class Latents:
         default_factory=dict)
 
 
-def pixel_mask(shape: tuple[int, ...], sizes: list[tuple[int, int]], device) -> torch.Tensor:
-    B, _, Hp, Wp = shape
-    mask = torch.zeros(B, 1, Hp, Wp, device=device)
-    for i, (h, w) in enumerate(sizes):
-        mask[i, :, :h, :w] = 1.0
-    return mask
-
-
-def rd_terms(model: MeanScaleHyperprior, x: torch.Tensor, mask: torch.Tensor,
+def rd_terms(model: MeanScaleHyperprior, x: torch.Tensor, sizes: Sizes,
              y_hat: torch.Tensor, z_hat: torch.Tensor, lmbda: float, clamp: bool = False,
              mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None
              ) -> dict[str, torch.Tensor]:
-    """Per-image RD loss, estimated bpp and MSE (original pixels only)."""
+    """Per-image RD loss, estimated bpp and MSE over each image's own pixels (`sizes`, the
+    padding excluded); x in [0, 1] or 8-bit (codec.tiling.to_unit)."""
     y_lik, z_lik = model.likelihoods(y_hat, z_hat, mu, sigma)
-    pixels = mask.sum(dim=(1, 2, 3))
+    pixels = torch.tensor([float(h * w) for h, w in sizes], device=y_hat.device)
     bits = -torch.log2(y_lik).sum(dim=(1, 2, 3)) - torch.log2(z_lik).sum(dim=(1, 2, 3))
-    mse = masked_sse(model.g_s, y_hat, x, mask, clamp) / (3.0 * pixels)  # tiled if large
+    mse = masked_sse(model.g_s, y_hat, x, sizes, clamp) / (3.0 * pixels)  # tiled if large
     bpp = bits / pixels
     return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse, "bits": bits}
 
@@ -187,23 +180,24 @@ def _relax(method: str, v: torch.Tensor, tau: float, gen: list[torch.Generator]
 
 
 @torch.no_grad()
-def _hard(model, x, mask, y, z, lmbda):
+def _hard(model, x, sizes, y, z, lmbda):
     z_hat = torch.round(z)
     mu, sigma = model.hyper_synthesis(z_hat)
     k = torch.round(y - mu)
-    terms = rd_terms(model, x, mask, mu + k, z_hat, lmbda, clamp=True, mu=mu, sigma=sigma)
+    terms = rd_terms(model, x, sizes, mu + k, z_hat, lmbda, clamp=True, mu=mu, sigma=sigma)
     return k, z_hat, terms
 
 
 def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, int]],
           lmbda: float, cfg: InferenceConfig,
           progress: Callable[[int], None] | None = None) -> Latents:
-    """Integer latents for a batch x (B, 3, Hp, Wp) in [0, 1] of one padded size."""
-    mask = pixel_mask(x.shape, sizes, x.device)
+    """Integer latents for a batch x (B, 3, Hp, Wp) of one padded size, in [0, 1] or 8-bit
+    (then converted to float tile by tile: a large image never exists as float); `sizes`
+    are the images' own (height, width), the rest is padding."""
     with torch.no_grad():
         y0 = analysis(model, x)  # tiled for large images (codec.tiling)
         z0 = model.h_a(y0)
-    k, z_hat, start = _hard(model, x, mask, y0, z0, lmbda)
+    k, z_hat, start = _hard(model, x, sizes, y0, z0, lmbda)
     best = Latents(k, z_hat, start["loss"].clone(), start["loss"].clone(),
                    {"bpp": start["bpp"], "mse": start["mse"]})
     best.history.append({"t": 0, "true": start["loss"].tolist(), "relaxed": None})
@@ -221,14 +215,14 @@ def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, in
     for p in frozen:  # only the latents are optimized; the model stays fixed
         p.requires_grad_(False)
     try:
-        _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress)
+        _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return _as_int(best)
 
 
-def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
+def _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
     """Adam steps on the relaxed loss; keep the best hard-rounded latents per image.
 
     With early stopping, images that stop are dropped from the batch (and from Adam's
@@ -245,14 +239,14 @@ def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
         z_t = _relax(cfg.method, z, tau, gen)
         mu, sigma = model.hyper_synthesis(z_t)
         y_t = mu + _relax(cfg.method, y - mu, tau, gen)
-        relaxed = rd_terms(model, x, mask, y_t, z_t, lmbda, mu=mu, sigma=sigma)["loss"]
+        relaxed = rd_terms(model, x, sizes, y_t, z_t, lmbda, mu=mu, sigma=sigma)["loss"]
         opt.zero_grad(set_to_none=True)
         relaxed.sum().backward()
         opt.step()
         if progress is not None:
             progress(1)
         if t % cfg.eval_every == 0 or t == cfg.iterations or t in snapshots:
-            k, z_hat, hard = _hard(model, x, mask, y.detach(), z.detach(), lmbda)
+            k, z_hat, hard = _hard(model, x, sizes, y.detach(), z.detach(), lmbda)
             better = hard["loss"] < best.loss[active]
             rows = active[better]
             best.k[rows], best.z_hat[rows], best.loss[rows] = (
@@ -275,7 +269,7 @@ def _refine(model, x, mask, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
                     break
                 if stop.any():
                     gen = [g for g, keep in zip(gen, (~stop).tolist(), strict=True) if keep]
-                    active, x, mask, y, z, opt = _drop(~stop, active, x, mask, y, z, opt)
+                    active, x, sizes, y, z, opt = _drop(~stop, active, x, sizes, y, z, opt)
         if t in snapshots:
             _snapshot(best, t)
     for i in active.tolist():
@@ -291,7 +285,7 @@ def _snapshot(best: Latents, t: int) -> None:
     best.snapshots[t] = (best.k.clone(), best.z_hat.clone(), best.loss.clone())
 
 
-def _drop(keep, active, x, mask, y, z, opt):
+def _drop(keep, active, x, sizes, y, z, opt):
     """The batch without the rows that stopped; Adam's moments carried over for the rest."""
     y_new = y.detach()[keep].clone().requires_grad_(True)
     z_new = z.detach()[keep].clone().requires_grad_(True)
@@ -299,7 +293,8 @@ def _drop(keep, active, x, mask, y, z, opt):
     for old, new in ((y, y_new), (z, z_new)):
         new_opt.state[new] = {name: v[keep].clone() if v.dim() > 0 else v.clone()
                               for name, v in opt.state[old].items()}
-    return active[keep], x[keep], mask[keep], y_new, z_new, new_opt
+    sizes = [s for s, kept in zip(sizes, keep.tolist(), strict=True) if kept]
+    return active[keep], x[keep], sizes, y_new, z_new, new_opt
 
 
 def _as_int(lat: Latents) -> Latents:

@@ -38,7 +38,7 @@ No Ray, no storage: plain torch over tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,34 +69,49 @@ def _square(v: int | tuple[int, ...]) -> int:
     return v[0]
 
 
-def strides(layers: nn.Sequential) -> tuple[int, int]:
+def _geometry(layer) -> tuple[int, int, int, int, bool] | None:
+    """(kernel, stride, padding, dilation, transposed) of a convolution; None for a per-pixel
+    layer. A layer that is neither a torch conv nor per pixel (codec.frozen's exact h_s
+    layers) says its own through a `geometry` attribute."""
+    if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
+        return (_square(layer.kernel_size), _square(layer.stride), _square(layer.padding),
+                _square(layer.dilation), isinstance(layer, nn.ConvTranspose2d))
+    if isinstance(layer, _POINTWISE):
+        return None
+    geometry = getattr(layer, "geometry", None)
+    if geometry is None:
+        raise TypeError(f"unknown receptive field of {type(layer).__name__}; "
+                        "add it to codec.tiling before tiling this transform")
+    return geometry
+
+
+def strides(layers: Iterable) -> tuple[int, int]:
     """(down, up): input block and output block of the transform (g_a: 16, 1; g_s: 1, 16)."""
     down = up = 1
     for layer in layers:
-        if isinstance(layer, nn.ConvTranspose2d):
-            up *= _square(layer.stride)
-        elif isinstance(layer, nn.Conv2d):
-            down *= _square(layer.stride)
+        g = _geometry(layer)
+        if g is not None and g[4]:
+            up *= g[1]
+        elif g is not None:
+            down *= g[1]
     return down, up
 
 
-def input_span(layers: nn.Sequential, lo: int, hi: int) -> tuple[int, int]:
+def input_span(layers: Iterable, lo: int, hi: int) -> tuple[int, int]:
     """Input positions [lo', hi'] (inclusive, one axis) that outputs [lo, hi] depend on."""
     for layer in reversed(list(layers)):
-        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
-            k, s = _square(layer.kernel_size), _square(layer.stride)
-            p, d = _square(layer.padding), _square(layer.dilation)
-            if isinstance(layer, nn.ConvTranspose2d):  # out[i*s - p + j*d] += w[j] in[i]
-                lo, hi = math.ceil((lo + p - d * (k - 1)) / s), math.floor((hi + p) / s)
-            else:  # out[o] = sum_j w[j] in[o*s - p + j*d]
-                lo, hi = lo * s - p, hi * s - p + d * (k - 1)
-        elif not isinstance(layer, _POINTWISE):
-            raise TypeError(f"unknown receptive field of {type(layer).__name__}; "
-                            "add it to codec.tiling before tiling this transform")
+        g = _geometry(layer)
+        if g is None:
+            continue
+        k, s, p, d, transposed = g
+        if transposed:  # out[i*s - p + j*d] += w[j] in[i]
+            lo, hi = math.ceil((lo + p - d * (k - 1)) / s), math.floor((hi + p) / s)
+        else:  # out[o] = sum_j w[j] in[o*s - p + j*d]
+            lo, hi = lo * s - p, hi * s - p + d * (k - 1)
     return lo, hi
 
 
-def halo_blocks(layers: nn.Sequential) -> int:
+def halo_blocks(layers: Iterable) -> int:
     """Halo in input blocks so that every output block of a core is exact (g_s: 2, g_a: 2).
 
     The transform is shift-equivariant by whole blocks, so one block far from the border
@@ -122,7 +137,7 @@ def _spans(n: int, tile: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
 Writer = Callable[[torch.Tensor, slice, slice], None]
 
 
-def _for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
+def for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
                halo: int, down: int, up: int, write: Writer) -> None:
     """Run fn on overlapping windows of x (tile and halo in blocks of `down` input pixels)
     and hand each output core, with its place in the whole output, to `write`."""
@@ -157,7 +172,7 @@ def synthesize_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, tile: int | None =
     halo = halo_blocks(g_s) if halo is None else halo
     H, W = y_hat.shape[-2:]
     out: list[torch.Tensor] = []
-    _for_tiles(g_s, y_hat, tile, halo, down, up, _into(out, (-(-H // down) * up,
+    for_tiles(g_s, y_hat, tile, halo, down, up, _into(out, (-(-H // down) * up,
                                                               -(-W // down) * up)))
     return out[0]
 
@@ -167,7 +182,8 @@ def analyze_tiled(g_a: nn.Sequential, x: torch.Tensor, tile: int | None = None,
                   halo: int | None = None) -> torch.Tensor:
     """g_a(x) over tiles of `tile` pixels (None: ANALYSIS_TILE) with `halo` pixels of context
     (None: from the receptive field, 32 for g_a). Both must be multiples of the stride (16)
-    so that every tile's convolutions sample the same grid as the whole image."""
+    so that every tile's convolutions sample the same grid as the whole image. x may be
+    8-bit (`to_unit`, per tile)."""
     down, up = strides(g_a)
     tile = ANALYSIS_TILE if tile is None else tile
     halo = down * halo_blocks(g_a) if halo is None else halo
@@ -176,7 +192,7 @@ def analyze_tiled(g_a: nn.Sequential, x: torch.Tensor, tile: int | None = None,
                          f"(got {tile}, {halo})")
     H, W = x.shape[-2:]
     out: list[torch.Tensor] = []
-    _for_tiles(g_a, x, tile // down, halo // down, down, up,
+    for_tiles(lambda part: g_a(to_unit(part)), x, tile // down, halo // down, down, up,
                _into(out, (-(-H // down) * up, -(-W // down) * up)))
     return out[0]
 
@@ -207,50 +223,77 @@ def synthesize_pixels(g_s: nn.Sequential, y_hat: torch.Tensor, height: int, widt
             out[:, rows, cols] = _to_uint8(part).permute(0, 2, 3, 1).cpu().numpy()
 
     down, up = strides(g_s)
-    _for_tiles(g_s, y_hat, tile, halo_blocks(g_s) if halo is None else halo, down, up, write)
+    for_tiles(g_s, y_hat, tile, halo_blocks(g_s) if halo is None else halo, down, up, write)
     return out
 
 
 # ---------------------------------------------------------------- differentiable distortion
 
 
-def _tile_sse(g_s: nn.Sequential, y_window: torch.Tensor, x: torch.Tensor,
-              mask: torch.Tensor, r: int, c: int, clamp: bool) -> torch.Tensor:
-    """Masked SSE per image of one tile: g_s over the window, the core at (r, c) kept."""
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1]: 8-bit x / 255 as float32, anything else as it is.
+
+    Encoders hand the image over as 8 bits and every tile converts its own window, so a
+    large image never exists as float (12 bytes per pixel against 3); elementwise, so a
+    tile's values are those of converting the whole image.
+    """
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+Sizes = Sequence[tuple[int, int]]  # per image of a batch: (height, width) of its own pixels
+
+
+def _window_mask(sizes: Sizes, row0: int, col0: int, shape: tuple[int, int],
+                 like: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) mask of the window at (row0, col0): 1 on each image's own pixels, 0 on
+    its padding. Made per tile, so no full-size mask exists."""
+    mask = like.new_zeros(len(sizes), 1, *shape)
+    for i, (h, w) in enumerate(sizes):
+        mask[i, :, :max(h - row0, 0), :max(w - col0, 0)] = 1.0
+    return mask
+
+
+def _tile_sse(g_s: nn.Sequential, y_window: torch.Tensor, x: torch.Tensor, sizes: Sizes,
+              r: int, c: int, row0: int, col0: int, clamp: bool) -> torch.Tensor:
+    """Masked SSE per image of one tile: g_s over the window, the core at (r, c) kept; the
+    core is at (row0, col0) of the image."""
     x_hat = g_s(y_window)[..., r:r + x.shape[-2], c:c + x.shape[-1]]
     if clamp:
         x_hat = x_hat.clamp(0.0, 1.0)
-    return (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3))
+    mask = _window_mask(sizes, row0, col0, x.shape[-2:], x_hat)
+    return (((x_hat - to_unit(x)) ** 2) * mask).sum(dim=(1, 2, 3))
 
 
-def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor,
-                     mask: torch.Tensor, tile: int | None = None, halo: int | None = None,
+def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, sizes: Sizes,
+                     tile: int | None = None, halo: int | None = None,
                      clamp: bool = False) -> torch.Tensor:
-    """Per-image sum over pixels of (g_s(y_hat) - x)^2 * mask, shape (B,), differentiable
-    w.r.t. y_hat (and g_s's parameters) in bounded memory.
+    """Per-image sum over each image's own pixels (`sizes`; padding excluded) of
+    (g_s(y_hat) - x)^2, shape (B,), differentiable w.r.t. y_hat (and g_s's parameters) in
+    bounded memory.
 
     Each tile runs under torch.utils.checkpoint (non-reentrant): forward keeps only the
-    tile's inputs (views of y_hat, x, mask), backward recomputes one tile's activations at a
+    tile's inputs (views of y_hat and x), backward recomputes one tile's activations at a
     time. Value and gradient equal the untiled computation up to float rounding, because
     each core is exact (module docstring) and every output pixel lies in exactly one core.
-    x and mask are (B, 3 | 1, 16h, 16w) for y_hat (B, M, h, w). clamp: x_hat clamped to
-    [0, 1] first, as the true (hard) RD loss does. tile None: SYNTHESIS_TILE latents.
+    x is (B, 3, 16h, 16w) for y_hat (B, M, h, w), in [0, 1] or 8-bit (`to_unit`, per
+    tile). clamp: x_hat clamped to [0, 1] first, as the true (hard) RD loss does. tile
+    None: SYNTHESIS_TILE latents.
     """
     _, up = strides(g_s)
     tile = SYNTHESIS_TILE if tile is None else tile
     halo = halo_blocks(g_s) if halo is None else halo
     H, W = y_hat.shape[-2:]
-    if x.shape[-2:] != (H * up, W * up) or mask.shape[-2:] != x.shape[-2:]:
-        raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must be "
-                         f"{up}x the size of y_hat {tuple(y_hat.shape)}")
+    if x.shape[-2:] != (H * up, W * up) or len(sizes) != y_hat.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} must be {up}x the size of y_hat "
+                         f"{tuple(y_hat.shape)}, with one size per image (got {len(sizes)})")
     grad = torch.is_grad_enabled() and (y_hat.requires_grad
                                         or any(p.requires_grad for p in g_s.parameters()))
     total = y_hat.new_zeros(y_hat.shape[0])
     for r0, r1, wr0, wr1 in _spans(H, tile, halo):
         for c0, c1, wc0, wc1 in _spans(W, tile, halo):
             rows, cols = slice(r0 * up, r1 * up), slice(c0 * up, c1 * up)
-            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x[..., rows, cols],
-                    mask[..., rows, cols], (r0 - wr0) * up, (c0 - wc0) * up, clamp)
+            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x[..., rows, cols], sizes,
+                    (r0 - wr0) * up, (c0 - wc0) * up, r0 * up, c0 * up, clamp)
             if grad:  # g_s draws no random numbers: no RNG state to keep for the recompute
                 sse = checkpoint(_tile_sse, *args, use_reentrant=False,
                                  preserve_rng_state=False)
@@ -270,10 +313,11 @@ def is_large(pixels: int) -> bool:
 
 
 def analysis(model: MeanScaleHyperprior, x: torch.Tensor) -> torch.Tensor:
-    """y = g_a(x): tiled for large inputs (then without gradients), else one pass."""
+    """y = g_a(x) (x in [0, 1] or 8-bit): tiled for large inputs (then without gradients),
+    else one pass."""
     if is_large(x.shape[-2] * x.shape[-1]):
         return analyze_tiled(model.g_a, x)
-    return model.g_a(x)
+    return model.g_a(to_unit(x))
 
 
 def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
@@ -283,10 +327,11 @@ def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
     return model.g_s(y_hat)
 
 
-def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, sizes: Sizes,
                clamp: bool = False) -> torch.Tensor:
-    """Per-image masked SSE of g_s(y_hat) against x: tiled with checkpointing for large
-    images (bounded memory, one extra g_s forward in backward), else one pass."""
+    """Per-image SSE of g_s(y_hat) against x over each image's own pixels: tiled with
+    checkpointing for large images (bounded memory, one extra g_s forward in backward),
+    else one pass."""
     if is_large(x.shape[-2] * x.shape[-1]):
-        return masked_sse_tiled(g_s, y_hat, x, mask, clamp=clamp)
-    return _tile_sse(g_s, y_hat, x, mask, 0, 0, clamp)  # the whole image as one tile
+        return masked_sse_tiled(g_s, y_hat, x, sizes, clamp=clamp)
+    return _tile_sse(g_s, y_hat, x, sizes, 0, 0, 0, 0, clamp)  # the whole image as one tile

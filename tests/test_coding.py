@@ -100,6 +100,20 @@ def test_integer_hyper_synthesis_independent_of_threads(model_and_tables):
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
 
 
+def test_integer_hyper_synthesis_over_tiles_gives_the_same_bits(model_and_tables):
+    """Each tile's layers compute only their receptive field (clipped at the border): any
+    tile size, across tile edges and all four borders, gives the whole image's bits."""
+    model, tables = model_and_tables
+    z_hat, _, _ = _latents(model, tables, h=7 * 64, w=5 * 64)
+    rng = np.random.default_rng(2)
+    z = np.stack([z_hat, z_hat + rng.integers(-9, 10, z_hat.shape)])  # a batch of two
+    whole = hyper_synthesis_exact(tables, z, tile=10**6)
+    assert whole[1].dtype == np.uint8 and whole[0].shape == (2, model.M, 28, 20)
+    for tile in (1, 3, 5, 8, 13):
+        mu, index = hyper_synthesis_exact(tables, z, tile=tile)
+        assert np.array_equal(mu, whole[0]) and np.array_equal(index, whole[1])
+
+
 def test_freeze_refuses_weights_beyond_exact_range():
     model = MeanScaleHyperprior(N=8, M=8)
     with torch.no_grad():

@@ -21,6 +21,7 @@ from codec.images import (
     crop,
     load_image,
     pad_to_multiple,
+    padded_batch,
     save_image,
     to_pil,
 )
@@ -572,6 +573,19 @@ def test_pad_2d_and_errors():
         pad_to_multiple(a, 0)
     with pytest.raises(ValueError):
         crop(a, 3, 3)
+
+
+def test_padded_batch_is_pad_to_multiple_stacked_in_one_copy():
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((61, 70), (64, 65)))
+    batch = padded_batch([a, b], 64)
+    np.testing.assert_array_equal(batch, np.stack([pad_to_multiple(a, 64),
+                                                   pad_to_multiple(b, 64)]))
+    assert padded_batch([a], 64)[0].base is None  # padded: a new array
+    square = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    assert np.shares_memory(padded_batch([square], 64), square)  # no padding: no copy
+    with pytest.raises(ValueError, match="does not pad"):
+        padded_batch([a, square], 64)
 
 
 # --------------------------------------------------------------------------- limits and errors

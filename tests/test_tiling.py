@@ -78,8 +78,9 @@ def test_pixels_tiled_equal_whole(model):
 def test_masked_sse_value_and_gradient(model, clamp):
     y = _latents(model, 6, 7).mul_(0.3)
     x = torch.rand(2, 3, 96, 112, generator=torch.Generator().manual_seed(3))
+    sizes = [(90, 100), (96, 57)]  # original sizes: padding is masked out
     mask = torch.zeros(2, 1, 96, 112)
-    mask[0, :, :90, :100] = 1.0  # original sizes: padding is masked out
+    mask[0, :, :90, :100] = 1.0
     mask[1, :, :96, :57] = 1.0
 
     def value_and_grad(fn):
@@ -95,21 +96,21 @@ def test_masked_sse_value_and_gradient(model, clamp):
         return (((x_hat - x) ** 2) * mask).sum(dim=(1, 2, 3))
 
     v0, g0 = value_and_grad(whole)
-    v1, g1 = value_and_grad(lambda yy: tiling.masked_sse_tiled(model.g_s, yy, x, mask, tile=2,
+    v1, g1 = value_and_grad(lambda yy: tiling.masked_sse_tiled(model.g_s, yy, x, sizes, tile=2,
                                                                clamp=clamp))
     assert v1.shape == (2,)
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
     assert g0.abs().max() > 0
     with torch.no_grad():  # the hard evaluation runs without autograd
-        torch.testing.assert_close(tiling.masked_sse_tiled(model.g_s, y, x, mask, tile=3,
+        torch.testing.assert_close(tiling.masked_sse_tiled(model.g_s, y, x, sizes, tile=3,
                                                            clamp=clamp), v0)
 
 
 def test_masked_sse_keeps_only_tile_inputs_for_backward(model):
     """Checkpointing: what autograd saves is the inputs (views), not g_s's activations."""
     y = torch.randn(1, model.M, 16, 16, requires_grad=True)
-    x, mask = torch.rand(1, 3, 256, 256), torch.ones(1, 1, 256, 256)
+    x = torch.rand(1, 3, 256, 256)
 
     def nbytes(t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
@@ -126,17 +127,17 @@ def test_masked_sse_keeps_only_tile_inputs_for_backward(model):
             fn()
         return total
 
-    tiled = saved_bytes(lambda: tiling.masked_sse_tiled(model.g_s, y, x, mask, tile=4))
-    whole = saved_bytes(lambda: (((model.g_s(y) - x) ** 2) * mask).sum(dim=(1, 2, 3)))
-    # x and mask once each, y's windows overlapping by their halos
-    assert tiled <= nbytes(x) + nbytes(mask) + 4 * nbytes(y) < whole / 5
+    tiled = saved_bytes(lambda: tiling.masked_sse_tiled(model.g_s, y, x, [(256, 256)], tile=4))
+    whole = saved_bytes(lambda: ((model.g_s(y) - x) ** 2).sum(dim=(1, 2, 3)))
+    # x once (the masks are made per tile), y's windows overlapping by their halos
+    assert tiled <= nbytes(x) + 4 * nbytes(y) < whole / 5
 
 
 def test_helpers_tile_only_large_images(model, monkeypatch):
     """analysis / synthesis / masked_sse: one pass below MIN_TILED_PIXELS, tiles above it."""
     y = _latents(model, 5, 6)
     x = torch.rand(2, 3, 80, 96)
-    mask = torch.ones(2, 1, 80, 96)
+    sizes = [(80, 96), (80, 96)]
 
     def run() -> tuple[list[torch.Tensor], dict[str, int]]:
         """The three helpers' results, and how many passes of g_a and g_s they took."""
@@ -146,7 +147,7 @@ def test_helpers_tile_only_large_images(model, monkeypatch):
         try:
             with torch.no_grad():
                 return [tiling.analysis(model, x), tiling.synthesis(model, y),
-                        tiling.masked_sse(model.g_s, y, x, mask)], calls
+                        tiling.masked_sse(model.g_s, y, x, sizes)], calls
         finally:
             for hook in hooks:
                 hook.remove()
@@ -160,6 +161,26 @@ def test_helpers_tile_only_large_images(model, monkeypatch):
     assert calls == {"g_a": 2 * 2, "g_s": 2 * 2 * 2}  # 2x2 tiles each
     for t, w in zip(tiled, whole, strict=True):
         torch.testing.assert_close(t, w, rtol=1e-5, atol=1e-5)
+
+
+def test_8bit_input_is_converted_per_tile_to_the_same_values(model):
+    """g_a and the distortion take the image as 8 bits and convert each tile's window:
+    bit-for-bit what converting the whole image to float first gives."""
+    rng = np.random.default_rng(4)
+    rgb = torch.from_numpy(rng.integers(0, 256, (2, 96, 112, 3), dtype=np.uint8))
+    x8 = rgb.permute(0, 3, 1, 2)  # how the encoder hands images over (channels last)
+    x = x8.float().div_(255.0)
+    y = _latents(model, 6, 7).mul_(0.3)
+    sizes = [(90, 100), (96, 57)]
+    with torch.no_grad():
+        assert torch.equal(tiling.analyze_tiled(model.g_a, x8, tile=32),
+                           tiling.analyze_tiled(model.g_a, x, tile=32))
+        assert torch.equal(tiling.analysis(model, x8), tiling.analysis(model, x))
+        for tile in (2, 64):
+            assert torch.equal(tiling.masked_sse_tiled(model.g_s, y, x8, sizes, tile=tile),
+                               tiling.masked_sse_tiled(model.g_s, y, x, sizes, tile=tile))
+    with pytest.raises(ValueError, match="one size per image"):
+        tiling.masked_sse_tiled(model.g_s, y, x8, sizes[:1])
 
 
 def _png(array: np.ndarray) -> bytes:
