@@ -17,6 +17,7 @@ SGA with the same iteration budget. A tool, not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -42,6 +43,17 @@ def _mse(psnr: float) -> float:
     return 10 ** (-psnr / 10)
 
 
+def _centre_crop(path: Path, size: int) -> bytes:
+    from PIL import Image
+    with Image.open(path) as im:
+        w, h = im.size
+        left, top = max(0, (w - size) // 2), max(0, (h - size) // 2)
+        buf = io.BytesIO()
+        im.convert("RGB").crop((left, top, left + min(size, w), top + min(size, h))).save(
+            buf, "PNG")
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=4)
@@ -51,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="msh-small-q4",
                     help="the fixed-rate model the bits-back model was fine-tuned from")
     ap.add_argument("--data", type=Path, default=VAL)
+    ap.add_argument("--crop", type=int, default=0, metavar="PX",
+                    help="centre crops of PX x PX (0: whole images)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(args.data.glob("*.jpg"))[:args.images]
     rows = []
     for f in files:
-        image = load_image(f)
+        image = load_image(_centre_crop(f, args.crop) if args.crop else f)
         pixels = image.info.width * image.info.height
         xi = os.urandom(max(1024, pixels // 64))  # more than z_hat's choice can hold
         for name in ("amortized", "sga"):
@@ -81,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{f.name} {row['method']}: net {row['net_bpp']:.4f} bpp, "
                 f"{row['psnr']:.2f} dB, {row['seconds']:.0f} s")
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    print(f"{len(files)} images of {args.data}, λ {lmbda:.4g}, {args.iterations} iterations, "
+    crop = f", centre {args.crop}px crops" if args.crop else ""
+    print(f"{len(files)} images of {args.data}{crop}, λ {lmbda:.4g}, {args.iterations} iterations, "
           f"BBVI {args.bbvi_steps} steps, one CPU thread\n")
     print("| method | file bpp | net bpp | PSNR dB | RD loss / amortized | s / image |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

@@ -81,7 +81,7 @@ from codec.tiling import analysis, masked_sse, synthesize_pixels
 Z_GRID_BITS = 3  # z_hat on the grid 2^-3
 BBVI_LR = 3e-3  # reproducible BBVI: Adam's learning rate (paper S3)
 BBVI_SEED = 0x5B1B  # its noise; the paper uses one fixed seed for encoder and decoder
-DEFAULT_BBVI_STEPS = 500  # the paper's 2000 cost 4x the time for little (docs/results.md)
+DEFAULT_BBVI_STEPS = 500  # a quarter of the paper's 2000: the decoder runs them too
 Q_FRAC_BITS = 8  # Q's mean and std, in grid steps, are rounded to 2^-8
 Y_OFFSETS = 16  # y tables per unit of the mean's fractional part
 MAX_SIDE_INFO = 1 << 20  # bytes: the experimental mode carries captions, hashes, keys
