@@ -584,8 +584,9 @@ def test_padded_batch_is_pad_to_multiple_stacked_in_one_copy():
     assert not np.shares_memory(padded_batch([a], 64), a)  # padded: a new array
     square = rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)
     assert np.shares_memory(padded_batch([square], 64), square)  # no padding: no copy
+    taller = rng.integers(0, 256, (130, 70, 3), dtype=np.uint8)  # pads to 192x128
     with pytest.raises(ValueError, match="does not pad"):
-        padded_batch([a, square], 64)
+        padded_batch([a, taller], 64)
 
 
 # --------------------------------------------------------------------------- limits and errors
