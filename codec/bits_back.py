@@ -74,7 +74,7 @@ from codec.frozen import (
 from codec.images import PreparedImage, output_pixels, pad_to_multiple
 from codec.inference import InferenceConfig, sga_round
 from codec.metrics import bpp, psnr
-from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE, MeanScaleHyperprior, conv
+from codec.model import DOWNSAMPLE, MeanScaleHyperprior, conv
 from codec.registry import REGISTRY, ModelEntry, find, register, sha256_of
 from codec.tiling import analysis, masked_sse, synthesize_pixels
 
@@ -262,13 +262,6 @@ class BitsBackModel:
             import copy
             self._copies[device] = copy.deepcopy(self.model).to(device)
         return self._copies[device]
-
-
-def is_bits_back(model: str | None, registry: Path = REGISTRY) -> bool:
-    try:
-        return find(model, registry).bits_back is not None if model else False
-    except ModelError:
-        return False
 
 
 def default_model_id(registry: Path = REGISTRY) -> str:
@@ -609,12 +602,6 @@ class BitsBackResult:
                 f"PSNR {self.psnr:.2f} dB, {self.seconds:.1f} s")
 
 
-def _latent_shapes(bm: BitsBackModel, width: int, height: int):
-    hp, wp = -(-height // DOWNSAMPLE) * DOWNSAMPLE, -(-width // DOWNSAMPLE) * DOWNSAMPLE
-    return (bm.entry.N, hp // Z_STRIDE, wp // Z_STRIDE), (bm.entry.M, hp // Y_STRIDE,
-                                                          wp // Y_STRIDE)
-
-
 def encode(image: PreparedImage, side_info: bytes, model_id: str | None = None,
            method: str = "sga-bb", config: InferenceConfig | None = None,
            bbvi_steps: int = DEFAULT_BBVI_STEPS, device: str | torch.device = "cpu",
@@ -677,7 +664,9 @@ def encode(image: PreparedImage, side_info: bytes, model_id: str | None = None,
 
 
 def _decode_latents(bs: Bitstream, bm: BitsBackModel):
-    z_shape, y_shape = _latent_shapes(bm, bs.header.width, bs.header.height)
+    from codec.api import latent_shapes  # (codec.api imports this module lazily)
+
+    z_shape, y_shape = latent_shapes(bm, bs.header.width, bs.header.height)
     n_z, n_y = int(np.prod(z_shape)), int(np.prod(y_shape))
     z_payload, y_payload = bs.sections["ZLAT"], bs.sections["YLAT"]
     if (len(z_payload) % 4 or len(z_payload) // 4 > coding.max_stream_words(n_z)
