@@ -680,32 +680,48 @@ def _decode_latents(bs: Bitstream, bm: BitsBackModel):
     return z, y, coder
 
 
-def decode(data: bytes | Bitstream, side_info: bool = False, registry: Path = REGISTRY,
-           device: str | torch.device = "cpu"
-           ) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
-    """Algorithm 1, `decode(s)`: (8-bit RGB pixels, alpha or None, the side information
-    when asked for, else None). Without `side_info` no BBVI runs: the image alone is cheap."""
+def _stream(data: bytes | Bitstream, registry: Path) -> tuple[Bitstream, BitsBackModel]:
     bs = data if isinstance(data, Bitstream) else parse(data)
     h = bs.header
     if h.bbvi_steps is None:
         raise BitstreamError("not a bits-back stream (format version 4)")
     try:
-        bm = load(h.model_id, registry)
+        return bs, load(h.model_id, registry)
     except ModelError as exc:
         raise BitstreamError(f"stream was written with model {h.model_id!r}, which is not "
                              f"available: {exc}") from exc
+
+
+def _side_info_of(bs: Bitstream, bm: BitsBackModel, z: np.ndarray, y: np.ndarray,
+                  coder) -> bytes:
+    """Algorithm 1, lines 7-8: reproducible BBVI from y_hat, then z_hat under Q."""
+    h = bs.header
+    q_mean, q_std = reproducible_bbvi(bm, y, h.bbvi_steps)
+    if _q_digest(q_mean, q_std) != h.q_digest:
+        raise SideInfoError(
+            "the side information cannot be recovered on this machine: its BBVI "
+            f"({h.bbvi_steps} steps, CPU, one thread, torch {torch.__version__}) does not "
+            "reproduce the encoder's; the image decodes without it (leave out "
+            "--side-info-out), and the side information can be read on a machine of the "
+            "kind that encoded it")
+    return _recover(bm, coder, z, q_mean, q_std)
+
+
+def recover_side_info(data: bytes | Bitstream, registry: Path = REGISTRY) -> bytes:
+    """The side information alone: the latents and BBVI, no synthesis of the image."""
+    bs, bm = _stream(data, registry)
+    return _side_info_of(bs, bm, *_decode_latents(bs, bm))
+
+
+def decode(data: bytes | Bitstream, side_info: bool = False, registry: Path = REGISTRY,
+           device: str | torch.device = "cpu"
+           ) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
+    """Algorithm 1, `decode(s)`: (8-bit RGB pixels, alpha or None, the side information
+    when asked for, else None). Without `side_info` no BBVI runs: the image alone is cheap."""
+    bs, bm = _stream(data, registry)
+    h = bs.header
     z, y, coder = _decode_latents(bs, bm)
-    xi = None
-    if side_info:
-        q_mean, q_std = reproducible_bbvi(bm, y, h.bbvi_steps)
-        if _q_digest(q_mean, q_std) != h.q_digest:
-            raise SideInfoError(
-                "the side information cannot be recovered on this machine: its BBVI "
-                f"({h.bbvi_steps} steps, CPU, one thread, torch {torch.__version__}) does not "
-                "reproduce the encoder's; the image decodes without it (leave out "
-                "--side-info-out), and the side information can be read on a machine of the "
-                "kind that encoded it")
-        xi = _recover(bm, coder, z, q_mean, q_std)
+    xi = _side_info_of(bs, bm, z, y, coder) if side_info else None
     device = torch.device(device)
     rgb = synthesize_pixels(bm.on(device).g_s, torch.from_numpy(y).float()[None].to(device),
                             h.height, h.width)[0]

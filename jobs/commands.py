@@ -113,7 +113,7 @@ def _save_side_info(args: argparse.Namespace, data: bytes) -> None:
     if bs.header.bbvi_steps is None:
         raise SgarcError(f"{args.input} carries no side information (it was not encoded with "
                          "a bits-back method)")
-    _, _, side_info = bits_back.decode(bs, side_info=True)
+    side_info = bits_back.recover_side_info(bs)  # the image itself is decoded once, after
     atomic_write(Path(args.side_info_out), side_info)
     print(f"side information: {len(side_info)} bytes -> {args.side_info_out}")
 
