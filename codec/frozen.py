@@ -6,10 +6,12 @@ thread counts, kernels) and so pick different probability tables. Here the decod
 picks a table from a float:
 
 * h_s is re-evaluated at coding time in **exact integer arithmetic**: its weights are frozen
-  as fixed-point integers (KW fractional bits), activations are requantized to KA fractional
-  bits with an integer rounding shift after every layer and clamped to a bound, and every
-  accumulator is proven at export to stay below 2^52. Convolutions run in float64 on integer
-  values, which is exact whatever the summation order, so every device gets the same bits.
+  as fixed-point integers (KW fractional bits, fewer for a layer whose weights are so large
+  that KW would break the bound below: `freeze_hyper_synthesis`), activations are
+  requantized to KA fractional bits with an integer rounding shift after every layer and
+  clamped to a bound, and every accumulator is proven at export to stay below 2^52.
+  Convolutions run in float64 on integer values, which is exact whatever the summation
+  order, so every device gets the same bits.
 * The scale index of each y element is found by integer comparison of the fixed-point scale
   with fixed-point thresholds; the mean mu is the exact fixed-point value.
 * All probability tables (one zero-mean discretized Gaussian per scale index, one table per
@@ -34,6 +36,7 @@ from codec.entropy_models import SCALE_BOUND, gaussian_pmf
 from codec.tiling import input_span, strides
 
 KW = 16  # fractional bits of the frozen h_s weights
+KW_MIN = 8  # the fewest a layer may get (weights then within 2^-9 of the float ones)
 KA = 16  # fractional bits of h_s activations
 ACT_LIMIT = 1 << (KA + 10)  # hidden activations are clamped to |a| <= 1024
 LATENT_LIMIT = (1 << 15) - 1  # |k| and |z_hat| bound; escaped values are coded in 16 bits
@@ -51,14 +54,20 @@ def scale_table() -> np.ndarray:
 
 @dataclass
 class HsLayer:
-    weight: torch.Tensor  # int64, fixed point with KW fractional bits
-    bias: torch.Tensor  # int64, fixed point with KW + in_frac fractional bits
+    weight: torch.Tensor  # int64, fixed point with weight_frac fractional bits
+    bias: torch.Tensor  # int64, fixed point with weight_frac + in_frac fractional bits
     transposed: bool
     stride: int
     padding: int
     output_padding: int
     in_frac: int  # fractional bits of this layer's input (0 for the integer z_hat)
     relu: bool
+    weight_frac: int = KW
+
+    @property
+    def shift(self) -> int:
+        """Right shift that brings the accumulator back to KA fractional bits."""
+        return self.weight_frac + self.in_frac - KA
 
     @property
     def geometry(self) -> tuple[int, int, int, int, bool]:
@@ -126,23 +135,39 @@ def freeze_hyper_synthesis(h_s: nn.Sequential, z_frac_bits: int = 0) -> list[HsL
     """Fixed-point copy of h_s, with a proof that no accumulator leaves the exact range.
 
     Its input is the integer z_hat, or for `z_frac_bits` > 0 (the bits-back model's grid,
-    codec.bits_back) z_hat * 2^z_frac_bits: fixed point with that many fractional bits."""
+    codec.bits_back) z_hat * 2^z_frac_bits: fixed point with that many fractional bits.
+
+    Each layer's weights get KW fractional bits, or the most below KW (down to KW_MIN) that
+    keep its accumulator bound under 2^52: a variable-rate model's folded gains can make a
+    layer's weights large enough to need it. The choice is integer arithmetic on the stored
+    float weights, so every machine makes the same one; layers that fit at KW keep it, so
+    the models that always did are frozen to the same bits as before.
+    """
     layers, in_frac, bound_in = [], z_frac_bits, LATENT_LIMIT
     for m, relu in _layers_of(h_s):
         w = m.weight.detach().double().cpu()
         b = m.bias.detach().double().cpu()
-        w_int = torch.round(w * 2.0**KW).to(torch.int64)
-        b_int = torch.round(b * 2.0 ** (KW + in_frac)).to(torch.int64)
         transposed = isinstance(m, nn.ConvTranspose2d)
-        l1 = w_int.abs().sum(dim=(0, 2, 3) if transposed else (1, 2, 3))
-        bound_acc = int((l1 * bound_in + b_int.abs()).max())
-        if bound_acc >= _EXACT_LIMIT:
+        for kw in range(KW, KW_MIN - 1, -1):
+            if max(w.abs().max(), b.abs().max() * 2.0**in_frac) * 2.0**kw >= _EXACT_LIMIT:
+                bound_acc = _EXACT_LIMIT  # a single weight is already out of range
+                continue
+            w_int = torch.round(w * 2.0**kw).to(torch.int64)
+            b_int = torch.round(b * 2.0 ** (kw + in_frac)).to(torch.int64)
+            l1 = w_int.abs().sum(dim=(0, 2, 3) if transposed else (1, 2, 3))
+            # Python integers: the bound itself may not fit in int64
+            bound_acc = max(n * bound_in + c for n, c in zip(l1.tolist(), b_int.abs().tolist(),
+                                                              strict=True))
+            if bound_acc < _EXACT_LIMIT:
+                break
+        else:
             raise ValueError(f"h_s layer {m}: accumulator bound 2^{math.log2(bound_acc):.1f} "
-                             "exceeds 2^52; exact integer evaluation is not possible")
-        layers.append(HsLayer(w_int, b_int, transposed, m.stride[0], m.padding[0],
-                              m.output_padding[0] if transposed else 0, in_frac, relu))
-        shift = KW + in_frac - KA
-        bound_in = ACT_LIMIT if relu else (bound_acc >> max(shift, 0)) + 1
+                             f"exceeds 2^52 even with {KW_MIN} fractional weight bits; exact "
+                             "integer evaluation is not possible")
+        layer = HsLayer(w_int, b_int, transposed, m.stride[0], m.padding[0],
+                        m.output_padding[0] if transposed else 0, in_frac, relu, kw)
+        layers.append(layer)
+        bound_in = ACT_LIMIT if relu else (bound_acc >> max(layer.shift, 0)) + 1
         in_frac = KA
     return layers
 
@@ -199,7 +224,7 @@ def _hs_layer(layer: HsLayer, a: torch.Tensor) -> torch.Tensor:
     out = acc.to(torch.int64)
     del acc
     out += layer.bias.view(1, -1, 1, 1)
-    shift = KW + layer.in_frac - KA
+    shift = layer.shift
     if shift > 0:  # round half up: (acc + 2^(shift-1)) >> shift
         out += 1 << (shift - 1)
         out >>= shift

@@ -55,7 +55,7 @@ def _reference_hs(tables: CodingTables, z_hat: np.ndarray) -> np.ndarray:
                     patch = ap[:, i:i + (ho - 1) * s + 1:s, j:j + (wo - 1) * s + 1:s]
                     acc += np.einsum("chw,oc->ohw", patch, w[:, :, i, j])
         acc = acc + layer.bias.numpy()[:, None, None]
-        shift = KW + layer.in_frac - KA
+        shift = layer.shift
         a = (acc + (1 << (shift - 1))) >> shift if shift > 0 else acc << -shift
         if layer.relu:
             a = np.clip(a, 0, ACT_LIMIT)
@@ -114,10 +114,35 @@ def test_integer_hyper_synthesis_over_tiles_gives_the_same_bits(model_and_tables
         assert np.array_equal(mu, whole[0]) and np.array_equal(index, whole[1])
 
 
+def test_large_weights_get_fewer_fractional_bits_and_stay_exact(model_and_tables):
+    """Folded rate gains can make h_s's last layer so large that KW fractional bits break the
+    2^52 bound (msh-vr at one rate point did): that layer alone gets fewer, the result is
+    still exact integer arithmetic, and it still tracks the float h_s."""
+    model, tables = model_and_tables
+    assert all(layer.weight_frac == KW for layer in tables.hs)  # small weights: unchanged
+    big = MeanScaleHyperprior(N=16, M=24).eval()
+    big.load_state_dict(model.state_dict())
+    last = big.h_s[-1]
+    with torch.no_grad():  # an l1 norm per output channel of ~2^12 needs KW - 2 or fewer
+        last.weight.mul_(4096 / float(last.weight.abs().sum(dim=(1, 2, 3)).max()))
+    hs = freeze_hyper_synthesis(big.h_s)
+    assert hs[-1].weight_frac < KW and all(layer.weight_frac == KW for layer in hs[:-1])
+    big_tables = CodingTables(hs, tables.y_thresholds, tables.y_pmfs, tables.z_pmfs,
+                              tables.z_lo)
+    z_hat, _, _ = _latents(model, tables)
+    mu, index = hyper_synthesis_exact(big_tables, z_hat[None])
+    sigma_ref, mu_ref = np.split(_reference_hs(big_tables, z_hat), 2, axis=0)
+    assert np.array_equal(mu[0], mu_ref / 2.0**KA)
+    assert np.array_equal(index[0], np.searchsorted(tables.y_thresholds, sigma_ref, "right"))
+    with torch.no_grad():
+        mu_f, _ = big.hyper_synthesis(torch.from_numpy(z_hat).float()[None])
+    assert np.abs(mu[0] - mu_f[0].double().numpy()).max() < 0.1
+
+
 def test_freeze_refuses_weights_beyond_exact_range():
     model = MeanScaleHyperprior(N=8, M=8)
     with torch.no_grad():
-        model.h_s[0].weight.fill_(1e6)
+        model.h_s[0].weight.fill_(1e9)
     with pytest.raises(ValueError, match="2\\^52"):
         freeze_hyper_synthesis(model.h_s)
 
