@@ -4,10 +4,11 @@
     summary = pipeline.run.run(spec.input_url, spec.output_url, spec.to_settings(),
                                spec.to_options(), spec.storage_options())
 
-Tables and keys (every one optional unless marked; unknown keys are errors that name the
-key and list the allowed ones):
+Each table is a pydantic model (``extra="forbid"``, strict types, bounds); every key is
+optional unless marked, and an unknown key is an error that names it and lists the allowed
+ones:
 
-    [job]      name, input (required), output (required), manifest
+    [job]      name, input (required), output (required), manifest (JobTable)
     [storage]  options: fsspec options; string values may say "${ENV_VAR}"
     [encode]   the fields of pipeline.settings.EncodeSettings (quality | model, method,
                iterations, lr, ...), with its bounds and defaults
@@ -32,12 +33,20 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from codec.errors import SgarcError
-from jobs.options import ENV_ANY, ENV_NAME, ENV_REF, expand_env, explain, type_name
+from jobs.options import ENV_ANY, ENV_NAME, ENV_REF, expand_env, explain
 from pipeline.settings import EncodeSettings, IterativeMethod
 from pipeline.storage import IMAGE_EXTENSIONS, ObjectInfo
 
@@ -47,28 +56,122 @@ class SpecError(SgarcError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec
+# The tables
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    shard_size: int = 16
-    actors: int | None = None
-    gpus: int | None = None  # number of GPU actors (one GPU each)
-    address: str | None = None  # Ray Jobs API (dashboard) address; None: run here
-    device: str | None = None
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-@dataclass(frozen=True)
-class FilterSpec:
+Text = Annotated[str, Field(pattern=r"\S")]  # a string that is not blank
+# A list of strings (TOML arrays; one string is a list of one), kept as a tuple.
+Texts = Annotated[tuple[Text, ...], BeforeValidator(
+    lambda v: (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v)]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+class _Tables(_Table):
+    """The file's top level: its tables, each validated by its own model."""
+
+    job: dict = {}
+    storage: dict = {}
+    encode: dict = {}
+    policy: dict = {}
+    run: dict = {}
+    filters: dict = {}
+    refine: dict = {}
+
+
+class JobTable(_Table):
+    name: Text  # names runs, schedules and cluster jobs; default: the file's name
+    input: Text  # as written in the file
+    output: Text
+    manifest: Text | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' (it names "
+                             "runs, schedules and cluster jobs)")
+        return name
+
+    @model_validator(mode="after")
+    def _places(self) -> JobTable:
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError(f"input and output are the same place ({self.input!r})")
+        return self
+
+
+class StorageTable(_Table):
+    options: dict[str, Any] = {}  # fsspec options, unexpanded
+
+
+class RunSpec(_Table):
+    shard_size: int = Field(16, ge=1)
+    actors: int | None = Field(None, ge=1)  # CPU actors
+    gpus: int | None = Field(None, ge=1)  # GPU actors, one GPU each
+    address: Text | None = None  # Ray Jobs API (dashboard) address; None: run here
+    device: Text | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _jobs_api(cls, address: str | None) -> str | None:
+        if address is not None and address.startswith("ray://"):
+            raise ValueError(f"{address!r} is a Ray Client address; sgarc submits through "
+                             "the Ray Jobs API, which listens on the dashboard port: e.g. "
+                             "http://head:8265")
+        if address is not None and "://" in address and not address.startswith(
+                ("http://", "https://")):
+            raise ValueError(f"{address!r}: use an http:// or https:// Ray dashboard "
+                             "address (e.g. http://head:8265)")
+        return address
+
+    @model_validator(mode="after")
+    def _actors(self) -> RunSpec:
+        if self.actors is not None and self.gpus is not None:
+            raise ValueError("give actors (CPU actors) or gpus (one actor per GPU), not both")
+        if self.gpus is not None and self.device is not None and self.device.startswith("cpu"):
+            raise ValueError(f"gpus = {self.gpus} with device = {self.device!r}")
+        return self
+
+
+class FilterSpec(_Table):
     """Which listed images a run considers. Empty tuples / None mean "no constraint"."""
 
-    extensions: tuple[str, ...] = ()  # lower case with the dot: (".jpg", ".png")
-    include: tuple[str, ...] = ()  # a key must match one of these (when any are given)
-    exclude: tuple[str, ...] = ()  # and none of these
-    min_bytes: int | None = None
-    max_bytes: int | None = None
+    extensions: Texts = ()  # lower case with the dot: (".jpg", ".png")
+    include: Texts = ()  # a key must match one of these (when any are given)
+    exclude: Texts = ()  # and none of these
+    min_bytes: int | None = Field(None, ge=0)
+    max_bytes: int | None = Field(None, ge=0)
+
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, extensions: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple("." + ext.lower().lstrip(".") for ext in extensions)
+        for ext, norm in zip(extensions, out, strict=True):
+            if norm not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{ext!r} is not an image type the pipeline lists "
+                                 f"(allowed: {', '.join(IMAGE_EXTENSIONS)})")
+        return out
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            try:
+                _glob_regex(p)
+            except ValueError as exc:
+                raise ValueError(f"pattern {p!r}: {exc}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _sizes(self) -> FilterSpec:
+        lo, hi = self.min_bytes, self.max_bytes
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"min_bytes ({lo}) > max_bytes ({hi})")
+        return self
 
     @property
     def active(self) -> bool:
@@ -76,15 +179,18 @@ class FilterSpec:
                     or self.min_bytes is not None or self.max_bytes is not None)
 
 
-class RefineSpec(BaseModel):
+class RefineSpec(_Table):
     """The refinement pass after the coverage pass (pipeline.run.refine consumes it)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     enabled: bool = False
     method: IterativeMethod = "sga"
     iterations: int = Field(EncodeSettings.model_fields["iterations"].default, ge=1)
     max_images: int | None = Field(None, ge=1)  # per run; None: every candidate
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -195,17 +301,10 @@ class JobSpec:
             + (f", device {r.device}" if r.device else ""),
         ]
         if f.active:
-            parts = []
-            if f.extensions:
-                parts.append("extensions " + " ".join(f.extensions))
-            if f.include:
-                parts.append("include " + " ".join(f.include))
-            if f.exclude:
-                parts.append("exclude " + " ".join(f.exclude))
-            if f.min_bytes is not None:
-                parts.append(f">= {f.min_bytes} B")
-            if f.max_bytes is not None:
-                parts.append(f"<= {f.max_bytes} B")
+            parts = [f"{name} {' '.join(getattr(f, name))}"
+                     for name in ("extensions", "include", "exclude") if getattr(f, name)]
+            parts += [f"{op} {n} B" for op, n in ((">=", f.min_bytes), ("<=", f.max_bytes))
+                      if n is not None]
             lines.append("filters:  " + "; ".join(parts))
         lines.append("refine:   " + (f"{rf.method}, {rf.iterations} it, "
                                      f"{rf.max_images or 'all'} images per run"
@@ -239,110 +338,67 @@ def parse_spec(text: str, *, source: str = "<spec>", base_dir: str | None = None
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{source}: not valid TOML: {exc}") from None
-    v = _Validator(source)
-    v.keys(data, "", _TABLES)
-    for table in _TABLES:
-        if table in data and not isinstance(data[table], dict):
-            raise SpecError(f"{source}: [{table}] must be a table, not "
-                            f"{type_name(data[table])}")
-
-    job = data.get("job", {})
-    v.keys(job, "job", ("name", "input", "output", "manifest"))
+    tables = _validate(_Tables, data, source, None)
     stem = Path(source).stem if source and not source.startswith("<") else "job"
-    name = v.string(job, "job", "name", default=stem)
-    if not _NAME.fullmatch(name):
-        raise SpecError(f"{source}: [job] name {name!r}: use letters, digits, '.', '_' and "
-                        "'-' (it names runs, schedules and cluster jobs)")
-    input_ = v.string(job, "job", "input", required=True)
-    output = v.string(job, "job", "output", required=True)
-    if input_.rstrip("/") == output.rstrip("/"):
-        raise SpecError(f"{source}: [job] input and output are the same place ({input_!r})")
-    manifest = v.string(job, "job", "manifest")
-
-    storage_table = data.get("storage", {})
-    v.keys(storage_table, "storage", ("options",))
-    storage = storage_table.get("options", {})
-    if not isinstance(storage, dict):
-        raise SpecError(f"{source}: [storage] options must be a table, not "
-                        f"{type_name(storage)}")
+    job = _validate(JobTable, {"name": stem, **tables.job}, source, "job")
+    storage = _validate(StorageTable, tables.storage, source, "storage").options
     for dotted, value in _leaves(storage, ()):
         for ref in ENV_ANY.findall(value) if isinstance(value, str) else ():
             if not ENV_NAME.fullmatch(ref):
                 raise SpecError(f"{source}: [storage] options.{'.'.join(dotted)}: "
                                 f"${{{ref}}} is not an environment variable name")
-
-    encode = _encode(v, data.get("encode", {}), data.get("policy", {}))
-    run = _run(v, data.get("run", {}))
-    filters = _filters(v, data.get("filters", {}))
-    refine = v.model(RefineSpec, data.get("refine", {}), "refine")
-    spec = JobSpec(name=name, input=input_, output=output, manifest=manifest, storage=storage,
-                   encode=encode, run=run, filters=filters, refine=refine,
+    spec = JobSpec(name=job.name, input=job.input, output=job.output, manifest=job.manifest,
+                   storage=storage, encode=_encode(source, tables.encode, tables.policy),
+                   run=_validate(RunSpec, tables.run, source, "run"),
+                   filters=_validate(FilterSpec, tables.filters, source, "filters"),
+                   refine=_validate(RefineSpec, tables.refine, source, "refine"),
                    source=source, base_dir=base_dir or os.getcwd(), text=text)
     _check_settings(spec)
     return spec
 
 
-_TABLES = ("job", "storage", "encode", "run", "filters", "refine", "policy")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+def _validate(model: type[BaseModel], data: dict, source: str,
+              table: str | Callable[[str | None], str] | None) -> Any:
+    """``data`` as ``model``, or a one-line SpecError naming the file, the table and the key.
+    ``table``: the table; a function of a key that gives its table ([encode] and [policy]
+    share one model); None for the file's top level, whose keys are tables."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        table_of = table if callable(table) else lambda key: table
+        for e in exc.errors():
+            if e["type"] == "extra_forbidden":
+                _unknown(source, table_of(e["loc"][0]), e["loc"][0], model.model_fields)
+
+        def where(loc: tuple) -> str:
+            name = table_of(loc[0] if loc else None)
+            if name is None:
+                return f"[{loc[0]}]"
+            return f"[{name}] {loc[0]}" if loc else f"[{name}]"
+
+        raise SpecError(f"{source}: {explain(exc, where)}") from None
 
 
-def _encode(v: _Validator, encode: dict, policy: dict) -> EncodeSettings:
+def _unknown(source: str, table: str | None, key: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    what = f"[{table}] " if table else "table "
+    raise SpecError(f"{source}: unknown {what}key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _encode(source: str, encode: dict, policy: dict) -> EncodeSettings:
     """[encode] and [policy]: the fields of EncodeSettings, by group."""
     groups = {name: info.json_schema_extra["group"]
               for name, info in EncodeSettings.model_fields.items()}
     for table, t in (("encode", encode), ("policy", policy)):
         for key in t:
-            if groups.get(key, table) != table:
-                raise SpecError(f"{v.source}: [{table}] {key} belongs in [{groups[key]}]")
-        v.keys(t, table, [name for name, group in groups.items() if group == table])
-    return v.model(EncodeSettings, {**encode, **policy}, lambda key: groups[key])
-
-
-def _run(v: _Validator, t: dict) -> RunSpec:
-    v.keys(t, "run", ("shard_size", "actors", "gpus", "address", "device"))
-    address = v.string(t, "run", "address")
-    if address is not None:
-        if address.startswith("ray://"):
-            raise SpecError(f"{v.source}: [run] address {address!r} is a Ray Client address; "
-                            "sgarc submits through the Ray Jobs API, which listens on the "
-                            "dashboard port: e.g. http://head:8265")
-        if "://" in address and not address.startswith(("http://", "https://")):
-            raise SpecError(f"{v.source}: [run] address {address!r}: use an http:// or "
-                            "https:// Ray dashboard address (e.g. http://head:8265)")
-    actors = v.integer(t, "run", "actors", minimum=1)
-    gpus = v.integer(t, "run", "gpus", minimum=1)
-    if actors is not None and gpus is not None:
-        raise SpecError(f"{v.source}: [run] give actors (CPU actors) or gpus (one actor per "
-                        "GPU), not both")
-    device = v.string(t, "run", "device")
-    if gpus is not None and device is not None and device.startswith("cpu"):
-        raise SpecError(f"{v.source}: [run] gpus = {gpus} with device = {device!r}")
-    return RunSpec(shard_size=v.integer(t, "run", "shard_size", minimum=1, default=16),
-                   actors=actors, gpus=gpus, address=address, device=device)
-
-
-def _filters(v: _Validator, t: dict) -> FilterSpec:
-    v.keys(t, "filters", ("extensions", "include", "exclude", "min_bytes", "max_bytes"))
-    exts = []
-    for ext in v.strings(t, "filters", "extensions"):
-        norm = "." + ext.lower().lstrip(".")
-        if norm not in IMAGE_EXTENSIONS:
-            raise SpecError(f"{v.source}: [filters] extensions: {ext!r} is not an image type "
-                            f"the pipeline lists (allowed: {', '.join(IMAGE_EXTENSIONS)})")
-        exts.append(norm)
-    include = v.strings(t, "filters", "include")
-    exclude = v.strings(t, "filters", "exclude")
-    for key, patterns in (("include", include), ("exclude", exclude)):
-        for p in patterns:
-            try:
-                _glob_regex(p)
-            except ValueError as exc:
-                raise SpecError(f"{v.source}: [filters] {key}: pattern {p!r}: {exc}") from None
-    lo = v.integer(t, "filters", "min_bytes", minimum=0)
-    hi = v.integer(t, "filters", "max_bytes", minimum=0)
-    if lo is not None and hi is not None and lo > hi:
-        raise SpecError(f"{v.source}: [filters] min_bytes ({lo}) > max_bytes ({hi})")
-    return FilterSpec(tuple(exts), tuple(include), tuple(exclude), lo, hi)
+            if key not in groups:
+                _unknown(source, table, key, [k for k, g in groups.items() if g == table])
+            if groups[key] != table:
+                raise SpecError(f"{source}: [{table}] {key} belongs in [{groups[key]}]")
+    return _validate(EncodeSettings, {**encode, **policy}, source,
+                     lambda key: groups.get(key, "encode"))
 
 
 def _check_settings(spec: JobSpec) -> None:
@@ -355,75 +411,6 @@ def _check_settings(spec: JobSpec) -> None:
             make().resolved()
         except (ValueError, SgarcError) as exc:
             raise SpecError(f"{spec.source}: [{table}] {exc}") from None
-
-
-class _Validator:
-    """Typed lookups that raise SpecError naming file, table and key."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def _where(self, table: str, key: str) -> str:
-        return f"{self.source}: [{table}] {key}" if table else f"{self.source}: {key}"
-
-    def model(self, model: type[BaseModel], t: dict, table: str | Callable[[str], str]) -> Any:
-        """``t`` validated as ``model`` (its keys already checked); ``table``: the table, or
-        the table of a key."""
-        try:
-            return model.model_validate(t)
-        except ValidationError as exc:
-            def where(loc: tuple) -> str:
-                name = table if isinstance(table, str) else table(loc[0]) if loc else "encode"
-                return f"[{name}] {loc[0]}" if loc else f"[{name}]"
-            raise SpecError(f"{self.source}: {explain(exc, where)}") from None
-
-    def keys(self, t: dict, table: str, allowed: Iterable[str]) -> None:
-        allowed = tuple(allowed)
-        for key in t:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                what = f"[{table}] " if table else "table "
-                raise SpecError(f"{self.source}: unknown {what}key {key!r}{hint}; allowed: "
-                                f"{', '.join(allowed)}")
-
-    def _get(self, t: dict, table: str, key: str, required: bool) -> Any:
-        if key not in t:
-            if required:
-                raise SpecError(f"{self._where(table, key)} is required")
-            return None
-        return t[key]
-
-    def string(self, t, table, key, *, required=False, default=None) -> Any:
-        value = self._get(t, table, key, required)
-        if value is None:
-            return default
-        if not isinstance(value, str) or not value.strip():
-            raise SpecError(f"{self._where(table, key)}: expected a non-empty string, got "
-                            f"{type_name(value)}")
-        return value
-
-    def integer(self, t, table, key, *, minimum=None, default=None) -> Any:
-        value = self._get(t, table, key, False)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{self._where(table, key)}: expected an integer, got "
-                            f"{type_name(value)}")
-        if minimum is not None and value < minimum:
-            raise SpecError(f"{self._where(table, key)}: must be >= {minimum}, got {value}")
-        return value
-
-    def strings(self, t, table, key) -> list[str]:
-        value = self._get(t, table, key, False)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise SpecError(f"{self._where(table, key)}: expected a list of non-empty "
-                            f"strings, got {type_name(value)}")
-        return value
 
 
 def _resolve_path(url: str, base_dir: str) -> str:
