@@ -3,34 +3,18 @@
     sgarc schedule add --cron "0 2 * * *" nightly.toml [--name photos] [--tz Europe/Berlin]
     sgarc schedule list
     sgarc schedule remove photos
-    sgarc scheduler run [--once] [--poll-seconds 30]
+    sgarc scheduler run [--once [--wait]] [--poll-seconds 30]
 
-State lives in one directory (``$SGARC_HOME``, default ``~/.sgarc``; ``--state-dir``):
-
-    schedules/<id>.json     the schedule and its last run (written atomically)
-    locks/<id>.lock         the run in progress (PID, or Ray job id); a local run holds
-                            its flock while it lives (removed when the run has ended)
-    runs/<id>/<stamp>.json  a local run's outcome, written by the run itself
-    logs/<id>/<stamp>.log   a local run's output
-    scheduler.log           what the daemon did, one timestamped line per event
-    scheduler.lock          held (flock) by the running daemon: one daemon per state dir
-
-Semantics (docs/jobs.md has the reasons):
-
-* A schedule is due when the latest cron fire at or before now is later than its anchor,
-  the last fire it handled (initially the moment it was added). Fires are computed from
-  the anchor, not from when runs happened to start, so a run's duration never shifts the
-  schedule. Fires missed while the daemon was down are coalesced into one run at startup.
-* Never two runs of one schedule: a fire that finds the previous run still in progress is
-  skipped and logged (like Kubernetes' ``concurrencyPolicy: Forbid``). A local run's lock
-  is the OS's flock, held by the run's process through an inherited fd: it ends when that
-  process does, however it dies, so a lock nobody holds is stale and taken over.
-* Runs outlive the daemon: local runs are child processes in their own session, and a
-  restarted daemon finds them through their locks and records their outcome from the
-  result file they write. Cluster runs (spec with ``[run] address``) are followed through
-  the Ray Jobs API.
-* Each run is incremental by construction (the pipeline skips what is done), followed by
-  the refinement pass when the spec enables it.
+Cron arithmetic is croniter's; the daemon is the durable part around it. State lives in one
+directory (``$SGARC_HOME``, default ``~/.sgarc``; ``--state-dir``): ``schedules/<id>.json``
+(the schedule, its anchor and last run), ``locks/<id>.lock`` (the run in progress; a local
+run holds its flock while it lives), ``runs/`` and ``logs/`` (a local run's result and
+output), ``scheduler.log`` and ``scheduler.lock`` (one daemon per state dir). A schedule is
+due when its latest fire is later than its anchor (the last fire handled), so missed fires
+coalesce into one run; a fire that finds the previous run in progress is skipped; runs
+outlive the daemon, and a restarted one carries on from the files. docs/jobs.md ("Nightly
+runs") has the semantics and their reasons; infra/ has the same schedule as a systemd timer,
+a Kubernetes CronJob and a KubeRay RayCronJob, for one spec per deployment.
 """
 
 from __future__ import annotations
@@ -73,15 +57,9 @@ def default_state_dir() -> Path:
 
 
 class Cron:
-    """A 5-field cron expression (minute hour day-of-month month day-of-week) in a zone.
-
-    Standard cron semantics through croniter: ``*``, lists, ranges, steps, month and day
-    names; when both day fields are restricted a day matching either fires. Times are
-    evaluated in ``tz`` ("local": this machine's zone, DST-aware; or an IANA name such as
-    "UTC" or "Europe/Berlin"). When clocks fall back, a wall-clock time that happens twice
-    fires once; when they spring forward, a time that does not exist fires at the next
-    valid minute (croniter's behaviour, as in most crons).
-    """
+    """A 5-field cron expression evaluated by croniter in a zone ("local": this machine's,
+    DST-aware; or an IANA name). A wall-clock time that happens twice when clocks fall back
+    fires once; one skipped when they spring forward fires at the next valid minute."""
 
     def __init__(self, expr: str, tz: str = "local") -> None:
         from croniter import croniter
@@ -92,9 +70,7 @@ class Cron:
                                 "day-of-month month day-of-week), e.g. \"0 2 * * *\"")
         if not croniter.is_valid(expr):
             raise ScheduleError(f"cron expression {expr!r} is not valid")
-        self.expr = expr
-        self.tz = tz
-        self.zone = zone(tz)
+        self.expr, self.tz, self.zone = expr, tz, zone(tz)
 
     def _wall(self, dt: datetime) -> datetime:
         return dt.astimezone(self.zone).replace(tzinfo=None)
@@ -104,27 +80,26 @@ class Cron:
         from croniter import croniter
 
         it = croniter(self.expr, dt.astimezone(self.zone))
-        for _ in range(4):  # skip the repeat of a wall-clock time when clocks fall back
+        for _ in range(4):  # croniter fires a repeated wall-clock time twice: skip the repeat
             fire = it.get_next(datetime)
-            if self._wall(fire) != self._wall(dt):
+            if not self.same_fire(fire, dt):
                 return fire
         return fire
 
     def latest(self, dt: datetime) -> datetime | None:
-        """The last fire at or before ``dt``."""
-        from croniter import croniter
+        """The last fire at or before ``dt``; None for one that never fired (Feb 30)."""
+        from croniter import CroniterBadDateError, croniter
 
         minute = dt.astimezone(self.zone).replace(second=0, microsecond=0)
         if croniter.match(self.expr, minute):
             return minute
         try:
             return croniter(self.expr, minute).get_prev(datetime)
-        except Exception:  # an expression that never fired before (Feb 30)
+        except CroniterBadDateError:
             return None
 
     def same_fire(self, a: datetime, b: datetime) -> bool:
-        """Whether two fire instants are one scheduled time (equal, or the same wall-clock
-        time on both sides of a fall-back transition)."""
+        """Equal, or one wall-clock time on both sides of a fall-back transition."""
         return a == b or self._wall(a) == self._wall(b)
 
 
@@ -145,6 +120,12 @@ def zone(name: str) -> tzinfo:
 # ---------------------------------------------------------------------------------------------
 # State: schedules, locks, outcomes
 # ---------------------------------------------------------------------------------------------
+
+
+def _load(cls: type, data: bytes) -> Any:
+    """A dataclass from JSON, ignoring fields it does not have (older or newer files)."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in json.loads(data).items() if k in known})
 
 
 @dataclass
@@ -168,19 +149,16 @@ class Schedule:
     def cron_expr(self) -> Cron:
         return Cron(self.cron, self.tz)
 
-    @classmethod
-    def from_json(cls, data: bytes) -> Schedule:
-        d = json.loads(data)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def next_fire(self) -> datetime:
+        return self.cron_expr().next_after(datetime.fromisoformat(self.anchor))
 
 
 @dataclass
 class RunLock:
-    """The run of a schedule in progress: the content of its lock file. A local run holds
-    the file's flock for as long as it lives; a cluster run lives while its Ray job does."""
+    """The content of a lock file: the run in progress ("local": a child process holding
+    the file's flock; "cluster": a Ray job, live until the Jobs API says it ended)."""
 
-    kind: str  # "local" (a child process) or "cluster" (a Ray job)
+    kind: str
     started: str
     fire: str
     pid: int | None = None
@@ -200,9 +178,8 @@ class Outcome:
 
 def flock(path: Path) -> int | None:
     """An fd holding ``path``'s exclusive flock (the file created if need be), or None when
-    another open file holds it. The lock is the OS's: it ends with the last process that
-    has the fd open, however that process dies, so a dead holder is never mistaken for a
-    live one (nor a reused PID for it)."""
+    another open file holds it. The kernel ends the lock with the last process that has the
+    fd open, however it dies, so a dead holder is never mistaken for a live one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -225,6 +202,7 @@ class StateDir:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         # Absolute: runs are started in their spec's folder and are given paths in here.
         self.root = (Path(root).expanduser() if root else default_state_dir()).resolve()
+        self.log_path = self.root / "scheduler.log"
 
     def schedule_path(self, sid: str) -> Path:
         return self.root / "schedules" / f"{sid}.json"
@@ -232,18 +210,13 @@ class StateDir:
     def lock_path(self, sid: str) -> Path:
         return self.root / "locks" / f"{sid}.lock"
 
-    @property
-    def log_path(self) -> Path:
-        return self.root / "scheduler.log"
-
     def schedules(self, on_error: Callable[[str], None] | None = None) -> list[Schedule]:
         """All schedules; an unreadable file raises, or with ``on_error`` is reported and
         skipped (the daemon: one damaged file must not stop the other schedules)."""
-        folder = self.root / "schedules"
         out = []
-        for p in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        for p in sorted((self.root / "schedules").glob("*.json")):
             try:
-                out.append(Schedule.from_json(p.read_bytes()))
+                out.append(_load(Schedule, p.read_bytes()))
             except (OSError, ValueError, TypeError) as exc:
                 if on_error is None:
                     raise ScheduleError(f"{p}: unreadable schedule: {exc}") from None
@@ -255,19 +228,23 @@ class StateDir:
         if not p.exists():
             known = ", ".join(s.id for s in self.schedules()) or "none"
             raise ScheduleError(f"no schedule {sid!r} in {self.root} (schedules: {known})")
-        return Schedule.from_json(p.read_bytes())
+        return _load(Schedule, p.read_bytes())
+
+    def find(self, sid: str) -> Schedule | None:
+        with contextlib.suppress(ScheduleError):
+            return self.get(sid)
+        return None
 
     def save(self, s: Schedule) -> None:
         atomic_write(self.schedule_path(s.id), json.dumps(asdict(s), indent=1).encode())
 
     def lock_ids(self) -> list[str]:
-        folder = self.root / "locks"
-        return sorted(p.stem for p in folder.glob("*.lock")) if folder.is_dir() else []
+        return sorted(p.stem for p in (self.root / "locks").glob("*.lock"))
 
     def read_lock(self, sid: str) -> RunLock | None:
         """The run recorded in the lock file; None when there is none (no file, or one left
-        empty by a start that failed); damaged content reads as a local run, so that it is
-        stale unless someone holds the file's flock."""
+        empty by a start that failed). Damaged content reads as a local run, stale unless
+        someone holds the file's flock."""
         try:
             data = self.lock_path(sid).read_bytes()
         except FileNotFoundError:
@@ -275,8 +252,7 @@ class StateDir:
         if not data.strip():
             return None
         try:
-            d = json.loads(data)
-            return RunLock(**{k: v for k, v in d.items() if k in _LOCK_FIELDS})
+            return _load(RunLock, data)
         except (ValueError, TypeError):
             return RunLock(kind="local", started="", fire="")
 
@@ -296,9 +272,6 @@ class StateDir:
 
     def remove_lock(self, sid: str) -> None:
         self.lock_path(sid).unlink(missing_ok=True)
-
-
-_LOCK_FIELDS = {f.name for f in fields(RunLock)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +297,8 @@ class LocalLauncher:
               fire: str, lock_fd: int) -> RunLock:
         result = state.root / "runs" / sched.id / f"{stamp}.json"
         log = state.root / "logs" / sched.id / f"{stamp}.log"
-        result.parent.mkdir(parents=True, exist_ok=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
+        for folder in (result.parent, log.parent):
+            folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])  # importable without installing
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -339,16 +312,13 @@ class LocalLauncher:
                        result=str(result), log=str(log))
 
     def poll(self, lock: RunLock) -> Outcome:
-        """How a run whose lock is free ended (its exit status where it is our child)."""
+        """How a run whose lock is free ended: from the result file it wrote, else from
+        its exit status (where it is our child)."""
         proc = self.procs.pop(lock.pid or -1, None)
         code = None
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = proc.wait(5)  # closed its lock: exiting
-        return self._outcome(lock, code)
-
-    @staticmethod
-    def _outcome(lock: RunLock, code: int | None) -> Outcome:
         try:
             r = json.loads(Path(lock.result).read_bytes()) if lock.result else None
         except (OSError, ValueError):
@@ -375,11 +345,10 @@ class ClusterLauncher:
               fire: str, lock_fd: int) -> RunLock:
         from jobs.submit import new_submission_id, submit_cluster
 
-        client = self.client(spec.run.address)
-        job_id = submit_cluster(spec, spec.run.address, client=client,
+        address = spec.run.address
+        job_id = submit_cluster(spec, address, client=self.client(address),
                                 submission_id=new_submission_id(sched.id))
-        return RunLock(kind="cluster", started=now, fire=fire, job_id=job_id,
-                       address=spec.run.address)
+        return RunLock(kind="cluster", started=now, fire=fire, job_id=job_id, address=address)
 
     def poll(self, lock: RunLock) -> Outcome | None:
         from jobs.submit import TERMINAL, status_value
@@ -422,12 +391,20 @@ class Scheduler:
             self._cluster = ClusterLauncher()
         return self._cluster
 
+    def _launcher(self, kind: str):
+        return self.cluster if kind == "cluster" else self.local
+
     def log(self, message: str) -> None:
         line = f"{_iso(self.now())} {message}"
         self.echo(line)
         self.state.root.mkdir(parents=True, exist_ok=True)
         with open(self.state.log_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+    def _record(self, sched: Schedule, **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(sched, name, value)
+        self.state.save(sched)
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -438,19 +415,12 @@ class Scheduler:
         for sid in sorted(set(schedules) | set(self.state.lock_ids())):
             try:
                 ended = self._reap(sid, schedules.get(sid))
-                if ended:
-                    events.append((sid, ended))
-                if sid in schedules:
-                    fired = self._maybe_fire(self.state.get(sid))
-                    if fired:
-                        events.append((sid, fired))
+                fired = self._maybe_fire(self.state.get(sid)) if sid in schedules else None
+                events += [(sid, event) for event in (ended, fired) if event]
             except Exception as exc:  # one bad schedule must not stop the rest
                 self.log(f"{sid}: error: {type(exc).__name__}: {exc}")
                 events.append((sid, "error"))
         return events
-
-    def _launcher(self, kind: str):
-        return self.cluster if kind == "cluster" else self.local
 
     def _reap(self, sid: str, sched: Schedule | None) -> str | None:
         lock = self.state.read_lock(sid)
@@ -472,33 +442,29 @@ class Scheduler:
                           f": {outcome.error}" if outcome.error else ""])
         self.log(f"{sid}: run of {lock.fire} ({where}) {outcome.status}{detail}")
         if sched is not None:
-            sched.last_run_end = _iso(self.now())
-            sched.last_run_status = outcome.status
-            sched.last_exit_code = outcome.exit_code
-            sched.last_run_id = outcome.run_id or sched.last_run_id
-            sched.last_error = outcome.error
-            self.state.save(sched)
+            self._record(sched, last_run_end=_iso(self.now()), last_run_status=outcome.status,
+                         last_exit_code=outcome.exit_code, last_error=outcome.error,
+                         last_run_id=outcome.run_id or sched.last_run_id)
         return outcome.status
 
     def _maybe_fire(self, sched: Schedule) -> str | None:
-        cron = sched.cron_expr()
-        now = self.now()
+        cron, now = sched.cron_expr(), self.now()
         anchor = datetime.fromisoformat(sched.anchor)
         fire = cron.latest(now)
         if fire is None or fire <= anchor or cron.same_fire(fire, anchor):
             return None
-        missed = self._count_between(cron, anchor, fire)
+        missed, t = 0, cron.next_after(anchor)
+        while t < fire and not cron.same_fire(t, fire) and missed < 10000:
+            missed, t = missed + 1, cron.next_after(t)
         note = (f" ({missed} earlier fire{'s' if missed > 1 else ''} missed while the "
                 f"scheduler was down, coalesced into this one)" if missed else "")
         sched.anchor = sched.last_fire = _iso(fire)
         lock = self.state.read_lock(sched.id)
         if lock is not None:  # _reap left it: the previous run is still going
-            sched.last_skipped = _iso(fire)
-            self.state.save(sched)
+            self._record(sched, last_skipped=_iso(fire))
             self.log(f"{sched.id}: skipped the fire of {_iso(fire)}: the run started "
                      f"{lock.started} is still in progress (never two at once){note}")
             return "skipped"
-        stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         fd = self.state.acquire_lock(sched.id)
         if fd is None:  # a run took the lock since _reap looked: never two at once
             self.log(f"{sched.id}: skipped the fire of {_iso(fire)}: its lock is held{note}")
@@ -507,40 +473,27 @@ class Scheduler:
             from jobs.spec import load_spec
 
             spec = load_spec(sched.spec)
-            kind = "cluster" if spec.run.address else "local"
-            new = self._launcher(kind).start(sched, spec, self.state, stamp, _iso(now),
-                                             _iso(fire), fd)
+            stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            new = self._launcher("cluster" if spec.run.address else "local").start(
+                sched, spec, self.state, stamp, _iso(now), _iso(fire), fd)
             self.state.write_lock(fd, new)
         except Exception as exc:  # recorded; the next fire tries again
             self.state.remove_lock(sched.id)
-            sched.last_run_start = sched.last_run_end = _iso(now)
-            sched.last_run_status, sched.last_exit_code = "failed", None
-            sched.last_error = f"{type(exc).__name__}: {str(exc)[:500]}"
-            self.state.save(sched)
+            self._record(sched, last_run_start=_iso(now), last_run_end=_iso(now),
+                         last_run_status="failed", last_exit_code=None,
+                         last_error=f"{type(exc).__name__}: {str(exc)[:500]}")
             self.log(f"{sched.id}: could not start the run of {_iso(fire)}: "
                      f"{sched.last_error}{note}")
             return "failed-to-start"
         finally:
             os.close(fd)  # a local run's child holds the lock from here on
-        sched.runs += 1
-        sched.last_run_start, sched.last_run_end = _iso(now), None
-        sched.last_run_status, sched.last_exit_code, sched.last_error = "running", None, None
-        sched.last_run_id = new.job_id
-        self.state.save(sched)
+        self._record(sched, runs=sched.runs + 1, last_run_start=_iso(now), last_run_end=None,
+                     last_run_status="running", last_exit_code=None, last_error=None,
+                     last_run_id=new.job_id)
         where = (f"pid {new.pid}, log {new.log}" if new.kind == "local"
                  else f"Ray job {new.job_id} at {new.address}")
         self.log(f"{sched.id}: started the run of {_iso(fire)} ({where}){note}")
         return "started"
-
-    @staticmethod
-    def _count_between(cron: Cron, anchor: datetime, fire: datetime, cap: int = 10000) -> int:
-        n, t = 0, anchor
-        while n < cap:
-            t = cron.next_after(t)
-            if t >= fire or cron.same_fire(t, fire):
-                return n
-            n += 1
-        return n
 
     # -- the daemon --------------------------------------------------------------------------
 
@@ -556,13 +509,7 @@ class Scheduler:
                                     f"{', '.join(self.running())}")
             self._stop.wait(poll)
             for sid in self.running():
-                self._reap(sid, self._get(sid))
-
-    def _get(self, sid: str) -> Schedule | None:
-        try:
-            return self.state.get(sid)
-        except ScheduleError:
-            return None
+                self._reap(sid, self.state.find(sid))
 
     def stop(self) -> None:
         self._stop.set()
@@ -574,18 +521,18 @@ class Scheduler:
             n = len(self.state.schedules(on_error=self.log))
             self.log(f"scheduler started (pid {os.getpid()}, state {self.state.root}, "
                      f"{n} schedule{'s' if n != 1 else ''})")
-            handlers = self._install_signals()
+            old = {}
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    old[sig] = signal.signal(sig, lambda *_: self._stop.set())
             try:
-                while True:
+                self.tick()
+                while not once and not self._stop.wait(self._sleep_seconds(poll_seconds)):
                     self.tick()
-                    if once:
-                        if wait:
-                            self.wait()
-                        break
-                    if self._stop.wait(self._sleep_seconds(poll_seconds)):
-                        break
+                if once and wait:
+                    self.wait()
             finally:
-                for sig, handler in handlers.items():
+                for sig, handler in old.items():
                     signal.signal(sig, handler)
                 running = self.running()
                 self.log("scheduler stopped" + (
@@ -596,17 +543,8 @@ class Scheduler:
         now, soonest = self.now(), poll_seconds
         for s in self.state.schedules(on_error=lambda message: None):
             with contextlib.suppress(ScheduleError, ValueError):
-                nxt = s.cron_expr().next_after(datetime.fromisoformat(s.anchor))
-                soonest = min(soonest, (nxt - now).total_seconds() + 0.5)
+                soonest = min(soonest, (s.next_fire() - now).total_seconds() + 0.5)
         return max(0.5, soonest)
-
-    def _install_signals(self) -> dict:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, lambda *_: self._stop.set())
-        return old
 
     @contextlib.contextmanager
     def _daemon_lock(self):
@@ -636,7 +574,7 @@ def add_schedule(state: StateDir, cron: str, spec_path: str, *, name: str | None
     from jobs.spec import load_spec
 
     Cron(cron, tz)  # validates both
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path)  # a spec that does not load is refused now, not at a fire
     sid = name or spec.name
     if not _ID.fullmatch(sid):
         raise ScheduleError(f"schedule name {sid!r}: use letters, digits, '.', '_' and '-'")
@@ -655,10 +593,6 @@ def remove_schedule(state: StateDir, sid: str) -> Schedule:
     return sched
 
 
-def next_fire(sched: Schedule) -> datetime:
-    return sched.cron_expr().next_after(datetime.fromisoformat(sched.anchor))
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -671,55 +605,46 @@ def register(subparsers) -> None:
                               f"(${STATE_ENV}, default ~/.sgarc); `sgarc scheduler run` "
                               "submits them.")
     sub = p.add_subparsers(dest="schedule_command", required=True)
-    q = sub.add_parser("add", help="schedule a spec")
-    q.add_argument("spec", metavar="SPEC")
-    q.add_argument("--cron", required=True, metavar="EXPR",
-                   help="5-field cron expression, e.g. \"0 2 * * *\" (02:00 every day)")
-    q.add_argument("--name", default=None, help="schedule id (default: the spec's job name)")
-    q.add_argument("--tz", default="local",
-                   help="time zone of the cron expression (default: local; or UTC, "
-                   "Europe/Berlin, ...)")
-    _state_arg(q)
-    q.set_defaults(func=cmd_schedule_add)
-    q = sub.add_parser("list", help="schedules, next fires and last runs")
-    _state_arg(q)
-    q.set_defaults(func=cmd_schedule_list)
-    q = sub.add_parser("remove", help="remove a schedule (a run in progress goes on)")
-    q.add_argument("id", metavar="ID")
-    _state_arg(q)
-    q.set_defaults(func=cmd_schedule_remove)
+    add = sub.add_parser("add", help="schedule a spec")
+    add.add_argument("spec", metavar="SPEC")
+    add.add_argument("--cron", required=True, metavar="EXPR",
+                     help="5-field cron expression, e.g. \"0 2 * * *\" (02:00 every day)")
+    add.add_argument("--name", default=None,
+                     help="schedule id (default: the spec's job name)")
+    add.add_argument("--tz", default="local", help="time zone of the cron expression "
+                     "(default: local; or UTC, Europe/Berlin, ...)")
+    listing = sub.add_parser("list", help="schedules, next fires and last runs")
+    remove = sub.add_parser("remove", help="remove a schedule (a run in progress goes on)")
+    remove.add_argument("id", metavar="ID")
 
     p = subparsers.add_parser("scheduler", help="the daemon that submits scheduled runs")
-    sub = p.add_subparsers(dest="scheduler_command", required=True)
-    q = sub.add_parser("run", help="run the scheduler (until SIGTERM / Ctrl-C)",
-                       description="Submit due runs: never two of one schedule at once; "
-                       "missed fires run once at startup; state and logs in the state "
-                       "directory, so a restart carries on.")
-    q.add_argument("--once", action="store_true", help="one pass, then exit")
-    q.add_argument("--wait", action="store_true",
-                   help="with --once: wait for the runs in progress to end")
-    q.add_argument("--poll-seconds", type=float, default=30.0,
-                   help="how often to look (default 30)")
-    _state_arg(q)
-    q.set_defaults(func=cmd_scheduler_run)
+    run = p.add_subparsers(dest="scheduler_command", required=True).add_parser(
+        "run", help="run the scheduler (until SIGTERM / Ctrl-C)",
+        description="Submit due runs: never two of one schedule at once; missed fires run "
+        "once at startup; state and logs in the state directory, so a restart carries on.")
+    run.add_argument("--once", action="store_true", help="one pass, then exit")
+    run.add_argument("--wait", action="store_true",
+                     help="with --once: wait for the runs in progress to end")
+    run.add_argument("--poll-seconds", type=float, default=30.0,
+                     help="how often to look (default 30)")
+    for q, func in ((add, cmd_schedule_add), (listing, cmd_schedule_list),
+                    (remove, cmd_schedule_remove), (run, cmd_scheduler_run)):
+        q.add_argument("--state-dir", default=None,
+                       help=f"state directory (default: ${STATE_ENV} or ~/.sgarc)")
+        q.set_defaults(func=func)
 
 
-def _state_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", default=None,
-                   help=f"state directory (default: ${STATE_ENV} or ~/.sgarc)")
-
-
-def cmd_schedule_add(args) -> int:
-    state = StateDir(args.state_dir)
-    sched = add_schedule(state, args.cron, args.spec, name=args.name, tz=args.tz)
+def cmd_schedule_add(args: argparse.Namespace) -> int:
+    sched = add_schedule(StateDir(args.state_dir), args.cron, args.spec, name=args.name,
+                         tz=args.tz)
     print(f"schedule {sched.id}: \"{sched.cron}\" ({sched.tz}) runs {sched.spec}; next "
-          f"{_iso(next_fire(sched))}")
+          f"{_iso(sched.next_fire())}")
     print("the scheduler must be running: sgarc scheduler run" + (
         f" --state-dir {args.state_dir}" if args.state_dir else ""))
     return 0
 
 
-def cmd_schedule_list(args) -> int:
+def cmd_schedule_list(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     schedules = state.schedules()
     if not schedules:
@@ -733,21 +658,20 @@ def cmd_schedule_list(args) -> int:
         if lock is not None:  # "ended": the scheduler records how at its next pass
             status = ("running" if lock.kind == "cluster" or state.lock_held(s.id)
                       else "ended")
-        print(f"{s.id:<20} {s.cron:<16} {s.tz:<14} {_iso(next_fire(s)):<26} "
+        print(f"{s.id:<20} {s.cron:<16} {s.tz:<14} {_iso(s.next_fire()):<26} "
               f"{s.last_run_start or '-':<26} {status:<12} {s.spec}")
     return 0
 
 
-def cmd_schedule_remove(args) -> int:
+def cmd_schedule_remove(args: argparse.Namespace) -> int:
     state = StateDir(args.state_dir)
     sched = remove_schedule(state, args.id)
-    running = state.read_lock(sched.id) is not None
-    print(f"removed schedule {sched.id}" + (" (its run in progress goes on)" if running
-                                             else ""))
+    going = " (its run in progress goes on)" if state.read_lock(sched.id) else ""
+    print(f"removed schedule {sched.id}{going}")
     return 0
 
 
-def cmd_scheduler_run(args) -> int:
+def cmd_scheduler_run(args: argparse.Namespace) -> int:
     if args.wait and not args.once:
         raise ScheduleError("--wait goes with --once")
     Scheduler(args.state_dir).run(poll_seconds=args.poll_seconds, once=args.once,
@@ -763,4 +687,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
