@@ -7,7 +7,9 @@ write: the part's existence is what marks the shard done.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 from datetime import UTC, datetime
 
@@ -104,12 +106,13 @@ def part_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def read_part(data: bytes, columns: list[str] | None = None) -> pa.Table:
+def read_part(data: bytes, columns: list[str] | None = None, *,
+              use_threads: bool = True) -> pa.Table:
     """A part, or those of `columns` it has: parts written before a column existed lack it."""
     part = pq.ParquetFile(io.BytesIO(data))
     if columns is not None:
         columns = [c for c in columns if c in part.schema_arrow.names]
-    return part.read(columns=columns)
+    return part.read(columns=columns, use_threads=use_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +131,8 @@ COMPACT_PREFIX = "compact-"
 COMPACT_META = b"sgarc.parts"  # a compacted file's footer: the shard ids of the parts it holds
 PART_PREFIX = "shard-"
 COMPACT_ROWS = 250_000  # rows per compacted file, about (a few tens of MB)
-_COMPACT_READ = 2048  # parts read by one DuckDB scan
+COMPACT_ROW_GROUP = 65_536  # rows per row group of a compacted file, about
+_COMPACT_READ = 512  # parts read together (threads), then written before the next ones
 
 
 def run_of(key: str) -> str:
@@ -175,7 +179,6 @@ def duck_path(storage, key: str) -> str:
 def compacted_shards(storage, compacted: list[str]) -> set[tuple[str, str]]:
     """(run id, shard id) of every part the compacted files hold: the names a compacted
     file records in its footer (``sgarc.parts``), read without the rows."""
-    import json
     from concurrent.futures import ThreadPoolExecutor
 
     def held(key: str) -> list[tuple[str, str]]:
@@ -214,56 +217,80 @@ def conform(batch: pa.RecordBatch | pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
+class _CompactedFile:
+    """One compacted file being written: whole parts, in row groups of COMPACT_ROW_GROUP."""
+
+    def __init__(self, storage, run: str) -> None:
+        self.storage, self.run = storage, run
+        self.buf = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.buf, SCHEMA, compression="zstd")
+        self.held: list[str] = []
+        self.pending: list[pa.Table] = []
+        self.rows = self.flushed = 0
+
+    def add(self, parts: list[str], table: pa.Table) -> None:
+        """The rows of these parts (all of them)."""
+        self.held += parts
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows - self.flushed >= COMPACT_ROW_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            group = pa.concat_tables(self.pending)
+            self.writer.write_table(group, row_group_size=max(1, group.num_rows))
+            self.pending, self.flushed = [], self.rows
+
+    def commit(self) -> list[str]:
+        """Write the file (atomically); the parts it holds."""
+        self.flush()
+        self.writer.add_key_value_metadata(
+            {COMPACT_META: json.dumps([shard_of_part(k) for k in self.held])})
+        self.writer.close()
+        name = hashlib.sha256("\0".join(self.held).encode()).hexdigest()[:16]
+        self.storage.write_atomic(f"metrics/run={self.run}/{COMPACT_PREFIX}{name}.parquet",
+                                  self.buf.getvalue())
+        return self.held
+
+
 def compact(storage, run: str, rows_per_file: int = COMPACT_ROWS) -> tuple[int, int]:
     """Merge `run`'s parts into compacted files; (parts merged, rows). Idempotent and safe
     to kill: a compacted file is written whole (atomically) before any part it holds is
     deleted, and readers skip parts a compacted file holds (`metric_files`). A file holds
-    whole parts only, so each shard's rows are in one place."""
-    import hashlib
-    import json
+    whole parts only, so each shard's rows are in one place.
 
-    con = duckdb_connection(storage)
-    try:
-        parts = [k for k in metric_files(storage, run) if shard_of_part(k) is not None]
-        live = set(parts)
-        stale = [k for k in storage.list_keys(f"metrics/run={run}", ".parquet")  # leftovers
-                 if shard_of_part(k) is not None and k not in live]  # of a killed compaction
-        rows = 0
-        held: list[str] = []
-        buf = io.BytesIO()
-        writer = pq.ParquetWriter(buf, SCHEMA, compression="zstd")
-        in_file = 0
+    Parts are read _COMPACT_READ at a time by a thread pool (one request each on object
+    stores, in flight together; a file holds whole groups) and written in row groups of
+    about COMPACT_ROW_GROUP rows: a row group per 16-row part would make every later scan
+    read thousands of row-group headers."""
+    from concurrent.futures import ThreadPoolExecutor
 
-        def commit() -> None:
-            writer.add_key_value_metadata(
-                {COMPACT_META: json.dumps([shard_of_part(k) for k in held])})
-            writer.close()
-            name = hashlib.sha256("\0".join(held).encode()).hexdigest()[:16]
-            storage.write_atomic(f"metrics/run={run}/{COMPACT_PREFIX}{name}.parquet",
-                                 buf.getvalue())
-            stale.extend(held)
+    parts = [k for k in metric_files(storage, run) if shard_of_part(k) is not None]
+    live = set(parts)
+    stale = [k for k in storage.list_keys(f"metrics/run={run}", ".parquet")  # leftovers
+             if shard_of_part(k) is not None and k not in live]  # of a killed compaction
+    rows = 0
 
-        step = max(1, min(_COMPACT_READ, rows_per_file // 16))  # a file may overshoot by a step
+    def read(key: str) -> pa.Table:
+        return read_part(storage.read_bytes(key), use_threads=False)  # threads: the pool's
+
+    step = max(1, min(_COMPACT_READ, rows_per_file // 16))  # a file may overshoot by a step
+    current = _CompactedFile(storage, run)
+    with ThreadPoolExecutor(max_workers=16) as pool:
         for start in range(0, len(parts), step):
             group = parts[start:start + step]
-            reader = con.read_parquet([duck_path(storage, k) for k in group],
-                                      union_by_name=True, hive_partitioning=False
-                                      ).to_arrow_reader(65_536)
-            for batch in reader:
-                writer.write_table(conform(batch))
-                rows += batch.num_rows
-                in_file += batch.num_rows
-            held += group
-            if in_file >= rows_per_file and start + step < len(parts):
-                commit()
-                held, buf, in_file = [], io.BytesIO(), 0
-                writer = pq.ParquetWriter(buf, SCHEMA, compression="zstd")
-        if held:
-            commit()
-        else:
-            writer.close()
-    finally:
-        con.close()
+            # one conform per group: parts of different ages differ in columns
+            table = conform(pa.concat_tables(pool.map(read, group), promote_options="permissive"))
+            current.add(group, table)
+            rows += table.num_rows
+            if current.rows >= rows_per_file:
+                stale += current.commit()
+                current = _CompactedFile(storage, run)
+    if current.held:
+        stale += current.commit()
+    else:
+        current.writer.close()
     for key in stale:  # held by a compacted file now: readers already skip them
         storage.delete(key)
     return len(parts), rows
