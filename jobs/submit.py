@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -35,6 +34,7 @@ from typing import Any
 from codec.errors import SgarcError
 from codec.files import atomic_write
 from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+from pipeline.storage import redact_url
 
 SPEC_ENV = "SGARC_SPEC_TOML"  # the spec's text, in a cluster job's runtime_env
 SPEC_SOURCE_ENV = "SGARC_SPEC_SOURCE"  # where that text came from (for messages)
@@ -62,15 +62,10 @@ def run_spec(spec: JobSpec, *, progress: bool = True, echo=print,
                                   options, storage_options)]
     echo(summaries[-1].line())
     if spec.refine.enabled:
-        refine = getattr(pipeline_run, "refine", None)
-        if refine is not None:
-            summary = refine(spec.input_url, spec.output_url, spec.refine_settings(), options,
-                             storage_options, spec.refine.max_images)
-        else:  # a pipeline without refinement: encode everything with the refine settings
-            summary = pipeline_run.run(spec.input_url, spec.output_url,
-                                       spec.refine_settings(), options, storage_options)
-        summaries.append(summary)
-        echo(summary.line())
+        summaries.append(pipeline_run.refine(spec.input_url, spec.output_url,
+                                             spec.refine_settings(), options, storage_options,
+                                             spec.refine.max_images))
+        echo(summaries[-1].line())
     return summaries
 
 
@@ -181,13 +176,6 @@ def follow_or_stop(client: Any, job_id: str) -> str:
 
 def status_value(status: Any) -> str:
     return getattr(status, "value", status)
-
-
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact_url(url: str) -> str:
-    return _USERINFO.sub(r"\1***@", url)
 
 
 # ---------------------------------------------------------------------------------------------

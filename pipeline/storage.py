@@ -176,6 +176,11 @@ _SENSITIVE_NAME = re.compile(r"key|secret|token|passw|credential|auth|signature|
 _URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` shown as ``***@``."""
+    return _URL_USERINFO.sub(r"\1***@", url)
+
+
 def _secret_strings(options: Any, sensitive: bool = False) -> set[str]:
     """String values in ``options`` held under a sensitive-looking name (at any depth)."""
     found: set[str] = set()
@@ -345,7 +350,7 @@ class Storage:
         return _check_key(path[len(self._prefix):])
 
     def _redact(self, text: str) -> str:
-        text = _URL_USERINFO.sub(r"\1***@", text)
+        text = redact_url(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
@@ -695,7 +700,7 @@ def read_url(url: str | os.PathLike[str], storage_options: dict | None = None) -
     protocol, path = split_protocol(url)
     head, sep, name = path.rpartition("/")
     if not name:
-        raise ValueError(_URL_USERINFO.sub(r"\1***@", url) + " names no file")
+        raise ValueError(redact_url(url) + " names no file")
     if not sep:
         head = "" if protocol else "."
     elif not head:
