@@ -3,33 +3,13 @@
     sgarc eval ../shared/data/bsds500/val --json rd.json --plot rd.png
     sgarc eval ../shared/data/bsds500/val --limit 8 --sga-iterations 100,500 --json sga.json
 
-For every image under the folders (sorted by path; ``--limit`` keeps the first N,
-``--crop WxH`` takes centre crops) and every curve, the image is encoded, the stream is
-decoded back, and the point's rate is the mean over images of the *file's* bits per pixel
-and its distortion the mean PSNR (dB, 8-bit RGB, of the decoded pixels against the
-source's).
-
-Curves:
-
-* sgarc: one point per shipped quality level (or ``--quality``) for each method:
-  ``sgarc-amortized`` and ``sgarc-sga-<n>`` for each ``--sga-iterations`` n. Streams carry
-  no metadata here (pixels only, as the classical files), so rates compare codecs, not
-  EXIF blocks; the container header (~50 B) is counted.
-* classical, each at a sweep of settings (``BASELINES``): JPEG 4:2:0 and 4:4:4 (Pillow's
-  libjpeg, optimized Huffman tables), WebP (imagecodecs libwebp, method 6), JPEG 2000
-  (Pillow's OpenJPEG, rate-controlled: target compression ratios, 9/7 wavelet, colour
-  transform on; imagecodecs' jpeg2k encoder only exposes a PSNR target), AVIF (imagecodecs
-  libavif + aom, speed 6, YUV 4:4:4) and JPEG XL (imagecodecs libjxl, distance sweep, default
-  effort 7). Whole files are counted, container boxes included.
-
-Comparisons (codec.metrics): the BD-rate of every curve against ``--reference`` (VCEG-M33,
-PCHIP fit; None for curves with fewer than 4 points, which today is every sgarc curve: one
-shipped model is one point), the BD-PSNR likewise, and, defined with a single point, the
-*rate saving at equal PSNR* of every sgarc point against every classical curve: the
-reference's log-rate interpolated at sgarc's PSNR. For each SGA curve, its gain over the
-amortized point at the same quality (rate and PSNR change, change of the true RD loss
-bpp + λ·255²·MSE, the saving at equal PSNR bridged through each classical curve, and the
-BD-rate once both curves have 4 points).
+Every image (sorted by path; ``--limit``, ``--crop WxH`` centre crops) is encoded and
+decoded back for every curve; a point is the mean over images of the file's bits per
+pixel and of the RGB PSNR. The sgarc curves are one point per model (amortized, and SGA
+at each ``--sga-iterations``); the classical ones sweep :data:`BASELINES`. The
+comparisons (codec.metrics: BD-rate and BD-PSNR against ``--reference``, sgarc's rate
+saving at equal PSNR, SGA's gain over amortized) and the codecs' settings are in
+docs/results.md ("Set-up").
 """
 
 from __future__ import annotations

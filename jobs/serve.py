@@ -1,34 +1,12 @@
 """Decode on demand over HTTP: the Starlette app, its uvicorn server, Ray Serve, ``sgarc serve``.
 
-The decoding itself (keys, cache, single flight, limits, typed errors) is
-:mod:`jobs.serve_service`, which knows nothing of HTTP; this module maps it onto HTTP
-(docs/serve.md):
-
-``make_app(service)`` (Starlette, ASGI)
-    ``GET``/``HEAD /images/<key>``: the path after ``/images/`` is taken from the request
-    target as sent (``raw_path``) and percent-decoded exactly once, as UTF-8 (``%2F`` is a
-    ``/``; a double-encoded ``%252e`` stays the literal ``%2e``); query
-    ``format=png|jpeg|jpg|webp``, ``quality=1..100``, ``strip=1|0``. Without ``format`` the
-    ``Accept`` header decides (:func:`negotiate`). Responses carry a weak ``ETag``
-    (``If-None-Match`` gets 304), ``Cache-Control``, ``Vary: Accept``,
-    ``Content-Disposition``, ``X-Cache: miss|hit|coalesced`` and ``X-Sgarc-Metadata``.
-    ``GET /healthz``: the service's state as JSON (503 when no model is installed). Other
-    methods: 405 with ``Allow: GET, HEAD``; other paths: 404. Errors are JSON
-    ``{"error": code, "message": text, "status": n}``; 503s carry ``Retry-After``. A cache
-    hit is answered on the event loop; anything that may read storage or decode runs in
-    Starlette's thread pool, since the service is thread-based.
-
-``make_server`` / :func:`run_server` (uvicorn)
-    The app on a socket bound up front (so ``port=0`` has a known port), access log to
-    stderr unless quiet, idle keep-alive connections closed after 60 s, stopped cleanly
-    on Ctrl-C or SIGTERM.
-
-:func:`serve_deployment` / :func:`build_app` (Ray Serve)
-    The same app behind ``@serve.ingress``, built on each replica (its own service and
-    cache). Ray Serve is imported only there (``pip install 'sgarc[serve]'``).
-
-:func:`register` adds ``sgarc serve`` to the CLI; ``python -m jobs.serve --archive URL``
-runs it stand-alone.
+:mod:`jobs.serve_service` does the decoding (keys, cache, single flight, limits, typed
+errors) and knows nothing of HTTP; this module maps it onto HTTP, as docs/serve.md
+describes (routes, headers, status codes, the JSON errors): :func:`make_app` (the ASGI
+app), :func:`make_server` / :func:`run_server` (uvicorn on a socket bound up front, so
+``port=0`` has a known port), :func:`serve_deployment` / :func:`build_app` (the same app
+behind ``@serve.ingress``, one service per replica) and :func:`register` (``sgarc serve``;
+``python -m jobs.serve --archive URL`` runs it stand-alone).
 """
 
 from __future__ import annotations

@@ -1,26 +1,12 @@
 """`sgarc train --address`: data-parallel training on a Ray cluster (Ray Train).
 
-The steps are codec.train's (``run_steps`` / ``train_step``: one loop for a single process
-and for this), run by ``ray.train.torch.TorchTrainer`` on ``--workers`` workers, one GPU each
-when the cluster has GPUs (DDP over NCCL), CPU workers otherwise (DDP over gloo). Each worker
-draws ``--batch-size`` crops per step from its own crop stream (seed + world rank) over its
-share of the data, and DDP averages the gradients, so a step sees workers x batch-size crops.
-
-Data: ``--data`` folders or fsspec URLs (``s3://bucket/prefix``, ``gs://...``; read through
-pipeline.storage.Storage with ``--storage-options``). The driver lists the images under them
-and draws a deterministic sample of ``--sample`` (seeded by ``--seed``); worker r reads the
-sampled images r, r + W, r + 2W, ... once, decodes them with Pillow and keeps one window of at
-most ``--window`` pixels a side of each (a random one, fixed per image), which bounds the
-memory to about sample x window² x 3 bytes over the cluster; images smaller than the crop are
-skipped. A local folder must be at the same path on every node (it is on one machine).
-
-Checkpoint and log: rank 0 sends the checkpoint (codec.train's format, plus every worker's
-random states and ``world_size``) and the log records to a small actor that the driver
-drains, so ``--checkpoint`` and ``<stem>.log.jsonl`` are written where ``sgarc train`` runs,
-also through ``ray://``: resume (on a cluster, with any number of workers, or in one
-process without ``--address``) and ``--export`` work as for a single-process run. Ray
-Train's own storage (``RunConfig.storage_path``) is a temp folder, removed at the end; it
-keeps no checkpoints.
+codec.train's steps (``run_steps``: one loop for a single process and for this) run under
+``ray.train.torch.TorchTrainer`` on ``--workers`` workers (DDP over NCCL on GPUs, gloo on
+CPUs). The driver samples the images under ``--data`` (folders or fsspec URLs); each
+worker reads its share once and keeps one window of each. Rank 0 sends checkpoints and
+log records to a small actor that the driver drains, so ``--checkpoint`` and its
+``.log.jsonl`` are written where ``sgarc train`` runs and resume works as for a
+single-process run. docs/jobs.md ("Training on a cluster") has the details.
 """
 
 from __future__ import annotations
