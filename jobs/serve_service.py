@@ -1,24 +1,13 @@
 """The decode service without HTTP: source key in, encoded image out (docs/serve.md).
 
-:class:`DecodeService` turns a *source key* (``2024/img 1.jpg``) of an archive written by
-``sgarc run`` into a PNG, JPEG or WebP, read as ``bitstreams/<key>.sga`` through
-:class:`pipeline.storage.Storage`. What it guarantees, whatever transport sits in front
-(``jobs.serve``: Starlette on uvicorn, or Ray Serve):
-
-* **Keys** are validated (:func:`validate_key`, the pipeline's own rules) and only ever
-  read as ``bitstreams/<key>.sga``; in a local archive a symlink is followed only while it
-  stays inside ``bitstreams/``, so a request reaches streams of the archive and nothing else.
-* **Typed errors**, each with its HTTP status: :class:`BadKey` / :class:`BadRequest` 400,
-  :class:`NotFound` 404 (also for paths that cannot exist: a name too long, a symlink
-  loop), :class:`CorruptStream` 422 (the message never quotes the stream's bytes),
-  :class:`ModelUnavailable` 500, :class:`Unavailable` (storage) and :class:`Busy` 503.
-* **Bounded work**: at most ``max_pixels`` per stream (checked on the header), at most
-  ``decode_bytes`` of estimated decoding memory in flight (:class:`ByteBudget`, first come
-  first served, :class:`Busy` after ``queue_timeout``), at most ``max_decodes`` at once.
-* **Cache and single flight**: responses are kept in a byte-bounded LRU with an age limit
-  (:class:`ByteLRU`, on cachetools); concurrent requests for one representation decode once.
-
-:func:`fetch_decode` decodes one stream from any fsspec URL (``sgarc decode``).
+:class:`DecodeService` turns a source key (``2024/img 1.jpg``) of an archive written by
+``sgarc run`` into a PNG, JPEG or WebP, read only as ``bitstreams/<key>.sga`` (keys checked
+by :func:`validate_key`; in a local archive a symlink is followed only while it stays
+inside ``bitstreams/``). Whatever transport sits in front (``jobs.serve``), it keeps the
+guarantees docs/serve.md lists: typed errors with their HTTP status (:class:`ServeError`),
+bounded work (``max_pixels``, :class:`ByteBudget`, ``max_decodes``), a byte-bounded cache
+(:class:`ByteLRU`, on cachetools) and single flight. :func:`fetch_decode` decodes one
+stream from any fsspec URL (``sgarc decode``).
 """
 
 from __future__ import annotations

@@ -1,53 +1,11 @@
 """`sgarc train`: train a Mean-Scale Hyperprior and, optionally, export it into the registry.
 
-    sgarc train --data ../shared/data/bsds500/train --data ../shared/data/wikipedia-photos/train \\
-        --checkpoint runs/q4.ckpt --lmbda 0.013 --N 128 --M 192 --steps 200000 \\
-        --export msh-q4 --quality 4
-
-The loss is R + λ·255²·MSE (R in bits per pixel, MSE on [0, 1] pixels) with the uniform-noise
-relaxation, on random square crops with random flips (codec.train). Train only on the
-``train`` folders of the shared data (``../shared/data/*/train``): the ``val`` folders are
-what ``sgarc eval`` and docs/results.md measure on.
-
-* ``--checkpoint PATH``: written every ``--checkpoint-every`` steps and at the end, with the
-  model, the optimizer, the step and the random states. Rerunning the same command resumes
-  where the last checkpoint left off (a run that finished does nothing more; a larger
-  ``--steps`` continues it). N, M and λ must match the checkpoint's.
-* Log: progress on stderr, and one JSON object per ``--log-every`` steps (step, loss, bpp,
-  mse, psnr, lr, seconds_per_step, time) in ``<checkpoint stem>.log.jsonl`` beside the
-  checkpoint. On resume, records after the checkpoint's step (from a run that was stopped
-  between checkpoints) are dropped, so each step is logged once.
-* ``--init-from ID|PATH``: a new run starts from a registered model's (or a checkpoint's)
-  weights rather than at random; the shipped zoo was made this way, each quality fine-tuned
-  from its neighbour (scripts/train_zoo.sh). The registry's step count includes the steps
-  behind the initial weights.
-* CUDA is used when present.
-* ``--export ID --quality Q``: when training has reached ``--steps``, freeze the model into
-  the registry (fp16 weights, coding tables, sha256; codec.registry.export_model). An
-  existing entry with the same id *or* the same quality level is replaced.
-
-On a Ray cluster (jobs/train_cluster.py), e.g. fine-tuning the shipped model on a sample of
-one's own archive::
-
-    sgarc train --address ray://head:10001 --data s3://photos/originals --sample 2000 \\
-        --storage-options @s3.json \\
-        --init-from msh-vr --lmbdas default --N 64 --M 96 --crop 128 --lr 2e-5 \\
-        --steps 20000 --checkpoint runs/mine.ckpt \\
-        --export msh-vr-mine --registry runs/registry.json
-
-* ``--address local|auto|ray://HOST:10001``: data-parallel training through Ray Train
-  (``TorchTrainer``, DDP): ``local`` starts an in-process Ray here, the others join a
-  cluster. ``--workers W`` (default: one per GPU, or one per node on a CPU cluster), each
-  drawing ``--batch-size`` crops per step from its own crop stream, so a step sees W x
-  batch-size crops. GPUs are used when the cluster has them.
-* ``--data`` may then also be an fsspec URL (``s3://``, ``gs://``, ...; ``--storage-options``
-  as for ``sgarc run``). ``--sample N`` (default 2000) images are drawn from those listed,
-  the same ones for the same ``--seed``; each worker reads its share once and keeps one
-  window of at most ``--window`` pixels a side of each (default 1024; 0: whole images).
-  A local folder must be at the same path on every node.
-* The checkpoint (the same format: ``sgarc train`` without ``--address`` resumes it, and the
-  other way round) and the log are written here, by the driver, from what rank 0 sends;
-  log records add ``workers``, the checkpoint ``world_size``.
+The loss, the loop and the checkpoint format are codec.train's; this module is the command:
+its flags (their help says what each does), the JSONL log beside the checkpoint (records
+after the step a run resumes from are dropped, so each step is logged once), the export
+into the registry when training has reached ``--steps`` (codec.registry.export_model), and
+with ``--address`` training on a Ray cluster (:mod:`jobs.train_cluster`). README.md
+("Training and evaluation") and docs/jobs.md ("Training on a cluster") have examples.
 """
 
 from __future__ import annotations
