@@ -227,6 +227,12 @@ LIMIT $limit
 """
 
 
+# what the two queries read of the metrics
+_METRICS_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint", "status",
+                    "model_id", "method", "iterations", "rd_loss", "timestamp", "replaced",
+                    "route", "bitstream_bytes", "psnr"]
+
+
 def _plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, settings: dict,
           fingerprint: str, shard_size: int, run_id: str | None, mode: str,
           max_images: int | None, write: bool) -> Plan:
@@ -239,8 +245,8 @@ def _plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, setting
         with tempfile.TemporaryDirectory(prefix="sgarc-plan-") as tmp:
             listed = _spill_listing(images, Path(tmp))
             con.read_parquet(f"{tmp}/listing-*.parquet").distinct().create_view("listing")
-            sink.read_metrics(con, output, sink.metric_files(output)
-                              ).create_view("metrics")
+            sink.read_metrics_columns(con, output, sink.metric_files(output),
+                                      _METRICS_COLUMNS, Path(tmp)).create_view("metrics")
             if mode == "refine":
                 limit = max_images if max_images is not None else 2 ** 62
                 result = con.sql(_REFINE_SQL, params={
