@@ -36,7 +36,7 @@ from codec.images import (
     padded_batch,
     save_image,
 )
-from codec.inference import InferenceConfig, infer
+from codec.inference import RATE_CHANNELS, InferenceConfig, infer
 from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
 from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
@@ -324,9 +324,12 @@ class Codec:
     def _infer(self, images: list[PreparedImage], config: InferenceConfig, progress):
         """Latents of images of one padded size, and the inference seconds per image."""
         t0 = time.perf_counter()
-        # 8-bit, converted to float tile by tile (codec.tiling.to_unit): never a float image
-        x = torch.from_numpy(padded_batch([im.rgb for im in images], DOWNSAMPLE))
-        x = x.permute(0, 3, 1, 2).to(self.device)
+        # 8-bit, converted to float tile by tile (codec.tiling.to_unit): never a float image;
+        # on the CPU not even padded whole (each tile pads its window: tiling.Padded)
+        x = tiling.Padded([im.rgb for im in images], DOWNSAMPLE, self.device)
+        if self.device.type != "cpu":  # in the device's memory, once: no copy per tile
+            x = torch.from_numpy(padded_batch([im.rgb for im in images], DOWNSAMPLE))
+            x = x.permute(0, 3, 1, 2).to(self.device)
         sizes = [(im.info.height, im.info.width) for im in images]
         lat = infer(self.model, x, sizes, self.lm.entry.lmbda, config, progress)
         return lat, (time.perf_counter() - t0) / len(images)
@@ -340,10 +343,9 @@ class Codec:
                   inference_seconds: float) -> EncodeResult:
         t0 = time.perf_counter()
         lm, info = self.lm, im.info
-        z_hat = lat.z_hat[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
-        # int32 holds |k| <= LATENT_LIMIT at half the bytes of the int64 latents
-        k = lat.k[i].clamp(-LATENT_LIMIT, LATENT_LIMIT).to(torch.int32).cpu().numpy()
-        mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
+        # the codable values (|v| <= LATENT_LIMIT), in int16 as inference hands them over
+        z_hat, k = _codable(lat.z_hat[i]), _codable(lat.k[i])
+        _, index = hyper_synthesis_exact(lm.tables, z_hat[None], mean=False)
         sections = {
             "ZLAT": coding.encode_z(lm.tables, z_hat).astype(_WORD).tobytes(),
             "YLAT": coding.encode_y(lm.tables, k, index[0]).astype(_WORD).tobytes(),
@@ -356,10 +358,10 @@ class Codec:
         header = Header(lm.entry.id, info.width, info.height, info.color, info.orientation,
                         info.bit_depth, rate=lm.rate)
         data = pack(Bitstream(header, sections))
-        self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
-
         estimated_bits = self._estimated_bits(z_hat, k)
-        y_hat = y_hat_of(mu[0], k)
+        # the decoder's mu, once the stream is verified: the encoder never holds two
+        mu = self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
+        y_hat = y_hat_of(mu, k)
         del mu, k  # the synthesis below holds y_hat, one tile and the 8-bit output
         rgb = _synthesize(lm, y_hat, info.height, info.width, self.device)
         del y_hat
@@ -380,25 +382,42 @@ class Codec:
             metadata_bytes=len(sections.get("META", b"")), rate=lm.rate)
 
     def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray,
-                metadata: Metadata | None) -> None:
-        """Decode the latents (and metadata) back as a decoder would; they must match exactly."""
+                metadata: Metadata | None) -> np.ndarray:
+        """Decode the latents (and metadata) back as a decoder would; they must match exactly.
+        Returns the decoder's mu (float64 (M, H, W))."""
         bs = parse(data)
-        z_dec, k_dec, _ = decode_latents(bs, self.lm)
+        z_dec, k_dec, mu = decode_latents(bs, self.lm)
         if not (np.array_equal(z_dec, z_hat) and np.array_equal(k_dec, k)):
             raise RuntimeError("internal error: the encoded stream does not decode to the "
                                "encoded latents; nothing was written")
         if metadata is not None and unpack(bs.sections["META"]) != metadata:
             raise RuntimeError("internal error: the encoded metadata does not read back as "
                                "written; nothing was written")
+        return mu
 
     @torch.no_grad()
     def _estimated_bits(self, z_hat: np.ndarray, k: np.ndarray) -> float:
+        """-log2 P(z_hat) - log2 P(y_hat | z_hat) under the float model, summed over groups
+        of channels (no full-size float copies of k and y_hat)."""
         model = self.model
         z = torch.from_numpy(z_hat).float()[None].to(self.device)
         mu, sigma = model.hyper_synthesis(z)
-        kt = torch.from_numpy(k).float()[None].to(self.device)
-        y_lik, z_lik = model.likelihoods(mu + kt, z, mu, sigma)
-        return float(-torch.log2(y_lik).sum() - torch.log2(z_lik).sum())
+        bits = 0.0
+        for c in range(0, k.shape[0], RATE_CHANNELS):
+            at = (slice(None), slice(c, c + RATE_CHANNELS))
+            kt = torch.from_numpy(k[c:c + RATE_CHANNELS]).float()[None].to(self.device)
+            y_lik, z_lik = model.likelihoods(mu[at] + kt, z, mu[at], sigma[at])
+            bits -= float(torch.log2(y_lik).sum()) + (float(torch.log2(z_lik).sum()) if c == 0
+                                                      else 0.0)
+        return bits
+
+
+def _codable(v: torch.Tensor) -> np.ndarray:
+    """Latents as the coder codes them: int16 from inference (already clamped to
+    |v| <= LATENT_LIMIT) as they are, anything else clamped to that, in int32."""
+    if v.dtype != torch.int16:
+        v = v.clamp(-LATENT_LIMIT, LATENT_LIMIT).to(torch.int32)
+    return v.cpu().numpy()
 
 
 def padded_size(im: PreparedImage) -> tuple[int, int]:

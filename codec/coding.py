@@ -22,6 +22,7 @@ encoder never writes the latter: such a symbol is coded as an escape instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -230,25 +231,19 @@ def _decode_groups(words: np.ndarray, counts: list[tuple[int, int]], offsets: np
     total = sum(n for _, n in counts)
     try:
         coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, np.uint32))
-        out, escaped, segments, done = [], [], [], 0
+        segments, n_escaped, done = [], [], 0
         for table, n in counts:
             if coder.is_empty():  # all that follows would come from nothing
                 raise BitstreamError(f"corrupt latent stream: the data ran out after {done} "
                                      f"of {total} symbols")
             s = coder.decode(models[table], n)  # int32
             segments.append((s, costs[table].cdf))
-            escaped.append(s == sizes[table])
-            out.append(np.add(s, offsets[table], dtype=np.int32, casting="unsafe"))
+            n_escaped.append(int(np.count_nonzero(s == sizes[table])))
             done += n
-        n_esc = int(sum(e.sum() for e in escaped))
+        n_esc = sum(n_escaped)
         esc = np.zeros(0, np.int64)
         if n_esc:
             esc = coder.decode(_uniform(), n_esc).astype(np.int64)
-            pos = 0
-            for values, e in zip(out, escaped, strict=True):
-                k = int(e.sum())
-                values[e] = esc[pos:pos + k] - (1 << 15)
-                pos += k
         empty = coder.is_empty()
     except BitstreamError:
         raise
@@ -262,6 +257,15 @@ def _decode_groups(words: np.ndarray, counts: list[tuple[int, int]], offsets: np
         at = sum(len(seg) for seg, _ in segments[:g]) + i
         raise BitstreamError(f"corrupt latent stream: symbol {at} of {total + n_esc} was "
                              "decoded without data (the stream ran out)")
+    # the symbols become values in place (no second int32 copy of every latent)
+    out, pos = [], 0
+    for (table, _), (s, _), k in zip(counts, segments, n_escaped, strict=True):
+        e = s == sizes[table] if k else None
+        np.add(s, offsets[table], out=s, casting="unsafe")
+        if k:
+            s[e] = esc[pos:pos + k] - (1 << 15)
+            pos += k
+        out.append(s)
     return out
 
 
@@ -306,6 +310,11 @@ def _y_layout(tables: CodingTables):
     return -radius, 2 * radius + 1
 
 
+def _y_order_counts(index: np.ndarray) -> list[tuple[int, int]]:
+    """(table, number of latents) of the tables that `index` uses, in table order."""
+    return [(t, n) for t, n in enumerate(np.bincount(index.ravel()).tolist()) if n]
+
+
 def _y_order(index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     flat = index.ravel()
     # Scale indices are < NUM_SCALES (128) and a stable order is unique, so 16-bit keys give
@@ -315,15 +324,40 @@ def _y_order(index: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     return order, [(int(t), int(n)) for t, n in enumerate(counts) if n]
 
 
+_SORT_CHUNK = 1 << 20  # latents per piece of `_by_table`'s sort
+
+
+def _by_table(scale_index: np.ndarray, counts: list[tuple[int, int]]
+              ) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """`_y_order`'s stable order, in pieces: (group g of `counts`, start and end of the piece
+    in g, the raster positions of the piece), chunk by chunk of _SORT_CHUNK raster
+    positions, so no int64 permutation of all the latents (8 bytes each) is made. A table's
+    positions come in raster order, as in the stable sort of the whole."""
+    flat = scale_index.ravel()
+    group = {t: g for g, (t, _) in enumerate(counts)}
+    filled = [0] * len(counts)
+    for a in range(0, flat.size, _SORT_CHUNK):
+        part = flat[a:a + _SORT_CHUNK]
+        order = np.argsort(part.astype(np.uint16), kind="stable")
+        order += a
+        pos = 0
+        for t, n in enumerate(np.bincount(part).tolist()):
+            if n:
+                g = group[t]
+                yield g, filled[g], filled[g] + n, order[pos:pos + n]
+                filled[g] += n
+                pos += n
+
+
 def encode_y(tables: CodingTables, k: np.ndarray, scale_index: np.ndarray) -> np.ndarray:
     """k = y_hat - mu, int (M, H, W); scale_index from `hyper_synthesis_exact`."""
     _check_range("k", k)
-    order, counts = _y_order(scale_index)
-    flat = k.ravel()[order]
-    groups, pos = [], 0
-    for table, n in counts:
-        groups.append((table, flat[pos:pos + n]))
-        pos += n
+    counts = _y_order_counts(scale_index)
+    starts = np.cumsum([0] + [n for _, n in counts]).tolist()
+    flat, values = np.empty(k.size, k.dtype), k.ravel()
+    for g, lo, hi, positions in _by_table(scale_index, counts):
+        flat[starts[g] + lo:starts[g] + hi] = values[positions]
+    groups = [(table, flat[starts[g]:starts[g + 1]]) for g, (table, _) in enumerate(counts)]
     offsets, sizes = _y_layout(tables)
     return _encode_groups(groups, offsets, sizes, _models(tables)[1], table_costs(tables)[1])
 
@@ -332,17 +366,14 @@ def decode_y(tables: CodingTables, words: np.ndarray, scale_index: np.ndarray) -
     """k for the scale indices of `hyper_synthesis_exact`, int32 (|k| <= LATENT_LIMIT);
     BitstreamError when the words cannot hold that many symbols under their tables
     (checked first) or do not decode."""
-    counts = [(int(t), int(n)) for t, n in enumerate(np.bincount(scale_index.ravel())) if n]
+    counts = _y_order_counts(scale_index)
     costs = table_costs(tables)[1]
     check_capacity(words, counts, costs, "the latents (YLAT)")
-    order, counts = _y_order(scale_index)
     offsets, sizes = _y_layout(tables)
     values = _decode_groups(words, counts, offsets, sizes, _models(tables)[1], costs)
     k = np.empty(scale_index.size, np.int32)
-    pos = 0
-    for v in values:  # group by group: no concatenated copy of all of k
-        k[order[pos:pos + len(v)]] = v
-        pos += len(v)
+    for g, lo, hi, positions in _by_table(scale_index, counts):  # no copy of all of k
+        k[positions] = values[g][lo:hi]
     return k.reshape(scale_index.shape)
 
 

@@ -261,8 +261,8 @@ def _hs_window(layers: list[HsLayer], z: torch.Tensor, rows: tuple[int, int],
 
 
 @torch.no_grad()
-def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | None = None,
+                          mean: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """(mu, scale_index) of p(y | z_hat) for integer z_hat (B, C, h, w); bit-exact everywhere.
 
     Runs on the CPU in float64 over integer values; mu is float64 (B, M, H, W), the scale
@@ -270,7 +270,8 @@ def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | N
     positions (None: HS_TILE; `_hs_window`), so a large image's hidden layers and their
     float64 convolution buffers (im2col: about 10 KB per y position for the last layer,
     i.e. 40 bytes per pixel) never exist at full size. Integer arithmetic is exact, so the
-    tiles give the same bits as the whole image.
+    tiles give the same bits as the whole image. ``mean=False``: the scale index only (mu
+    None), for an encoder that needs no mu yet (8 bytes per latent less).
     """
     z = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64))
     B, _, h, w = z.shape
@@ -284,10 +285,11 @@ def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | N
         for c0 in range(0, size[1], tile):
             rows, cols = (r0, min(r0 + tile, size[0])), (c0, min(c0 + tile, size[1]))
             sigma_int, mu_int = _hs_window(tables.hs, z, rows, cols, size).chunk(2, dim=1)
-            if mu is None:
-                mu = np.empty((B, mu_int.shape[1], *size), np.float64)
-                index = np.empty(mu.shape, np.uint8)
+            if index is None:
+                index = np.empty((B, mu_int.shape[1], *size), np.uint8)
+                mu = np.empty(index.shape, np.float64) if mean else None
             at = (..., slice(*rows), slice(*cols))
-            mu[at] = mu_int.double().numpy() / 2.0**KA
+            if mu is not None:
+                mu[at] = mu_int.double().numpy() / 2.0**KA
             index[at] = np.searchsorted(tables.y_thresholds, sigma_int.numpy(), side="right")
     return mu, index

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from codec.frozen import LATENT_LIMIT
 from codec.model import MeanScaleHyperprior
-from codec.tiling import Sizes, analysis, masked_sse
+from codec.tiling import Pixels, Sizes, analysis, batch_rows, masked_sse
 
 METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-annealing")
 SCHEDULES = ("paper", "scaled")
@@ -94,8 +95,10 @@ PAPER = InferenceConfig(iterations=PAPER_ITERATIONS, schedule="paper")
 
 @dataclass
 class Latents:
-    k: torch.Tensor  # int64 (B, M, H, W): y_hat - mu
-    z_hat: torch.Tensor  # int64 (B, N, h, w)
+    # int16, clamped to what the coder codes (|v| <= LATENT_LIMIT = 2^15 - 1): a quarter of
+    # int64's bytes, and the stream is the same (codec.api clamps before coding anyway)
+    k: torch.Tensor  # int16 (B, M, H, W): y_hat - mu
+    z_hat: torch.Tensor  # int16 (B, N, h, w)
     loss: torch.Tensor  # (B,) true RD loss of these latents under the float model
     start_loss: torch.Tensor  # (B,) true RD loss of the amortized start
     start_terms: dict[str, torch.Tensor]  # amortized bpp (estimated) and mse, per image
@@ -188,16 +191,50 @@ def _hard(model, x, sizes, y, z, lmbda):
     return k, z_hat, terms
 
 
-def infer(model: MeanScaleHyperprior, x: torch.Tensor, sizes: list[tuple[int, int]],
+RATE_CHANNELS = 8  # latent channels per step of the amortized rate sum (`_hard_in_place`)
+
+
+@torch.no_grad()
+def _hard_in_place(model, x, sizes, y, z, lmbda):
+    """`_hard` when nothing follows (amortized inference), in less memory: y is consumed (k
+    is rounded in its storage, y_hat made in mu's) and the rate is summed over groups of
+    RATE_CHANNELS channels, so besides the image only y, mu and sigma and one tile exist at
+    a time. The same k and z_hat, elementwise the same likelihoods; the sums (loss, bpp)
+    equal `_hard`'s up to float summation order (they are reported, never coded)."""
+    z_hat = torch.round(z)
+    mu, sigma = model.hyper_synthesis(z_hat)
+    k = y.sub_(mu).round_()
+    bits = None
+    for c in range(0, k.shape[1], RATE_CHANNELS):
+        at = (slice(None), slice(c, c + RATE_CHANNELS))
+        y_lik, z_lik = model.likelihoods(mu[at] + k[at], z_hat, mu[at], sigma[at])
+        if bits is None:
+            bits = -torch.log2(z_lik).sum(dim=(1, 2, 3))
+        bits -= torch.log2(y_lik).sum(dim=(1, 2, 3))
+        del y_lik, z_lik
+    del sigma
+    y_hat = mu.add_(k)
+    pixels = torch.tensor([float(h * w) for h, w in sizes], device=k.device)
+    mse = masked_sse(model.g_s, y_hat, x, sizes, clamp=True) / (3.0 * pixels)
+    bpp = bits / pixels
+    return k, z_hat, {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse,
+                      "bits": bits}
+
+
+def infer(model: MeanScaleHyperprior, x: Pixels, sizes: list[tuple[int, int]],
           lmbda: float, cfg: InferenceConfig,
           progress: Callable[[int], None] | None = None) -> Latents:
     """Integer latents for a batch x (B, 3, Hp, Wp) of one padded size, in [0, 1] or 8-bit
-    (then converted to float tile by tile: a large image never exists as float); `sizes`
-    are the images' own (height, width), the rest is padding."""
+    (then converted to float tile by tile: a large image never exists as float), or
+    `codec.tiling.Padded` images (tiles pad their windows: no padded copy); `sizes` are the
+    images' own (height, width), the rest is padding."""
     with torch.no_grad():
         y0 = analysis(model, x)  # tiled for large images (codec.tiling)
         z0 = model.h_a(y0)
-    k, z_hat, start = _hard(model, x, sizes, y0, z0, lmbda)
+    if cfg.method == "amortized" or cfg.iterations == 0:
+        k, z_hat, start = _hard_in_place(model, x, sizes, y0, z0, lmbda)  # y0 is k now
+    else:
+        k, z_hat, start = _hard(model, x, sizes, y0, z0, lmbda)
     best = Latents(k, z_hat, start["loss"].clone(), start["loss"].clone(),
                    {"bpp": start["bpp"], "mse": start["mse"]})
     best.history.append({"t": 0, "true": start["loss"].tolist(), "relaxed": None})
@@ -294,12 +331,21 @@ def _drop(keep, active, x, sizes, y, z, opt):
         new_opt.state[new] = {name: v[keep].clone() if v.dim() > 0 else v.clone()
                               for name, v in opt.state[old].items()}
     sizes = [s for s, kept in zip(sizes, keep.tolist(), strict=True) if kept]
-    return active[keep], x[keep], sizes, y_new, z_new, new_opt
+    return active[keep], batch_rows(x, keep), sizes, y_new, z_new, new_opt
 
 
 def _as_int(lat: Latents) -> Latents:
-    lat.k = lat.k.to(torch.int64)
-    lat.z_hat = lat.z_hat.to(torch.int64)
-    lat.snapshots = {t: (k.to(torch.int64), z.to(torch.int64), loss)
-                     for t, (k, z, loss) in lat.snapshots.items()}
+    lat.k = _int16(lat.k)
+    lat.z_hat = _int16(lat.z_hat)
+    lat.snapshots = {t: (_int16(k), _int16(z), loss) for t, (k, z, loss) in lat.snapshots.items()}
     return lat
+
+
+def _int16(v: torch.Tensor) -> torch.Tensor:
+    """Integer-valued float latents as int16, clamped (in place) to |v| <= LATENT_LIMIT:
+    the values the coder codes (codec.api clamps the same way; NaN, which int64 made its
+    minimum, is -LATENT_LIMIT as it was after that clamp)."""
+    if v.dtype == torch.int16:
+        return v
+    v = v.nan_to_num_(nan=-LATENT_LIMIT, posinf=LATENT_LIMIT, neginf=-LATENT_LIMIT)
+    return v.clamp_(-LATENT_LIMIT, LATENT_LIMIT).to(torch.int16)

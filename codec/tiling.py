@@ -137,7 +137,7 @@ def _spans(n: int, tile: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
 Writer = Callable[[torch.Tensor, slice, slice], None]
 
 
-def for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int,
+def for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: Pixels, tile: int,
                halo: int, down: int, up: int, write: Writer) -> None:
     """Run fn on overlapping windows of x (tile and halo in blocks of `down` input pixels)
     and hand each output core, with its place in the whole output, to `write`."""
@@ -146,7 +146,8 @@ def for_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     H, W = x.shape[-2:]
     for r0, r1, wr0, wr1 in _spans(-(-H // down), tile, halo):
         for c0, c1, wc0, wc1 in _spans(-(-W // down), tile, halo):
-            part = fn(x[..., wr0 * down:min(wr1 * down, H), wc0 * down:min(wc1 * down, W)])
+            part = fn(window(x, slice(wr0 * down, min(wr1 * down, H)),
+                             slice(wc0 * down, min(wc1 * down, W))))
             core = part[..., (r0 - wr0) * up:(r1 - wr0) * up, (c0 - wc0) * up:(c1 - wc0) * up]
             write(core, slice(r0 * up, r0 * up + core.shape[-2]),
                   slice(c0 * up, c0 * up + core.shape[-1]))
@@ -178,7 +179,7 @@ def synthesize_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, tile: int | None =
 
 
 @torch.no_grad()
-def analyze_tiled(g_a: nn.Sequential, x: torch.Tensor, tile: int | None = None,
+def analyze_tiled(g_a: nn.Sequential, x: Pixels, tile: int | None = None,
                   halo: int | None = None) -> torch.Tensor:
     """g_a(x) over tiles of `tile` pixels (None: ANALYSIS_TILE) with `halo` pixels of context
     (None: from the receptive field, 32 for g_a). Both must be multiples of the stride (16)
@@ -227,6 +228,87 @@ def synthesize_pixels(g_s: nn.Sequential, y_hat: torch.Tensor, height: int, widt
     return out
 
 
+# ------------------------------------------------------------------ 8-bit input, unpadded
+
+
+class Padded:
+    """8-bit (H, W, 3) images as the (B, 3, Hp, Wp) uint8 batch that `images.padded_batch`
+    makes (each padded at the bottom/right to the next multiple by edge replication),
+    without making it: a tile reads its window (`window`), padded where it crosses the
+    image's border, so a large image is never copied whole (3 bytes per pixel).
+
+    A window has the values and the layout (channels last) of the same slice of the
+    padded batch, so everything computed from it is the same. Has `shape`, `dtype` and
+    `device` like the tensor it stands for; `full()` makes that tensor.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, images: Sequence[np.ndarray], multiple: int,
+                 device: torch.device | str = "cpu") -> None:
+        if not images:
+            raise ValueError("Padded needs at least one image")
+        sizes = {(-(-x.shape[0] // multiple) * multiple, -(-x.shape[1] // multiple) * multiple)
+                 for x in images}
+        if len(sizes) != 1 or any(x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3
+                                  for x in images):
+            raise ValueError("Padded needs uint8 (H, W, 3) images of one padded size")
+        (hp, wp), = sizes
+        self.images = list(images)
+        self.shape = torch.Size((len(images), 3, hp, wp))
+        self.device = torch.device(device)
+
+    def window(self, rows: slice, cols: slice) -> torch.Tensor:
+        """uint8 (B, 3, h, w) of the padded batch's [..., rows, cols] (steps of 1)."""
+        if len(self.images) == 1 and self.images[0].shape[:2] == self.shape[2:]:
+            # nothing to pad: a view of the image, as padded_batch's batch is (strides
+            # included: the batch axis has stride 0, and float results follow the layout)
+            x = torch.from_numpy(self.images[0][None]).permute(0, 3, 1, 2)
+            return x[..., rows, cols].to(self.device)
+        r0, r1, _ = rows.indices(self.shape[2])
+        c0, c1, _ = cols.indices(self.shape[3])
+        out = np.empty((len(self.images), max(r1 - r0, 0), max(c1 - c0, 0), 3), np.uint8)
+        for dst, x in zip(out, self.images, strict=True):
+            h, w = x.shape[:2]
+            if r1 <= h and c1 <= w:
+                dst[...] = x[r0:r1, c0:c1]
+            else:  # past the border: the last row / column repeated, as padded_batch does
+                ri = np.minimum(np.arange(r0, r1), h - 1)
+                ci = np.minimum(np.arange(c0, c1), w - 1)
+                dst[...] = x[ri[:, None], ci[None, :]]
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(self.device)
+
+    def full(self) -> torch.Tensor:
+        """The whole padded batch as a tensor (for a small image, or a device's memory)."""
+        return self.window(slice(None), slice(None))
+
+    def rows(self, keep: torch.Tensor) -> Padded:
+        """The batch of the images where the boolean `keep` is True."""
+        out = object.__new__(Padded)
+        out.images = [x for x, k in zip(self.images, keep.tolist(), strict=True) if k]
+        out.shape = torch.Size((len(out.images), *self.shape[1:]))
+        out.device = self.device
+        return out
+
+
+Pixels = torch.Tensor | Padded  # what the encoder's functions take as x
+
+
+def window(x: Pixels, rows: slice, cols: slice) -> torch.Tensor:
+    """x[..., rows, cols]: a view of a tensor, a padded window of `Padded` images."""
+    return x.window(rows, cols) if isinstance(x, Padded) else x[..., rows, cols]
+
+
+def whole(x: Pixels) -> torch.Tensor:
+    """x as one tensor (`Padded` images padded: only for images below the tiling size)."""
+    return x.full() if isinstance(x, Padded) else x
+
+
+def batch_rows(x: Pixels, keep: torch.Tensor) -> Pixels:
+    """The images of the batch x where the boolean `keep` is True."""
+    return x.rows(keep) if isinstance(x, Padded) else x[keep]
+
+
 # ---------------------------------------------------------------- differentiable distortion
 
 
@@ -253,18 +335,21 @@ def _window_mask(sizes: Sizes, row0: int, col0: int, shape: tuple[int, int],
     return mask
 
 
-def _tile_sse(g_s: nn.Sequential, y_window: torch.Tensor, x: torch.Tensor, sizes: Sizes,
-              r: int, c: int, row0: int, col0: int, clamp: bool) -> torch.Tensor:
-    """Masked SSE per image of one tile: g_s over the window, the core at (r, c) kept; the
-    core is at (row0, col0) of the image."""
+def _tile_sse(g_s: nn.Sequential, y_window: torch.Tensor, x: Pixels, rows: slice,
+              cols: slice, sizes: Sizes, r: int, c: int, clamp: bool) -> torch.Tensor:
+    """Masked SSE per image of one tile: g_s over the window, the core at (r, c) kept,
+    against x[..., rows, cols] of the image: a tensor x is that window already (a view),
+    `Padded` images are read here (so that a checkpoint keeps no copy of them)."""
+    if isinstance(x, Padded):
+        x = x.window(rows, cols)
     x_hat = g_s(y_window)[..., r:r + x.shape[-2], c:c + x.shape[-1]]
     if clamp:
         x_hat = x_hat.clamp(0.0, 1.0)
-    mask = _window_mask(sizes, row0, col0, x.shape[-2:], x_hat)
+    mask = _window_mask(sizes, rows.start, cols.start, x.shape[-2:], x_hat)
     return (((x_hat - to_unit(x)) ** 2) * mask).sum(dim=(1, 2, 3))
 
 
-def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, sizes: Sizes,
+def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: Pixels, sizes: Sizes,
                      tile: int | None = None, halo: int | None = None,
                      clamp: bool = False) -> torch.Tensor:
     """Per-image sum over each image's own pixels (`sizes`; padding excluded) of
@@ -292,8 +377,9 @@ def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, s
     for r0, r1, wr0, wr1 in _spans(H, tile, halo):
         for c0, c1, wc0, wc1 in _spans(W, tile, halo):
             rows, cols = slice(r0 * up, r1 * up), slice(c0 * up, c1 * up)
-            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x[..., rows, cols], sizes,
-                    (r0 - wr0) * up, (c0 - wc0) * up, r0 * up, c0 * up, clamp)
+            x_part = x if isinstance(x, Padded) else x[..., rows, cols]
+            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x_part, rows, cols, sizes,
+                    (r0 - wr0) * up, (c0 - wc0) * up, clamp)
             if grad:  # g_s draws no random numbers: no RNG state to keep for the recompute
                 sse = checkpoint(_tile_sse, *args, use_reentrant=False,
                                  preserve_rng_state=False)
@@ -312,12 +398,12 @@ def is_large(pixels: int) -> bool:
     return pixels > MIN_TILED_PIXELS
 
 
-def analysis(model: MeanScaleHyperprior, x: torch.Tensor) -> torch.Tensor:
+def analysis(model: MeanScaleHyperprior, x: Pixels) -> torch.Tensor:
     """y = g_a(x) (x in [0, 1] or 8-bit): tiled for large inputs (then without gradients),
     else one pass."""
     if is_large(x.shape[-2] * x.shape[-1]):
         return analyze_tiled(model.g_a, x)
-    return model.g_a(to_unit(x))
+    return model.g_a(to_unit(whole(x)))
 
 
 def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
@@ -327,11 +413,13 @@ def synthesis(model: MeanScaleHyperprior, y_hat: torch.Tensor) -> torch.Tensor:
     return model.g_s(y_hat)
 
 
-def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: torch.Tensor, sizes: Sizes,
+def masked_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: Pixels, sizes: Sizes,
                clamp: bool = False) -> torch.Tensor:
     """Per-image SSE of g_s(y_hat) against x over each image's own pixels: tiled with
     checkpointing for large images (bounded memory, one extra g_s forward in backward),
     else one pass."""
     if is_large(x.shape[-2] * x.shape[-1]):
         return masked_sse_tiled(g_s, y_hat, x, sizes, clamp=clamp)
-    return _tile_sse(g_s, y_hat, x, sizes, 0, 0, 0, 0, clamp)  # the whole image as one tile
+    # the whole image as one tile
+    return _tile_sse(g_s, y_hat, x, slice(0, x.shape[-2]), slice(0, x.shape[-1]), sizes, 0, 0,
+                     clamp)
