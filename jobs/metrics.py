@@ -81,10 +81,9 @@ from codec.errors import SgarcError
 from jobs.options import STORAGE_OPTIONS_HELP
 from jobs.options import parse_storage_options as _parse_storage_options
 from pipeline import sink
-from pipeline.storage import Storage, StorageError
+from pipeline.storage import Storage, StorageError, redact_url
 
 WORST_BY = ("psnr", "bpp", "savings")
-_URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
 class MetricsError(SgarcError):
@@ -98,7 +97,7 @@ class MetricsError(SgarcError):
 
 def display_url(url: str) -> str:
     """``url`` without user info (``s3://key:secret@bucket`` -> ``s3://***@bucket``)."""
-    return _URL_USERINFO.sub(r"\1***@", str(url))
+    return redact_url(str(url))
 
 
 def connect(output_url: str, storage_options: dict | None = None, *,

@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,7 +135,8 @@ COMPACT_META = b"sgarc.parts"  # a compacted file's footer: the shard ids of the
 PART_PREFIX = "shard-"
 COMPACT_ROWS = 250_000  # rows per compacted file, about (a few tens of MB)
 COMPACT_ROW_GROUP = 65_536  # rows per row group of a compacted file, about
-_COMPACT_READ = 512  # parts read together (threads), then written before the next ones
+_COMPACT_READ = 512  # parts per group read for compaction (at most)
+_READS_IN_FLIGHT = 16  # parts read at once by the thread pool
 
 
 def run_of(key: str) -> str:
@@ -222,10 +224,13 @@ def conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema = SCHEMA) -> pa.
 
 def iter_part_groups(storage, parts: list[str], group: int = _COMPACT_READ,
                      columns: list[str] | None = None) -> Iterator[tuple[list[str], pa.Table]]:
-    """(keys, rows) of `parts`, `group` parts at a time, read by a thread pool (one request
-    each on object stores, in flight together) and conformed to SCHEMA (or its `columns`)
-    once per group: parts of different ages differ in columns. For many small parts, where
-    DuckDB's `union_by_name` would read every footer at once (4 GiB at 31,250 parts)."""
+    """(keys, rows) of `parts` in order, in groups of up to `group` parts or about
+    COMPACT_ROW_GROUP rows, conformed to SCHEMA (or its `columns`) once per group: parts of
+    different ages differ in columns. A pool reads _READS_IN_FLIGHT parts at a time (one
+    request each on object stores), so memory is one group plus those reads, however large
+    the parts. For many small parts, where DuckDB's `union_by_name` would read every
+    footer at once (4 GiB at 31,250 parts)."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
@@ -233,11 +238,23 @@ def iter_part_groups(storage, parts: list[str], group: int = _COMPACT_READ,
     def read(key: str) -> pa.Table:
         return read_part(storage.read_bytes(key), columns, use_threads=False)  # pool's threads
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for start in range(0, len(parts), group):
-            keys = parts[start:start + group]
-            table = pa.concat_tables(pool.map(read, keys), promote_options="permissive")
-            yield keys, conform(table, schema)
+    todo = iter(parts)
+    with ThreadPoolExecutor(max_workers=_READS_IN_FLIGHT) as pool:
+        window = deque((k, pool.submit(read, k)) for k in islice(todo, _READS_IN_FLIGHT))
+        held: list[str] = []
+        tables: list[pa.Table] = []
+        rows = 0
+        while window:
+            key, future = window.popleft()
+            table = future.result()
+            window.extend((k, pool.submit(read, k)) for k in islice(todo, 1))
+            held.append(key)
+            tables.append(table)
+            rows += table.num_rows
+            if len(held) >= group or rows >= COMPACT_ROW_GROUP or not window:
+                yield held, conform(pa.concat_tables(tables, promote_options="permissive"),
+                                    schema)
+                held, tables, rows = [], [], 0
 
 
 class _CompactedFile:
