@@ -156,9 +156,10 @@ def shard_of_part(key: str) -> str | None:
     return None
 
 
-def duckdb_connection(storage):
+def duckdb_connection(storage, memory_limit: str = "1GB"):
     """A DuckDB connection that reads `storage`'s files (through its fsspec filesystem
-    on object stores: no extension, no network but the files), spilling to a temp dir."""
+    on object stores: no extension, no network but the files), spilling to a temp dir past
+    `memory_limit`: what bounds a query's memory however many rows it reads."""
     import tempfile
 
     import duckdb
@@ -166,7 +167,7 @@ def duckdb_connection(storage):
     con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                  "autoload_known_extensions": False,
                                  "temp_directory": tempfile.gettempdir(),
-                                 "memory_limit": "1GB", "threads": 2})
+                                 "memory_limit": memory_limit, "threads": 2})
     con.execute("SET TimeZone = 'UTC'; SET enable_progress_bar = false")
     if storage.protocol != "file":
         con.register_filesystem(storage.fs)
