@@ -75,7 +75,7 @@ from codec.images import PreparedImage, output_pixels, pad_to_multiple
 from codec.inference import InferenceConfig, sga_round
 from codec.metrics import bpp, psnr
 from codec.model import DOWNSAMPLE, MeanScaleHyperprior, conv
-from codec.registry import REGISTRY, ModelEntry, find, register, sha256_of
+from codec.registry import REGISTRY, ModelEntry, find, on_device, register, sha256_of
 from codec.tiling import analysis, masked_sse, synthesize_pixels
 
 Z_GRID_BITS = 3  # z_hat on the grid 2^-3
@@ -256,12 +256,7 @@ class BitsBackModel:
         self._copies: dict[torch.device, BitsBackHyperprior] = {}
 
     def on(self, device: torch.device) -> BitsBackHyperprior:
-        if device.type == "cpu":
-            return self.model
-        if device not in self._copies:
-            import copy
-            self._copies[device] = copy.deepcopy(self.model).to(device)
-        return self._copies[device]
+        return on_device(self.model, self._copies, device)
 
 
 def default_model_id(registry: Path = REGISTRY) -> str:

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from codec.errors import ModelError
 from codec.files import atomic_write
@@ -114,13 +115,18 @@ class LoadedModel:
 
     def on(self, device: torch.device | str) -> MeanScaleHyperprior:
         """The float model on `device`; the CPU copy is never moved, others are cached."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.model
-        copies = self.__dict__.setdefault("_copies", {})
-        if device not in copies:
-            copies[device] = copy.deepcopy(self.model).to(device)
-        return copies[device]
+        return on_device(self.model, self.__dict__.setdefault("_copies", {}), device)
+
+
+def on_device(model: nn.Module, copies: dict, device: torch.device | str) -> nn.Module:
+    """`model` on `device`: the CPU model itself (never moved), elsewhere a copy made once
+    and kept in `copies` (device -> model)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return model
+    if device not in copies:
+        copies[device] = copy.deepcopy(model).to(device)
+    return copies[device]
 
 
 def entries(registry: Path = REGISTRY) -> list[ModelEntry]:
