@@ -201,6 +201,10 @@ def import_weights(folder: Path) -> None:
         src = Path(folder) / e.file
         if reg.sha256_of(src) != e.sha256:
             raise SystemExit(f"{src}: sha256 does not match its registry entry")
+        shipped = {x.id: x for x in reg.entries()}
+        if e.id in shipped and shipped[e.id].sha256 != e.sha256:
+            raise SystemExit(f"model id {e.id} is shipped with other weights; streams name "
+                             "it, so it keeps them: rerun the session with a new GPU_MODEL")
         shutil.copy(src, reg.WEIGHTS_DIR / e.file)
         known = [x for x in reg.entries() if x.id != e.id]
         models = sorted([*known, e], key=lambda x: x.quality)

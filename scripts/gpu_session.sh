@@ -11,8 +11,9 @@
 # On the device the steps fit its 15-minute budget: ~4-5 minutes of training (TRAIN_SECONDS,
 # bf16 autocast, channels_last, crops on the GPU, the last 15% at lr / 10), then a val
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
-# (at most 8 files): weights/msh-vr.pt, weights/registry.json, train.log.jsonl, eval.json,
-# checks.json, session.log.
+# (at most 8 files): weights/$GPU_MODEL.pt, weights/registry.json, train.log.jsonl,
+# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr2) is fine-tuned into
+# GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,28 +48,31 @@ case "$mode" in
 esac
 
 export PYTHONUNBUFFERED=1
+BASE_MODEL="${BASE_MODEL:-msh-vr2}"
+GPU_MODEL="${GPU_MODEL:-msh-vr-gpu1}"
 mkdir -p "$OUT/weights"
 WORK="$(mktemp -d)"
 exec > >(tee "$OUT/session.log") 2>&1
 echo "gpu session ($mode) on $DEVICE, training ${TRAIN_SECONDS}s, $(date -u +%FT%TZ)"
 
 # 1. Fine-tune the shipped variable-rate model, time-boxed, and export it.
-"$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from msh-vr \
+"$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from "$BASE_MODEL" \
   --lmbdas default --N 64 --M 96 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
   --lr-drop-at 0.85 --steps 100000000 --time-budget "$TRAIN_SECONDS" --bf16 --log-every 50 \
-  --checkpoint-every 1000000 --quiet --export msh-vr --registry "$OUT/weights/registry.json" \
+  --checkpoint-every 1000000 --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
   --export-data "bsds500/train + wikipedia-photos/train (GPU pack, 256px crops)" \
-  --note "fine-tuned on a GPU for ${TRAIN_SECONDS}s from the shipped msh-vr (scripts/gpu_session.sh)"
+  --note "fine-tuned on a GPU for ${TRAIN_SECONDS}s from the shipped $BASE_MODEL (scripts/gpu_session.sh)"
 cp "$WORK/vr.log.jsonl" "$OUT/train.log.jsonl"
 
 # 2. The new weights on val images (sgarc curves only; the classical ones run here, later).
-"$PY" -m jobs.evaluate .gpu/val --limit "$EVAL_LIMIT" --model msh-vr \
+"$PY" -m jobs.evaluate .gpu/val --limit "$EVAL_LIMIT" --model "$GPU_MODEL" \
   --registry "$OUT/weights/registry.json" --baselines none --device "$DEVICE" --quiet \
   --json "$OUT/eval.json"
 
 # 3. The codec's GPU checks: cross-device decoding, SGA throughput, a pipeline shard.
 "$PY" scripts/gpu_session.py checks --registry "$OUT/weights/registry.json" \
-  --device "$DEVICE" --images "$IMAGES" --batches "$BATCHES" --sga-iterations "$SGA_IT" \
+  --model "$GPU_MODEL" --device "$DEVICE" --images "$IMAGES" --batches "$BATCHES" \
+  --sga-iterations "$SGA_IT" \
   --cross-iterations "$CROSS_IT" --pipeline-iterations "$PIPE_IT" --out "$OUT" --work "$WORK"
 rm -rf "$WORK"
 echo "done: $(ls "$OUT" "$OUT/weights" | tr '\n' ' ')"

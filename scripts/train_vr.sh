@@ -3,9 +3,12 @@
 #
 #   ./scripts/train_vr.sh            # resume the main run from training/msh-vr.ckpt (one core,
 #                                    # nice; stop it any time: it checkpoints every 250 steps)
-#   ./scripts/train_vr.sh finish     # end of a session: stop the main run, compact its resume
+#   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, compact its resume
 #                                    # point, then a decay branch (1500 steps at lr / 10, in
-#                                    # runs/cool/) exported as msh-vr into codec/weights
+#                                    # runs/cool/) exported as model ID into codec/weights
+#
+# ID must be new (msh-vr2, msh-vr3, ...): a shipped id names its weights for good, since a
+# stream names only its model id and decodes with that exact file (docs/bitstream.md).
 #
 # The main run keeps a constant learning rate (warmup-stable-decay: the stable phase goes on
 # from session to session); only the exported weights get the decay, on a branch, so the
@@ -13,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || ./scripts/setup.sh
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS="${TRAIN_THREADS:-1}"  # 2 when the machine is otherwise idle
 CKPT=training/msh-vr.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
@@ -25,6 +28,11 @@ case "${1:-main}" in
     exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-small-q4 \
       --lr-drop-at 1.0 --steps 100000000 ;;
   finish)
+    id="${2:?usage: $0 finish NEW_MODEL_ID (a shipped id is never reused)}"
+    if grep -q "\"id\": \"$id\"" codec/weights/registry.json; then
+      echo "model id $id is shipped already; streams name it, so its weights stay: pick a new id" >&2
+      exit 2
+    fi
     pkill -f -- "--checkpoint $CKPT" && sleep 3 || true
     step=$(.venv/bin/python -c "import torch; print(torch.load('$CKPT', weights_only=True)['step'])")
     .venv/bin/python -c "from pathlib import Path; from codec.train import compact_checkpoint; compact_checkpoint(Path('$CKPT'))"
@@ -33,8 +41,8 @@ case "${1:-main}" in
     total=$((step + DECAY_STEPS))
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
-      --export msh-vr --export-data "bsds500/train + wikipedia-photos/train" \
+      --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
       --note "variable-rate (gain units, 9 λ 0.0009·2^k), fine-tuned from msh-small-q4: $step steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     ;;
-  *) echo "usage: $0 [main|finish]" >&2; exit 2 ;;
+  *) echo "usage: $0 [main | finish NEW_MODEL_ID]" >&2; exit 2 ;;
 esac
