@@ -179,7 +179,8 @@ def checks(args) -> int:
     report["sga_speed"] = check_sga_speed(args.model, registry, device, args.batches,
                                           args.sga_iterations)
     print(f"SGA speed: {json.dumps(report['sga_speed'])}", flush=True)
-    report["pipeline"] = check_pipeline(args.model, Path(args.val), device, Path(args.work),
+    report["pipeline"] = check_pipeline(args.pipeline_model, Path(args.val), device,
+                                        Path(args.work),
                                         args.images, args.pipeline_iterations)
     print(f"pipeline: {json.dumps(report['pipeline'])}", flush=True)
     report["seconds"] = time.time() - t0
@@ -222,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--val-images", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("checks")
-    c.add_argument("--model", default="msh-vr")
+    c.add_argument("--model", default="msh-vr2", help="the session's model (its registry)")
+    c.add_argument("--pipeline-model", default="msh-vr2",
+                   help="a shipped model for the pipeline check (it reads the shipped registry)")
     c.add_argument("--registry", required=True)
     c.add_argument("--val", default=str(PACK / "val"))
     c.add_argument("--images", type=int, default=20)

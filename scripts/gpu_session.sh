@@ -71,8 +71,8 @@ cp "$WORK/vr.log.jsonl" "$OUT/train.log.jsonl"
 
 # 3. The codec's GPU checks: cross-device decoding, SGA throughput, a pipeline shard.
 "$PY" scripts/gpu_session.py checks --registry "$OUT/weights/registry.json" \
-  --model "$GPU_MODEL" --device "$DEVICE" --images "$IMAGES" --batches "$BATCHES" \
-  --sga-iterations "$SGA_IT" \
+  --model "$GPU_MODEL" --pipeline-model "$BASE_MODEL" --device "$DEVICE" \
+  --images "$IMAGES" --batches "$BATCHES" --sga-iterations "$SGA_IT" \
   --cross-iterations "$CROSS_IT" --pipeline-iterations "$PIPE_IT" --out "$OUT" --work "$WORK"
 rm -rf "$WORK"
 echo "done: $(ls "$OUT" "$OUT/weights" | tr '\n' ' ')"
