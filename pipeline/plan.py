@@ -42,7 +42,7 @@ from pipeline.storage import ObjectInfo, Storage
 LISTING_BATCH = 100_000  # listed objects per local spill file
 CHUNK_IMAGES = 50_000  # images per plan manifest (whole shards; a few MB)
 # The done check's join and sort spill to disk past this, so the planner's memory stops
-# growing with the archive (at 1 M objects it used about 250 MB, at 10 M it would not fit)
+# growing with the archive (they took about 250 MB at 1 M objects, and grow with it)
 PLAN_MEMORY_LIMIT = "256MB"
 FORMAT = 2  # plan.json with manifests; plans without "format" hold their shards inline
 
