@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from codec.model import MeanScaleHyperprior
-from codec.variable_rate import GainedMeanScaleHyperprior
+from codec.variable_rate import GainedMeanScaleHyperprior, widen
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -84,7 +84,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def load_initial(model: nn.Module, init_from: str, cfg: TrainConfig) -> int:
-    """Load --init-from weights into a new model; returns the steps behind them."""
+    """Load --init-from weights into a new model; returns the steps behind them. A
+    variable-rate model narrower than cfg.M is widened first (codec.variable_rate.widen)."""
     weights, steps, lmbda = initial_weights(init_from)
     fixed_into_variable = cfg.variable_rate and not any(k.startswith("base.") for k in weights)
     try:
@@ -92,12 +93,22 @@ def load_initial(model: nn.Module, init_from: str, cfg: TrainConfig) -> int:
             fixed = MeanScaleHyperprior(cfg.N, cfg.M)
             fixed.load_state_dict(weights)
             model.init_from_fixed(fixed, lmbda if lmbda is not None else cfg.lmbda)
+        elif cfg.variable_rate and latent_width(weights) < cfg.M:
+            narrow = GainedMeanScaleHyperprior(cfg.N, latent_width(weights), cfg.lmbdas)
+            narrow.load_state_dict(weights)
+            model.load_state_dict(widen(narrow, cfg.M, cfg.seed).state_dict())
         else:
             model.load_state_dict(weights)
     except RuntimeError:
         raise ValueError(f"--init-from {init_from}: its N, M or rate points differ from "
                          f"N={cfg.N}, M={cfg.M}") from None
     return steps
+
+
+def latent_width(weights: dict[str, torch.Tensor]) -> int:
+    """M of a (variable-rate or fixed) state dict: g_a's last layer's outputs."""
+    key = next(k for k in weights if k.endswith("g_a.6.weight"))
+    return weights[key].shape[0]
 
 
 def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float | torch.Tensor

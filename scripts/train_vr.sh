@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Train the variable-rate model msh-vr across sessions (docs/codec.md, docs/results.md).
+# Train the variable-rate model across sessions (docs/codec.md, docs/results.md): since
+# msh-vr2 the run is the wide one (M=192, widened from msh-vr2 at its start; the M=96 run's
+# resume point training/msh-vr.ckpt at step 51,000 is in git history at 76d2946).
 #
-#   ./scripts/train_vr.sh            # resume the main run from training/msh-vr.ckpt (one core,
+#   ./scripts/train_vr.sh            # resume the main run from training/msh-vrw.ckpt (one core,
 #                                    # nice; stop it any time: it checkpoints every 250 steps)
 #   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, compact its resume
 #                                    # point, then a decay branch (1500 steps at lr / 10, in
@@ -17,15 +19,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || ./scripts/setup.sh
 export OMP_NUM_THREADS="${TRAIN_THREADS:-1}"  # 2 when the machine is otherwise idle
-CKPT=training/msh-vr.ckpt
+CKPT=training/msh-vrw.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
-       --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 96
+       --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
        --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --quiet)
 
 case "${1:-main}" in
   main)
-    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-small-q4 \
+    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr2 \
       --lr-drop-at 1.0 --steps 100000000 ;;
   finish)
     id="${2:?usage: $0 finish NEW_MODEL_ID (a shipped id is never reused)}"
@@ -42,7 +44,7 @@ case "${1:-main}" in
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
       --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), fine-tuned from msh-small-q4: $step steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen): $step steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     ;;
   *) echo "usage: $0 [main | finish NEW_MODEL_ID]" >&2; exit 2 ;;
 esac

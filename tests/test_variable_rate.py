@@ -12,7 +12,7 @@ from codec.errors import BitstreamError, ModelError
 from codec.images import load_image
 from codec.inference import InferenceConfig
 from codec.registry import QUALITY_LMBDAS, find, load, load_point
-from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior, widen
 from tests.conftest import TINY_ID, TINY_VR_ID, smooth_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,3 +214,35 @@ def test_target_needs_a_variable_rate_model(tiny_vr_registry):
         codec.encode_to_target(_sample_crop(), Target("psnr", 30))
     with pytest.raises(ValueError):
         Target("psnr", -1)
+
+
+def test_widened_model_computes_the_same_function():
+    """widen: the old channels' latents, mu, sigma and the image are unchanged, the new
+    latents start near zero with sigma at its bound, and every new weight gets a gradient."""
+    torch.manual_seed(0)
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032)).eval()
+    _random_gains(vr)
+    wide = widen(vr, 40).eval()
+    x, r = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    with torch.no_grad():
+        g, gw = vr.gains(r), wide.gains(r)
+        y, yw = vr.base.g_a(x), wide.base.g_a(x)
+        torch.testing.assert_close(yw[:, :24], y)
+        assert yw[:, 24:].abs().max() < 0.1 * y.abs().max()
+        z = torch.round(vr.base.h_a(y) * g["hyper_gain"])
+        torch.testing.assert_close(torch.round(wide.base.h_a(yw) * gw["hyper_gain"]), z)
+        sigma, mu = vr.base.h_s(z * g["hyper_inverse_gain"]).chunk(2, dim=1)
+        sigma_w, mu_w = wide.base.h_s(z * gw["hyper_inverse_gain"]).chunk(2, dim=1)
+        torch.testing.assert_close(sigma_w[:, :24], sigma)
+        torch.testing.assert_close(mu_w[:, :24], mu)
+        assert sigma_w[:, 24:].abs().max() == 0 and mu_w[:, 24:].abs().max() == 0
+        torch.testing.assert_close(wide.base.g_s(yw * gw["gain"] * gw["inverse_gain"]),
+                                   vr.base.g_s(y * g["gain"] * g["inverse_gain"]))
+    wide.train()
+    out = wide(x, r)
+    (out["x_hat"].square().mean() - sum(torch.log(v).sum() for v in
+                                        out["likelihoods"].values())).backward()
+    for layer in (wide.base.g_s[0], wide.base.h_a[0], wide.base.h_s[4]):
+        assert layer.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="already has M=24"):
+        widen(vr, 24)
