@@ -38,7 +38,6 @@ reproducible BBVI), `bb-no-sga` [A5] (amortized y_hat, reproducible BBVI) and `b
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import struct
 import threading
@@ -59,7 +58,6 @@ from codec import coding
 from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
 from codec.entropy_models import gaussian_likelihood, lower_bound
 from codec.errors import BitstreamError, ModelError
-from codec.files import atomic_write
 from codec.frozen import (
     KA,
     LATENT_LIMIT,
@@ -75,7 +73,15 @@ from codec.images import PreparedImage, output_pixels, pad_to_multiple
 from codec.inference import InferenceConfig, sga_round
 from codec.metrics import bpp, psnr
 from codec.model import DOWNSAMPLE, MeanScaleHyperprior, conv
-from codec.registry import REGISTRY, ModelEntry, find, on_device, register, sha256_of
+from codec.registry import (
+    REGISTRY,
+    ModelEntry,
+    find,
+    on_device,
+    read_model_file,
+    register,
+    write_model_file,
+)
 from codec.tiling import analysis, masked_sse, synthesize_pixels
 
 Z_GRID_BITS = 3  # z_hat on the grid 2^-3
@@ -275,11 +281,7 @@ def load(model_id: str, registry: Path = REGISTRY) -> BitsBackModel:
     if entry.bits_back is None:
         raise ModelError(f"model {model_id!r} is not a bits-back model; the bits-back methods "
                          f"({', '.join(METHODS)}) need one (see `sgarc models`)")
-    path = registry.parent / entry.file
-    if not path.exists() or sha256_of(path) != entry.sha256:
-        raise ModelError(f"weights file {path} of model {entry.id!r} is missing or fails its "
-                         "integrity check; reinstall sgarc")
-    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    state = read_model_file(entry, registry)
     net = BitsBackHyperprior(entry.N, entry.M, entry.bits_back)
     net.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
     net.eval()
@@ -312,13 +314,9 @@ def export(model: BitsBackHyperprior, model_id: str, lmbda: float, steps: int, d
                               for k, v in model.state_dict().items()},
                "tables": tables.state_dict(),
                "y_digest": torch.tensor(list(digest), dtype=torch.uint8)}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    path = registry.parent / f"{model_id}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buf.getvalue())
-    entry = ModelEntry(model_id, 0, lmbda, model.N, model.M, steps, data, path.name,
-                       hashlib.sha256(buf.getvalue()).hexdigest(), note, bits_back=g)
+    name, sha = write_model_file(payload, model_id, registry)
+    entry = ModelEntry(model_id, 0, lmbda, model.N, model.M, steps, data, name, sha, note,
+                       bits_back=g)
     register(entry, registry)
     load.cache_clear()
     return entry

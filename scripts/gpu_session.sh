@@ -11,7 +11,7 @@
 # On the device the steps fit its 15-minute budget: ~4-5 minutes of training (TRAIN_SECONDS,
 # bf16 autocast, channels_last, crops on the GPU, the last 15% at lr / 10), then a val
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
-# (at most 8 files): weights/$GPU_MODEL.pt, weights/registry.json, train.log.jsonl,
+# (at most 8 files): weights/$GPU_MODEL.pt.xz, weights/registry.json, train.log.jsonl,
 # eval.json, checks.json, session.log. BASE_MODEL (default msh-vr2) is fine-tuned into
 # GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good.
 set -euo pipefail

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from codec.errors import ModelError
-from codec.registry import entries, find, load, sha256_of
+from codec.registry import REGISTRY, entries, find, load, sha256_of
 
 
 def test_shipped_models_are_registered_and_verified():
@@ -47,3 +47,9 @@ def test_corrupted_weights_are_refused(tiny_registry, tmp_path):
     weights.unlink()
     with pytest.raises(ModelError, match="missing"):
         load("tiny-test", reg)
+
+
+def test_shipped_weights_stay_under_40_mb():
+    """The product ships its models in the package: all of them together under 40 MB."""
+    total = sum((REGISTRY.parent / e.file).stat().st_size for e in entries())
+    assert total < 40_000_000, f"shipped weights are {total / 1e6:.1f} MB"
