@@ -170,46 +170,64 @@ def _default(known: list[ModelEntry]) -> ModelEntry:
 
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The sha256 a registry entry records for model file `path` (`read_model_file`)."""
+    return hashlib.sha256(_model_bytes(path)).hexdigest()
+
+
+def _model_bytes(path: Path) -> bytes:
+    """The torch.save bytes of a model file (`.xz` decompressed)."""
+    raw = path.read_bytes()
+    if path.suffix != ".xz":
+        return raw
+    try:
+        return lzma.decompress(raw)
+    except lzma.LZMAError as e:
+        raise ModelError(f"weights file {path} fails its integrity check (not a valid .xz "
+                         f"file: {e}); reinstall sgarc") from None
 
 
 # LZMA2 tuned for arrays of 2-, 4- and 8-byte numbers (lc=0: no literal context; lp=pb=2:
 # positions modulo 4): 4% smaller than the default preset on the shipped weights, and
-# still a plain .xz file that any xz tool or lzma.decompress reads.
-WEIGHT_FILE_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
-                        "lc": 0, "lp": 2, "pb": 2}]
+# still a plain .xz file that any xz tool or lzma.decompress reads. The dictionary is the
+# file's own size (never smaller than it, so nothing is lost): the decoder allocates the
+# whole dictionary, and preset 9's 64 MiB would be most of a bounded decode's memory.
+def weight_file_filters(size: int) -> list[dict]:
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
+             "dict_size": max(size, 1 << 16), "lc": 0, "lp": 2, "pb": 2}]
 
 
 def read_model_file(entry: ModelEntry, registry: Path = REGISTRY) -> dict:
-    """The payload of `entry`'s file, after its sha256 check (of the bytes on disk, before
-    anything is unpickled); `.xz` files are decompressed (`write_model_file`)."""
+    """The payload of `entry`'s file; `.xz` files are decompressed (`write_model_file`).
+
+    The sha256 is of the model's torch.save bytes (after decompression), checked before
+    anything is unpickled: it names the model, not its packing, so job fingerprints (which
+    hash it) did not change when the files became .xz."""
     path = registry.parent / entry.file
     if not path.exists():
         raise ModelError(f"weights file {path} of model {entry.id!r} is missing; reinstall sgarc")
-    raw = path.read_bytes()
+    raw = _model_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != entry.sha256:
         raise ModelError(f"weights file {path} fails its integrity check (sha256 {digest[:12]}… "
                          f"expected {entry.sha256[:12]}…); reinstall sgarc")
-    if path.suffix == ".xz":
-        raw = lzma.decompress(raw)
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
 
 
 def write_model_file(payload: dict, model_id: str, registry: Path = REGISTRY
                      ) -> tuple[str, str]:
-    """Write `payload` as `{model_id}.pt.xz` atomically; returns (file name, sha256).
+    """Write `payload` as `{model_id}.pt.xz` atomically; returns (file name, sha256 of the
+    torch.save bytes, as `read_model_file` checks it).
 
     Why xz: float16 weights and float64 pmf tables shrink by about 20% (lzma, stdlib) and
     the shipped weights must stay under 40 MB together; decompressing takes ~0.2 s per
     model, once per process (load is cached). The tensors are the same bits either way."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    data = lzma.compress(buf.getvalue(), filters=WEIGHT_FILE_FILTERS)
+    raw = buf.getvalue()
     path = registry.parent / f"{model_id}.pt.xz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
-    return path.name, hashlib.sha256(data).hexdigest()
+    atomic_write(path, lzma.compress(raw, filters=weight_file_filters(len(raw))))
+    return path.name, hashlib.sha256(raw).hexdigest()
 
 
 @lru_cache(maxsize=8)

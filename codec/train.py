@@ -18,8 +18,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from codec.entropy_models import gaussian_likelihood
 from codec.model import MeanScaleHyperprior
-from codec.variable_rate import GainedMeanScaleHyperprior, widen
+from codec.variable_rate import (
+    GainedMeanScaleHyperprior,
+    split_channels,
+    split_parameters,
+    widen,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -56,6 +62,9 @@ class TrainConfig:
     # CPU seconds of this process, which other load on the machine does not shrink).
     time_budget: float | None = None
     budget_clock: str = "wall"  # "wall" or "cpu"
+    # Once, at the start of this call: split every latent channel that carries no bits at
+    # the top λ from a live one (revive_dead_channels); variable-rate models.
+    revive_dead_channels: bool = False
 
     @property
     def variable_rate(self) -> bool:
@@ -103,6 +112,40 @@ def load_initial(model: nn.Module, init_from: str, cfg: TrainConfig) -> int:
         raise ValueError(f"--init-from {init_from}: its N, M or rate points differ from "
                          f"N={cfg.N}, M={cfg.M}") from None
     return steps
+
+
+@torch.no_grad()
+def channel_bits(model: GainedMeanScaleHyperprior, x: torch.Tensor, rate: int) -> torch.Tensor:
+    """Bits per pixel that each latent channel costs at trained λ point `rate` on images x
+    (hard rounding around mu, the coded rate)."""
+    was_training = model.training
+    model.eval()
+    b, g = model.base, model.gains(torch.full((x.shape[0],), rate, device=x.device))
+    y = b.g_a(x)
+    z_hat = torch.round(b.h_a(y) * g["hyper_gain"])
+    sigma, mu = b.h_s(z_hat * g["hyper_inverse_gain"]).chunk(2, dim=1)
+    mu, sigma, y = mu * g["gain"], sigma * g["gain"], y * g["gain"]
+    bits = -torch.log2(gaussian_likelihood(torch.round(y - mu) + mu, mu, sigma))
+    model.train(was_training)
+    return bits.sum(dim=(0, 2, 3)) / (x.shape[0] * x.shape[2] * x.shape[3])
+
+
+def revive_dead_channels(model: GainedMeanScaleHyperprior, opt: torch.optim.Optimizer,
+                         x: torch.Tensor, share: float = 0.01) -> list[int]:
+    """Split each latent channel that costs under `share` of the mean channel's bits at the
+    top λ (on images x) from a live one, the costliest first (split_channels), and drop the
+    optimizer's state for the tensors that changed (Adam starts them afresh). Returns the
+    revived channels. Why: a channel that fell below the quantization step gets almost no
+    gradient and stays unused (docs/results.md, msh-vr3)."""
+    bits = channel_bits(model, x, model.num_rates - 1).cpu()
+    dead = [int(c) for c in torch.nonzero(bits < share * bits.mean()).flatten()]
+    live = [int(c) for c in torch.argsort(bits, descending=True) if int(c) not in dead]
+    if not dead or not live:
+        return []
+    split_channels(model, dead, [live[i % len(live)] for i in range(len(dead))])
+    for p in split_parameters(model):
+        opt.state.pop(p, None)
+    return dead
 
 
 def latent_width(weights: dict[str, torch.Tensor]) -> int:
@@ -420,6 +463,9 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     if state is not None and "rng" in state:
         set_rng_state(state["rng"], sampler, device)
     log(f"training on {len(sampler.images)} images, device {device}, config {asdict(cfg)}")
+    if cfg.revive_dead_channels:
+        revived = revive_dead_channels(unwrap(model), opt, sampler.batch(16).to(device))
+        log(f"revived {len(revived)} dead latent channels by splitting live ones: {revived}")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,13 +225,12 @@ def widen(model: GainedMeanScaleHyperprior, M: int, seed: int = 0
     coefficients gives 30.2 / 36.0 / 41.2 dB (docs/results.md). Training a wider model from
     scratch costs far more steps than a CPU has; widening keeps every trained weight.
 
-    Net2Net-style (Chen et al. 2016): the new latent channels come out of g_a with small
-    random weights, while every weight that reads them (g_s, h_a) starts at zero, so the
-    image and z are unchanged; h_s gains new hidden units (fresh initialization) whose
-    weights into the old outputs are zero, and new (sigma, mu) outputs that start at zero:
-    sigma at the likelihood's lower bound, so the near-zero new latents cost almost no bits.
-    Gradients reach every new weight from the first step (none sits at a saddle of zeros on
-    both sides). The new channels' gains start at each rate point's mean gain.
+    Every layer that does not touch M is copied; h_s gains fresh hidden units whose
+    weights into the old outputs are zero; each new latent channel is a split of an old one
+    (`split_channels`), so the image, z, mu and sigma of the old channels are unchanged and
+    the new channels carry signal from the first step. (The first widening gave the new
+    channels small random g_a weights instead: they stayed below the quantization noise,
+    and after 16,000 steps one of 96 carried any bits; docs/results.md.)
     """
     m, N = model.M, model.N
     if m >= M:
@@ -247,14 +247,11 @@ def widen(model: GainedMeanScaleHyperprior, M: int, seed: int = 0
                 target.load_state_dict(layer.state_dict())
     new.p_z.load_state_dict(old.p_z.state_dict())
 
-    a = new.g_a[-1]  # conv N -> M: new outputs small, so they round to zero at first
-    a.weight[m:] *= 0.01
-    a.weight[:m], a.bias[:m], a.bias[m:] = old.g_a[-1].weight, old.g_a[-1].bias, 0.0
-    s = new.g_s[0]  # deconv M -> N, weight (C_in, C_out, k, k): new inputs read nothing
-    s.weight.zero_()
+    a = new.g_a[-1]  # conv N -> M
+    a.weight[:m], a.bias[:m] = old.g_a[-1].weight, old.g_a[-1].bias
+    s = new.g_s[0]  # deconv M -> N, weight (C_in, C_out, k, k)
     s.weight[:m], s.bias[:] = old.g_s[0].weight, old.g_s[0].bias
-    h = new.h_a[0]  # conv M -> N: new inputs read nothing
-    h.weight.zero_()
+    h = new.h_a[0]  # conv M -> N
     h.weight[:, :m], h.bias[:] = old.h_a[0].weight, old.h_a[0].bias
     h1, h2, h3 = new.h_s[0], new.h_s[2], new.h_s[4]
     o1, o2, o3 = old.h_s[0], old.h_s[2], old.h_s[4]
@@ -266,9 +263,41 @@ def widen(model: GainedMeanScaleHyperprior, M: int, seed: int = 0
     h3.bias.zero_()
     for out_old, out_new in ((slice(0, m), slice(0, m)), (slice(m, 2 * m), slice(M, M + m))):
         h3.weight[out_new, :k2], h3.bias[out_new] = o3.weight[out_old], o3.bias[out_old]
-
     for name in GAIN_NAMES:
         g_old, g_new = getattr(model, name), getattr(wide, name)
-        g_new.copy_(g_old.abs().mean(dim=1, keepdim=True).expand_as(g_new))
         g_new[:, :g_old.shape[1]] = g_old
+    split_channels(wide, range(m, M), [i % m for i in range(M - m)])
     return wide
+
+
+@torch.no_grad()
+def split_channels(model: GainedMeanScaleHyperprior, targets: Iterable[int],
+                   sources: Iterable[int]) -> None:
+    """Make latent channel t a copy of channel s, for each (t, s), in place (Net2WiderNet's
+    split, Chen et al. 2016): t gets s's g_a filter, (sigma, mu) outputs and gains, and s's
+    weights into g_s and h_a are halved and shared between the two, so without noise the
+    image and z are unchanged; with quantization noise the two copies average it down, and
+    independent noise (and rate) gradients make them diverge. Why a split and not a fresh
+    channel: a channel whose latents start below the quantization step gets almost no
+    gradient through the noise and stays unused (docs/results.md, msh-vr3)."""
+    b, M = model.base, model.M
+    a, s, h, hs = b.g_a[-1], b.g_s[0], b.h_a[0], b.h_s[-1]
+    for t, src in zip(targets, sources, strict=True):
+        if t == src:
+            raise ValueError(f"channel {t} cannot be split into itself")
+        a.weight[t], a.bias[t] = a.weight[src], a.bias[src]
+        s.weight[src] *= 0.5
+        s.weight[t] = s.weight[src]
+        h.weight[:, src] *= 0.5
+        h.weight[:, t] = h.weight[:, src]
+        for row, src_row in ((t, src), (M + t, M + src)):  # the sigma row, then the mu row
+            hs.weight[row], hs.bias[row] = hs.weight[src_row], hs.bias[src_row]
+        for name in ("gain", "inverse_gain"):
+            getattr(model, name)[:, t] = getattr(model, name)[:, src]
+
+
+def split_parameters(model: GainedMeanScaleHyperprior) -> list[nn.Parameter]:
+    """The tensors `split_channels` writes (an optimizer's state for them is stale after)."""
+    b = model.base
+    return [b.g_a[-1].weight, b.g_a[-1].bias, b.g_s[0].weight, b.h_a[0].weight,
+            b.h_s[-1].weight, b.h_s[-1].bias, model.gain, model.inverse_gain]

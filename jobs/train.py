@@ -58,7 +58,8 @@ def _config(args):
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                        init_from=args.init_from, lmbdas=_lmbdas(args.lmbdas),
                        bf16=args.bf16, channels_last=not args.nchw,
-                       time_budget=args.time_budget)
+                       time_budget=args.time_budget,
+                       revive_dead_channels=args.revive_dead_channels)
 
 
 def _lmbdas(text: str | None) -> tuple[float, ...]:
@@ -277,6 +278,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="ID|PATH",
                    help="start a new run from a registered model's weights or a checkpoint "
                         "(fine-tuning a neighbouring quality); ignored when resuming")
+    p.add_argument("--revive-dead-channels", action="store_true",
+                   help="once, at the start: split latent channels that carry no bits at the "
+                        "top λ from live ones (variable-rate models; docs/codec.md)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "

@@ -5,6 +5,8 @@
 #
 #   ./scripts/train_vr.sh            # resume the main run from training/msh-vrw.ckpt (one core,
 #                                    # nice; stop it any time: it checkpoints every 250 steps)
+#   ./scripts/train_vr.sh main ARGS  # the same with more jobs.train flags (the wide run was resumed
+#                                    # once with --revive-dead-channels, at step 17,750)
 #   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, compact its resume
 #                                    # point, then a decay branch (1500 steps at lr / 10, in
 #                                    # runs/cool/) exported as model ID into codec/weights
@@ -28,7 +30,7 @@ TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
 case "${1:-main}" in
   main)
     exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr2 \
-      --lr-drop-at 1.0 --steps 100000000 ;;
+      --lr-drop-at 1.0 --steps 100000000 "${@:2}" ;;
   finish)
     id="${2:?usage: $0 finish NEW_MODEL_ID (a shipped id is never reused)}"
     if grep -q "\"id\": \"$id\"" codec/weights/registry.json; then

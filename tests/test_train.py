@@ -13,7 +13,7 @@ from PIL import Image
 from codec.api import Codec, decode
 from codec.images import load_image
 from codec.inference import InferenceConfig
-from codec.registry import entries, load
+from codec.registry import entries, load, read_model_file
 from codec.train import TrainConfig, train
 from jobs.train import log_path, main, register
 from tests.conftest import smooth_image
@@ -100,7 +100,7 @@ def test_export_into_a_registry(data, tmp_path):
         ("tiny-trained", 2, 0.01, 8, 8, 5)
     assert entry.note == "test" and "64px crops" in entry.data
     lm = load("tiny-trained", registry)  # sha256 verified on load
-    state = torch.load(registry.parent / entry.file, weights_only=True)["state_dict"]
+    state = read_model_file(entry, registry)["state_dict"]
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
     image = load_image(data / "0.png")

@@ -217,32 +217,63 @@ def test_target_needs_a_variable_rate_model(tiny_vr_registry):
 
 
 def test_widened_model_computes_the_same_function():
-    """widen: the old channels' latents, mu, sigma and the image are unchanged, the new
-    latents start near zero with sigma at its bound, and every new weight gets a gradient."""
+    """widen: z, the old channels' mu and sigma and the image are unchanged; each new channel
+    is a split of an old one (its latents, mu and sigma), and every new weight gets a
+    gradient."""
     torch.manual_seed(0)
     vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032)).eval()
     _random_gains(vr)
     wide = widen(vr, 40).eval()
     x, r = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    sources = [i % 24 for i in range(16)]
     with torch.no_grad():
         g, gw = vr.gains(r), wide.gains(r)
         y, yw = vr.base.g_a(x), wide.base.g_a(x)
         torch.testing.assert_close(yw[:, :24], y)
-        assert yw[:, 24:].abs().max() < 0.1 * y.abs().max()
+        torch.testing.assert_close(yw[:, 24:] * gw["gain"][:, 24:],
+                                   (y * g["gain"])[:, sources])
         z = torch.round(vr.base.h_a(y) * g["hyper_gain"])
         torch.testing.assert_close(torch.round(wide.base.h_a(yw) * gw["hyper_gain"]), z)
         sigma, mu = vr.base.h_s(z * g["hyper_inverse_gain"]).chunk(2, dim=1)
         sigma_w, mu_w = wide.base.h_s(z * gw["hyper_inverse_gain"]).chunk(2, dim=1)
-        torch.testing.assert_close(sigma_w[:, :24], sigma)
-        torch.testing.assert_close(mu_w[:, :24], mu)
-        assert sigma_w[:, 24:].abs().max() == 0 and mu_w[:, 24:].abs().max() == 0
+        torch.testing.assert_close(sigma_w, torch.cat([sigma, sigma[:, sources]], dim=1))
+        torch.testing.assert_close(mu_w, torch.cat([mu, mu[:, sources]], dim=1))
         torch.testing.assert_close(wide.base.g_s(yw * gw["gain"] * gw["inverse_gain"]),
                                    vr.base.g_s(y * g["gain"] * g["inverse_gain"]))
     wide.train()
     out = wide(x, r)
     (out["x_hat"].square().mean() - sum(torch.log(v).sum() for v in
                                         out["likelihoods"].values())).backward()
-    for layer in (wide.base.g_s[0], wide.base.h_a[0], wide.base.h_s[4]):
-        assert layer.weight.grad.abs().sum() > 0
+    for layer in (wide.base.g_a[-1], wide.base.g_s[0], wide.base.h_a[0], wide.base.h_s[4]):
+        assert layer.weight.grad[24:].abs().sum() > 0 or layer is wide.base.h_a[0]
+    assert wide.base.h_a[0].weight.grad[:, 24:].abs().sum() > 0
     with pytest.raises(ValueError, match="already has M=24"):
         widen(vr, 24)
+
+
+def test_dead_channels_are_revived_by_splitting_live_ones():
+    """revive_dead_channels: a latent channel that costs no bits at the top λ becomes a
+    split of a live one (its latents nonzero again), and Adam's state for the changed
+    tensors is dropped so it starts them afresh."""
+    from codec.train import channel_bits, revive_dead_channels
+
+    torch.manual_seed(0)
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
+    _random_gains(vr)
+    with torch.no_grad():
+        vr.gain.abs_().mul_(20.0)  # every live channel costs bits at the top λ
+        vr.base.g_a[-1].weight[[3, 7]] = 0.0  # two channels that round to zero everywhere
+        vr.base.g_a[-1].bias[[3, 7]] = 0.0
+        hs = vr.base.h_s[-1]  # ... with mu = 0 and sigma at its bound: no bits
+        hs.weight[[3, 7, 27, 31]], hs.bias[[3, 7, 27, 31]] = 0.0, 0.0
+    x = torch.rand(2, 3, 64, 64)
+    before = channel_bits(vr, x, 2)
+    assert before[[3, 7]].max() < 1e-3 < before.mean()
+    opt = torch.optim.Adam(vr.parameters())
+    vr(x, torch.tensor([0, 2]))["x_hat"].square().mean().backward()
+    opt.step()
+    assert revive_dead_channels(vr, opt, x) == [3, 7]
+    after = channel_bits(vr, x, 2)
+    assert after[[3, 7]].min() > 0.1 * before.mean()
+    assert vr.base.g_a[-1].weight not in opt.state and vr.base.g_a[0].weight in opt.state
+    assert revive_dead_channels(vr, opt, x) == []
