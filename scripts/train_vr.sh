@@ -46,7 +46,7 @@ case "${1:-main}" in
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
       --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen): $step steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     ;;
   *) echo "usage: $0 [main | finish NEW_MODEL_ID]" >&2; exit 2 ;;
 esac
