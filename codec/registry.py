@@ -186,12 +186,12 @@ def _model_bytes(path: Path) -> bytes:
                          f"file: {e}); reinstall sgarc") from None
 
 
-# LZMA2 tuned for arrays of 2-, 4- and 8-byte numbers (lc=0: no literal context; lp=pb=2:
-# positions modulo 4): 4% smaller than the default preset on the shipped weights, and
-# still a plain .xz file that any xz tool or lzma.decompress reads. The dictionary is the
-# file's own size (never smaller than it, so nothing is lost): the decoder allocates the
-# whole dictionary, and preset 9's 64 MiB would be most of a bounded decode's memory.
 def weight_file_filters(size: int) -> list[dict]:
+    """xz filters for a model file of `size` bytes: LZMA2 tuned for arrays of 2-, 4- and
+    8-byte numbers (lc=0: no literal context; lp=pb=2: positions modulo 4), 4% smaller than
+    the default preset on the shipped weights and still a plain .xz file. The dictionary is
+    the file's own size (never smaller, so nothing is lost): the decoder allocates all of
+    it, and preset 9's 64 MiB would be most of a bounded decode's memory."""
     return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME,
              "dict_size": max(size, 1 << 16), "lc": 0, "lp": 2, "pb": 2}]
 

@@ -244,9 +244,10 @@ def test_widened_model_computes_the_same_function():
     out = wide(x, r)
     (out["x_hat"].square().mean() - sum(torch.log(v).sum() for v in
                                         out["likelihoods"].values())).backward()
-    for layer in (wide.base.g_a[-1], wide.base.g_s[0], wide.base.h_a[0], wide.base.h_s[4]):
-        assert layer.weight.grad[24:].abs().sum() > 0 or layer is wide.base.h_a[0]
-    assert wide.base.h_a[0].weight.grad[:, 24:].abs().sum() > 0
+    b = wide.base  # the new channels' weights: rows of g_a, g_s, h_s; columns of h_a
+    for grad in (b.g_a[-1].weight.grad[24:], b.g_s[0].weight.grad[24:],
+                 b.h_s[4].weight.grad[24:], b.h_a[0].weight.grad[:, 24:]):
+        assert grad.abs().sum() > 0
     with pytest.raises(ValueError, match="already has M=24"):
         widen(vr, 24)
 
