@@ -40,9 +40,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from codec.evaluation import load_images  # noqa: E402
 from codec.inference import PAPER, InferenceConfig, infer  # noqa: E402
 from codec.registry import load  # noqa: E402
-from jobs.evaluate import load_images  # noqa: E402
 
 DEFAULT_DATA = _ROOT.parent / "shared" / "data" / "bsds500" / "val"
 PATIENCE = (50, 100, 200, 300)

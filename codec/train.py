@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
     the model, the optimizer, the step and the random states (torch and crop sampler), so
     a resumed run draws the same crops and noise as one that was never stopped. Resuming
     with a different N, M or lambda than the checkpoint's is refused (ValueError).
-    jobs/train_cluster.py runs the same steps data-parallel on a Ray cluster.
+    pipeline/train_cluster.py runs the same steps data-parallel on a Ray cluster.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

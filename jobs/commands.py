@@ -124,7 +124,7 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
 
 def _read_input(args: argparse.Namespace) -> bytes:
     """A local path, or any fsspec URL (s3://..., gs://...) read with retries."""
-    from jobs.serve import read_url
+    from pipeline.decode_service import read_url
 
     return read_url(args.input, _storage_options(args))
 

@@ -1,6 +1,6 @@
 """Decode on demand over HTTP: the Starlette app, its uvicorn server, Ray Serve, ``sgarc serve``.
 
-:mod:`jobs.serve_service` does the decoding (keys, cache, single flight, limits, typed
+:mod:`pipeline.decode_service` does the decoding (keys, cache, single flight, limits, typed
 errors) and knows nothing of HTTP; this module maps it onto HTTP, as docs/serve.md
 describes (routes, headers, status codes, the JSON errors): :func:`make_app` (the ASGI
 app), :func:`make_server` / :func:`run_server` (uvicorn on a socket bound up front, so
@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from codec.errors import SgarcError
 from jobs.options import STORAGE_OPTIONS_HELP, parse_storage_options
-from jobs.serve_service import (
+from pipeline.decode_service import (
     CONTENT_TYPES,
     DECODE_BYTES_PER_PIXEL,
     DEFAULT_CACHE_BYTES,
@@ -39,8 +39,6 @@ from jobs.serve_service import (
     ServeError,
     public_url,
 )
-from jobs.serve_service import fetch_decode as fetch_decode  # re-exported: the library's
-from jobs.serve_service import read_url as read_url  # entry points (docs/serve.md, Library)
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette

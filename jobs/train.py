@@ -4,7 +4,7 @@ The loss, the loop and the checkpoint format are codec.train's; this module is t
 its flags (their help says what each does), the JSONL log beside the checkpoint (records
 after the step a run resumes from are dropped, so each step is logged once), the export
 into the registry when training has reached ``--steps`` (codec.registry.export_model), and
-with ``--address`` training on a Ray cluster (:mod:`jobs.train_cluster`). README.md
+with ``--address`` training on a Ray cluster (:mod:`pipeline.train_cluster`). README.md
 ("Training and evaluation") and docs/jobs.md ("Training on a cluster") have examples.
 """
 
@@ -108,7 +108,7 @@ def _check_data(args) -> None:
 
 def _train_on_cluster(args, cfg, checkpoint: Path, log, on_record):
     from jobs.options import parse_storage_options
-    from jobs.train_cluster import DEFAULT_SAMPLE, DEFAULT_WINDOW, ClusterOptions, train_cluster
+    from pipeline.train_cluster import DEFAULT_SAMPLE, DEFAULT_WINDOW, ClusterOptions, train_cluster
 
     if args.window and args.window < args.crop:
         raise SgarcError(f"--window {args.window} is smaller than --crop {args.crop}")

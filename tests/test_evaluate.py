@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from codec.evaluation import BASELINES, compare
 from codec.metrics import bd_psnr, bd_rate, rate_saving
 from codec.model import MeanScaleHyperprior
 from codec.registry import export_model
-from jobs.evaluate import BASELINES, compare, main, register
+from jobs.evaluate import main, register
 from tests.conftest import smooth_image
 
 

@@ -633,7 +633,7 @@ def check_long_row(data: bytes, row: dict) -> None:
 
 
 def test_longest_names_archive_and_unservable_keys_are_refused(tmp_path, local_ray):
-    from jobs.serve import DecodeService
+    from pipeline.decode_service import DecodeService
 
     photos = small_photos(3, size=32)
     refused = {"line\nbreak.png": "control character", "tab\there.png": "control character",
@@ -669,7 +669,7 @@ def test_longest_names_archive_and_unservable_keys_are_refused(tmp_path, local_r
 def test_longest_name_on_s3(s3, local_ray):
     import s3fs
 
-    from jobs.serve import DecodeService
+    from pipeline.decode_service import DecodeService
 
     options = s3.storage_options()
     src_bucket, out_bucket = s3.create_bucket(), s3.create_bucket()

@@ -18,7 +18,8 @@ from codec import routes
 from codec.bitstream import parse
 from codec.images import load_image
 from jobs import metrics, report
-from jobs.serve import DecodeService, fetch_decode, make_app
+from jobs.serve import make_app
+from pipeline.decode_service import DecodeService, fetch_decode
 from pipeline.run import RunOptions, refine, run
 from pipeline.settings import EncodeSettings
 

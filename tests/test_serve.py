@@ -1,4 +1,4 @@
-"""Decode on demand (jobs/serve_service.py, jobs/serve.py): the service, the Starlette app on
+"""Decode on demand (pipeline/decode_service.py, jobs/serve.py): the service, the Starlette app on
 real uvicorn on loopback, S3, the CLI, Ray Serve.
 
 The archive is built once per module: a few tiny images encoded with the shipped default
@@ -30,9 +30,10 @@ from PIL import Image, ImageCms
 from codec.api import Codec, decode
 from codec.images import DEFAULT_MAX_PIXELS, load_image
 from codec.inference import InferenceConfig
-from jobs import serve, serve_service
+from jobs import serve
 from jobs.serve import make_app, make_server, negotiate
-from jobs.serve_service import (
+from pipeline import decode_service
+from pipeline.decode_service import (
     BadKey,
     BadRequest,
     ByteLRU,
@@ -166,7 +167,7 @@ def open_image(body: bytes) -> Image.Image:
 
 
 @pytest.mark.parametrize("key", ["a.jpg", PHOTO, ODD, "x/y/z.png", "%2e%2e", "..a", "a..",
-                                 ".hidden/a.jpg", "a" * serve_service.MAX_KEY_BYTES])
+                                 ".hidden/a.jpg", "a" * decode_service.MAX_KEY_BYTES])
 def test_valid_keys(key):
     assert validate_key(key) == key
 
@@ -205,20 +206,20 @@ def test_byte_lru_evicts_least_recent_and_expires():
 
 
 def test_default_max_pixels_matches_the_codec():
-    assert serve_service.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS  # fetch_decode, as sgarc decode
+    assert decode_service.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS  # fetch_decode, as sgarc decode
 
 
 def test_the_service_allows_fewer_pixels_than_the_cli(archive):
-    assert serve_service.SERVE_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
-    assert DecodeService(archive["root"]).max_pixels == serve_service.SERVE_MAX_PIXELS
+    assert decode_service.SERVE_MAX_PIXELS <= DEFAULT_MAX_PIXELS // 2
+    assert DecodeService(archive["root"]).max_pixels == decode_service.SERVE_MAX_PIXELS
     import argparse
 
     parser = argparse.ArgumentParser(prog="sgarc")
     serve.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", "--archive", "x"])
-    assert args.max_pixels == serve_service.SERVE_MAX_PIXELS
-    assert args.decode_memory_mb * (1 << 20) == serve_service.DEFAULT_DECODE_BYTES
-    assert args.queue_timeout == serve_service.DEFAULT_QUEUE_TIMEOUT
+    assert args.max_pixels == decode_service.SERVE_MAX_PIXELS
+    assert args.decode_memory_mb * (1 << 20) == decode_service.DEFAULT_DECODE_BYTES
+    assert args.queue_timeout == decode_service.DEFAULT_QUEUE_TIMEOUT
     for flag, value in (("--max-pixels", "0"), ("--decode-memory-mb", "0"),
                         ("--queue-timeout", "-1")):
         with pytest.raises(serve.SgarcError, match=flag):
@@ -226,7 +227,7 @@ def test_the_service_allows_fewer_pixels_than_the_cli(archive):
 
 
 def test_byte_budget_is_first_come_first_served():
-    budget = serve_service.ByteBudget(100)
+    budget = decode_service.ByteBudget(100)
     assert budget.acquire(60) == 60
     assert budget.acquire(50, timeout=0.05) is None  # does not fit in time
     assert budget.acquire(40, timeout=0) == 40  # fits
@@ -255,12 +256,12 @@ def test_byte_budget_is_first_come_first_served():
     assert stats["in_flight_bytes"] == 0 and stats["peak_bytes"] == 100
     assert stats["refused"] == 1 and stats["waiting"] == 0
     with pytest.raises(ValueError):
-        serve_service.ByteBudget(0)
+        decode_service.ByteBudget(0)
 
 
 def _pixels_needed(key: str) -> int:
     w, h = SIZES[key]
-    return 64 * -(-w // 64) * 64 * -(-h // 64) * serve_service.DECODE_BYTES_PER_PIXEL
+    return 64 * -(-w // 64) * 64 * -(-h // 64) * decode_service.DECODE_BYTES_PER_PIXEL
 
 
 @pytest.fixture
@@ -302,7 +303,7 @@ def test_decoded_bytes_in_flight_are_bounded(archive, slow_decode):
     assert slow_decode["most"] == 1 and service.decodes == 4
     stats = service.health()["decoding"]
     assert stats["peak_bytes"] <= budget and stats["in_flight_bytes"] == 0
-    assert stats["max_pixels"] == serve_service.SERVE_MAX_PIXELS
+    assert stats["max_pixels"] == decode_service.SERVE_MAX_PIXELS
 
     # With room for all of them (the default budget), they run together.
     service = DecodeService(archive["root"], cache_bytes=0, max_decodes=4)
@@ -442,7 +443,7 @@ def test_not_found_is_404_json(server):
     "/images/%ff%fe",
     "/images/",
     "/images",
-    "/images/" + "a" * (serve_service.MAX_KEY_BYTES + 1),
+    "/images/" + "a" * (decode_service.MAX_KEY_BYTES + 1),
     "/images/2024/",
     "/images/./red.png",
 ])
@@ -670,12 +671,12 @@ def test_symlinks_out_of_bitstreams_are_not_followed(archive, tmp_path):
 
 
 def test_corrupt_stream_messages_quote_nothing_from_the_stream():
-    assert serve_service.content_free("not an sgarc bitstream (starts with b'TOP-', expected "
+    assert decode_service.content_free("not an sgarc bitstream (starts with b'TOP-', expected "
                               "b'SGAC')") == "not an sgarc bitstream"
-    assert serve_service.content_free("unknown section b'XY\\x00Z'") == "unknown section"
-    assert serve_service.content_free("invalid model id 'hunter2'") == "invalid model id"
+    assert decode_service.content_free("unknown section b'XY\\x00Z'") == "unknown section"
+    assert decode_service.content_free("invalid model id 'hunter2'") == "invalid model id"
     kept = "checksum mismatch: the stream is corrupt or truncated"
-    assert serve_service.content_free(kept) == kept
+    assert decode_service.content_free(kept) == kept
 
 
 def test_service_api(archive):
@@ -688,7 +689,7 @@ def test_service_api(archive):
         service.get("../secret")
     with pytest.raises(BadRequest):
         service.get(PLAIN, "gif")
-    with pytest.raises(serve_service.CorruptStream):
+    with pytest.raises(decode_service.CorruptStream):
         service.get(CORRUPT)
     assert service.render(PLAIN).cache == "miss" and service.render(PLAIN).cache == "miss"
 

@@ -18,15 +18,15 @@ from codec.images import load_image
 from codec.inference import InferenceConfig
 from codec.registry import entries
 from jobs.train import log_path, main
-from jobs.train_cluster import decode_training_image, sample_images, worker_layout
 from pipeline.storage import Storage
+from pipeline.train_cluster import decode_training_image, sample_images, worker_layout
 from tests.conftest import smooth_image
 
 TINY = ["--N", "8", "--M", "8", "--crop", "64", "--batch-size", "2", "--lr", "1e-3",
         "--lmbda", "0.01", "--log-every", "1", "--quiet"]
 # importing ray.train sets Ray Data's deprecated context options
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
-# The session's local Ray has 2 CPUs: each worker reserves 0.5 of one (jobs.train_cluster).
+# The session's local Ray has 2 CPUs: each worker reserves 0.5 of one (pipeline.train_cluster).
 CLUSTER = ["--address", "local", "--workers", "2", "--timeout", "300"]
 
 
