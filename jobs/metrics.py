@@ -5,63 +5,9 @@
     worst_images(con, by="psnr", n=10); failures(con)
     query(con, "SELECT method, avg(bpp) FROM metrics WHERE status = 'ok' GROUP BY ALL")
 
-``metrics`` holds every row of the files ``<out>/metrics/run=<id>/*.parquet``: the shard
-parts and the compacted files that merge a run's parts (``sgarc metrics compact``; a part
-a compacted file holds is skipped, so each row counts once, before and after compaction;
-``pipeline.sink.metric_files``). Schema in docs/pipeline.md, plus two columns: ``run``,
-the run id taken from the file's ``run=<id>`` folder (it equals the ``run_id`` column the
-files hold), and ``part``, the file's path. Files are read by name (``union_by_name``):
-a part written before a column existed (``metadata_bytes``, ``has_icc``, ...) reads as
-NULL there, and a column of the current schema that no part has yet is still in the view,
-all NULL, so queries need not care which sgarc version wrote which part. ``run`` comes
-from the file's path rather than DuckDB's hive partitioning so that ``key=value`` folders
-above the output (``/data/year=2024/archive``) never turn into columns that shadow real
-ones.
-
-Object stores go through the same fsspec filesystem the pipeline uses, registered with
-DuckDB (``register_filesystem``): no DuckDB extension is installed or loaded, nothing is
-fetched from the network but the parts. Extension auto-install and auto-load are off.
-Locally ``metrics`` is a view (each query reads the parts it needs); on object stores it is
-an in-memory table read once at connect, since every query would list and open every part
-again, a round trip each.
-
-Per-run summary (:func:`run_summaries`), over the rows of one ``run``; "ok rows" are those
-with ``status = 'ok'``:
-
-===================  ==========================================================================
-``first``/``last``   earliest and latest ``timestamp`` (UTC)
-``images``           rows (one per input image); ``ok``; ``failures`` (``status <> 'ok'``)
-``bytes_in``         sum of ``source_bytes`` over ok rows (failed images have no output)
-``bytes_out``        sum of ``bitstream_bytes`` over ok rows
-``savings_pct``      100 × (1 − bytes_out / bytes_in); negative when the streams are larger
-``mean_bpp``         mean ``bpp`` over ok rows (per image, not weighted by pixels)
-``mean_psnr``        mean ``psnr`` (dB) over ok rows of the learned route (the
-                     jpeg-lossless and original routes are exact: PSNR_CAP, 100 dB)
-``refined``          ok rows refined by iterative inference: ``iterations > 0`` and
-                     ``amortized_rd_loss > 0`` (SGA and the paper's ablations)
-``rd_gain_pct``      100 × mean over refined rows of
-                     (``amortized_rd_loss`` − ``rd_loss``) / ``amortized_rd_loss``: the relative
-                     drop of the true RD loss from the amortized start (what SGA optimizes)
-``bpp_saved``        mean over refined rows of ``amortized_bpp`` − ``estimated_bits`` / pixels:
-                     the model's estimated rate of the amortized start minus that of the
-                     refined latents (both model estimates over the image's pixels, so no
-                     container or header bytes skew it)
-``psnr_gain_db``     mean over refined rows of ``psnr`` − ``amortized_psnr``; ``psnr`` is
-                     measured on the decoded 8-bit output, ``amortized_psnr`` on the float
-                     reconstruction of the amortized start, so rounding adds a little noise
-``encode_seconds``   sum of ``encode_seconds`` over ok rows; ``mean_encode_seconds`` its mean
-``methods``          the inference methods of the run's rows, sorted
-===================  ==========================================================================
-
-Per run and route (:func:`route_summaries`, DESIGN.md decision 9: where the codec wins),
-over ok rows; a row without ``route`` (written before routes existed) is ``learned``:
-``images`` and ``image_share`` (% of the run's ok rows), ``bytes_in``, ``bytes_out`` and
-``byte_share`` (% of the run's stored bytes), ``savings_pct``, ``mean_psnr``, and
-``floor_met`` / ``floor_missed`` (rows with a floor that their stream reaches / misses).
-
-Means and gains are None where no row qualifies (a run of failures, an amortized run).
-Refinement runs (which keep the stored stream unless a new encoding beats it) count every
-encoding they made, whether or not it replaced the stored stream.
+``metrics`` is every row of the run's Parquet files (each counted once, before and after
+compaction), read by column name; docs/pipeline.md ("Summaries: `sgarc metrics`") says how
+they are read, locally and on object stores, and defines the summaries' fields.
 """
 
 from __future__ import annotations
@@ -198,7 +144,7 @@ FROM m GROUP BY run ORDER BY first, run
 
 
 def run_summaries(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
-    """One dict per run, oldest first; fields defined in the module docstring."""
+    """One dict per run, oldest first (fields: docs/pipeline.md, "Summaries")."""
     rows = _rows(con, _SUMMARY_SQL, {"run": run})
     keys = ("run", "first", "last", "images", "ok", "failures", "bytes_in", "bytes_out",
             "savings_pct", "mean_bpp", "mean_psnr", "refined", "rd_gain_pct", "bpp_saved",
@@ -227,8 +173,8 @@ ROUTE_ORDER = ("learned", "jpeg-lossless", "original")  # codec.bitstream.ROUTES
 
 
 def route_summaries(con: duckdb.DuckDBPyConnection, run: str | None = None) -> list[dict]:
-    """One dict per run and route, runs oldest first, routes in ROUTE_ORDER (fields in the
-    module docstring)."""
+    """One dict per run and route, runs oldest first, routes in ROUTE_ORDER (fields:
+    docs/pipeline.md, "Summaries")."""
     rows = _rows(con, _ROUTES_SQL, {"run": run})
     order = {r: i for i, r in enumerate(runs(con))}
     totals: dict[str, list[int]] = {}

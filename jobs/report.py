@@ -2,28 +2,9 @@
 
     write_report("archive/", "report.html")             # or s3://bucket/archive
 
-The page holds the per-run summary, how the images are stored (share of images and of bytes
-per route: learned, jpeg-lossless, original) and the refinement gains (definitions in
-:mod:`jobs.metrics`), three plots - bpp against PSNR per learned stream (coloured by method
-when there are several, else by run), the histogram of per-image savings
-1 − bitstream_bytes / source_bytes, and the trend of mean bpp, mean PSNR and savings across
-runs - then the worst images, a gallery of the worst few up close, and the failures.
-
-The plots are drawn by matplotlib as SVG, each embedded as a data: URI (its own SVG
-document, so element ids never clash); the gallery crops are lossless WebP data: URIs. No
-JavaScript, no external CSS, fonts or CDN: the file opens anywhere, offline, and can be
-mailed or archived as is. Every string from the data is HTML-escaped. The markup is
-well-formed XML (XHTML polyglot), so tests and tools can parse it strictly.
-
-The gallery makes the numbers visible: for each of the ``pictures`` (default 6) learned
-streams of lowest PSNR, the source and the decoded bitstream side by side, cut where the
-squared error is largest (a ``CROP`` px square). It reads each image's source
-(``source_url``, with the same storage options) and its bitstream, so the work is one full
-decode per picture; an image whose source has moved, or whose bitstream a later run
-replaced, is listed as not shown, with the reason.
-
-Scale: the scatter shows at most ``MAX_POINTS`` images (a deterministic sample, stated on
-the page); the histogram and the tables are aggregated by DuckDB over all rows.
+Tables from :mod:`jobs.metrics`, plots by matplotlib as SVG data: URIs, a gallery of the
+worst images (source and decoded crops side by side); no JavaScript, nothing external, the
+markup well-formed XHTML. docs/pipeline.md ("The report") describes the page.
 """
 
 from __future__ import annotations
