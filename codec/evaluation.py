@@ -181,9 +181,10 @@ def measure_baseline(name: str, images: list[EvalImage], settings=None, bar=None
 def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict[int, dict]:
     """One point per budget: every image encoded with `config`, decoded back on the CPU.
 
-    An iterative config runs once per image up to its largest snapshot (config.snapshots,
-    else config.iterations) and is coded at each snapshot: under the paper's schedule that
-    is what separate runs of each length give (Codec.encode_snapshots).
+    Under the paper's schedule an iterative config runs once per image up to its largest
+    snapshot (config.snapshots, else config.iterations) and is coded at each: that is what
+    separate runs of each length give (Codec.encode_snapshots). Any other config (the
+    scaled schedule depends on the budget) is one encoding per image, as `sgarc encode`.
     """
     from dataclasses import replace
 
@@ -191,17 +192,22 @@ def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict[int,
     from codec.metrics import psnr
 
     entry = codec.lm.entry
-    iterative = config.method != "amortized" and config.iterations > 0
-    budgets = sorted(set(config.snapshots) or {config.iterations}) if iterative else [0]
-    config = replace(config, iterations=max(budgets), snapshots=tuple(budgets))
+    snapshots = config.method != "amortized" and config.iterations > 0 and \
+        config.schedule == "paper"
+    budgets = sorted(set(config.snapshots) or {config.iterations}) if snapshots else \
+        [config.iterations if config.method != "amortized" else 0]
+    if snapshots:
+        config = replace(config, iterations=max(budgets), snapshots=tuple(budgets))
     rows: dict[int, list[dict]] = {n: [] for n in budgets}
+    progress = bar.update if bar is not None else None
     for im in images:
-        if iterative:
-            results = codec.encode_snapshots(im.prepared, config, progress=(
-                bar.update if bar is not None else None))
+        if snapshots:
+            results = codec.encode_snapshots(im.prepared, config, progress=progress)
         else:
-            results = {0: codec.encode(im.prepared, config)}
-            if bar is not None:
+            iterative = config.method != "amortized"
+            results = {budgets[0]: codec.encode(im.prepared, config,
+                                                progress=progress if iterative else None)}
+            if bar is not None and not iterative:
                 bar.update(1)
         for n, result in results.items():
             decoded = decode(result.data, device="cpu", registry=codec.registry)

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,3 +184,35 @@ def test_merge_pools_reports_split_by_quality(tiny_registry, tmp_path, capsys):
     assert "different images" in capsys.readouterr().err
     assert main([str(a), str(a), "--merge"]) == 2
     assert "more than one report" in capsys.readouterr().err
+
+
+def test_sga_curves_use_the_products_schedule_unless_paper_is_asked(tiny_registry, tmp_path):
+    """--sga-schedule scaled (the default) codes each budget as `sgarc encode --iterations N`
+    would; paper codes snapshots of one run of the paper's schedule."""
+    from codec.api import Codec
+    from codec.evaluation import load_images
+    from codec.inference import PAPER, InferenceConfig
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.fromarray(smooth_image(64, 64, seed=3)).save(folder / "0.png")
+    reports = {}
+    for schedule in ("scaled", "paper"):
+        out = tmp_path / f"{schedule}.json"
+        assert main([str(folder), "--registry", str(tiny_registry), "--quiet", "--baselines",
+                     "none", "--sga-iterations", "2,4", "--sga-schedule", schedule,
+                     "--json", str(out)]) == 0
+        reports[schedule] = json.loads(out.read_text())
+    image = load_images([str(folder)])[0]
+    codec = Codec(1, registry=tiny_registry)
+    for n in (2, 4):
+        row = reports["scaled"]["curves"][f"sgarc-sga-{n}"]["points"][0]["per_image"][0]
+        assert row["bytes"] == len(codec.encode(image.prepared, InferenceConfig(iterations=n))
+                                   .data)
+    snapshots = codec.encode_snapshots(image.prepared, replace(PAPER, iterations=4,
+                                                               snapshots=(2, 4)))
+    for n in (2, 4):
+        row = reports["paper"]["curves"][f"sgarc-sga-{n}"]["points"][0]["per_image"][0]
+        assert row["bytes"] == len(snapshots[n].data)
+    assert reports["paper"]["settings"]["sga"]["lr"] == PAPER.learning_rate
+    assert reports["scaled"]["settings"]["sga"]["lr"] == InferenceConfig().learning_rate
