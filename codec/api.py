@@ -266,7 +266,8 @@ class Codec:
     def at_rate(self, rate: int) -> Codec:
         """This codec at another rate point of its variable-rate model (shares the model)."""
         other = object.__new__(Codec)
-        other.lm, other.registry, other.device = self.lm.at(rate), self.registry, self.device
+        other.lm = self.lm.at(self.lm.encodable(rate))
+        other.registry, other.device = self.registry, self.device
         other.model = other.lm.on(self.device)
         return other
 

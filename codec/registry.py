@@ -59,6 +59,10 @@ class ModelEntry:
     lmbdas: tuple[float, ...] | None = None  # trained λ points of a variable-rate model
     default: bool = False  # the model used when none is named
     bits_back: int | None = None  # a bits-back model (codec.bits_back): its z grid bits
+    # Variable-rate: encoders use only the grid points that are multiples of rate_step (1:
+    # all). msh-vr3 has 32, its trained points: between them its gains do not interpolate
+    # (docs/codec.md, "Rate points between the trained ones"). Decoding takes any point.
+    rate_step: int = 1
 
     def __post_init__(self) -> None:
         if self.lmbdas is not None:
@@ -102,6 +106,15 @@ class LoadedModel:
             self._points[rate] = point  # (re)inserted last: most recently used
         return point
 
+    def encodable(self, rate: int) -> int:
+        """`rate` if encoders may code at it (ModelError otherwise; ModelEntry.rate_step)."""
+        step = self.entry.rate_step
+        if rate % step:
+            raise ModelError(f"rate point {rate} of model {self.entry.id} is not for encoding: "
+                             f"use a multiple of {step} (between its trained points it "
+                             "codes poorly; docs/codec.md)")
+        return rate
+
     def quality_rate(self, quality: int) -> int:
         """The rate point that quality level `quality` names on this variable-rate model."""
         if quality not in QUALITY_LMBDAS:
@@ -110,9 +123,11 @@ class LoadedModel:
         return self.rate_for_lmbda(QUALITY_LMBDAS[quality])
 
     def rate_for_lmbda(self, lmbda: float) -> int:
+        """The encodable rate point nearest `lmbda` (in log)."""
         if self.variable is None:
             raise ModelError(f"model {self.entry.id} is a fixed-rate model")
-        return self.variable.rate_for_lmbda(lmbda)
+        step = self.entry.rate_step
+        return round(self.variable.rate_for_lmbda(lmbda) / step) * step
 
     def on(self, device: torch.device | str) -> MeanScaleHyperprior:
         """The float model on `device`; the CPU copy is never moved, others are cached."""
@@ -245,7 +260,7 @@ def load(model: str | int | None = None, registry: Path = REGISTRY) -> LoadedMod
         gains = GainTables.from_state_dict(state["gains"])
         whole = LoadedModel(entry, var.base, CodingTables.from_state_dict(
             state["tables"], var.base.h_s), var, gains)
-        return whole.at(var.rate_for_lmbda(QUALITY_LMBDAS[DEFAULT_QUALITY]))
+        return whole.at(whole.rate_for_lmbda(QUALITY_LMBDAS[DEFAULT_QUALITY]))
     net = MeanScaleHyperprior(entry.N, entry.M)
     net.load_state_dict(weights)
     net.eval()
@@ -258,7 +273,7 @@ def load_point(model: str | int | None = None, rate: int | None = None,
     the rate point a quality level names, or at its default point (quality 4)."""
     lm = load(model, registry)
     if rate is not None:
-        return lm.at(rate)
+        return lm.at(lm.encodable(rate))
     if lm.variable is not None and isinstance(model, int) and lm.entry.quality != model:
         return lm.at(lm.quality_rate(model))
     return lm

@@ -69,24 +69,25 @@ def search_rate(codec: Codec, image: PreparedImage, target: Target
     if lm.variable is None:
         raise ModelError(f"a {target.kind} target needs a variable-rate model; "
                          f"{lm.entry.id} is fixed-rate (see `sgarc models`)")
-    top = lm.variable.max_rate_index
+    step = lm.entry.rate_step  # the search runs over the encodable points k * step
+    top = lm.variable.max_rate_index // step
     tried: dict[int, EncodeResult] = {}
 
-    def amortized(rate: int) -> EncodeResult:
-        if rate not in tried:
-            tried[rate] = codec.at_rate(rate).encode(image, _AMORTIZED)
-        return tried[rate]
+    def amortized(k: int) -> EncodeResult:
+        if k not in tried:
+            tried[k] = codec.at_rate(k * step).encode(image, _AMORTIZED)
+        return tried[k]
 
     if target.kind == "psnr":  # lowest point whose PSNR reaches the target
-        rate = _first_true(lambda r: target.met(amortized(r)), 0, top)
-        if rate is None:
-            return top, amortized(top), False
+        k = _first_true(lambda k: target.met(amortized(k)), 0, top)
+        if k is None:
+            return top * step, amortized(top), False
     else:  # highest point within the budget: one below the first that exceeds it
-        over = _first_true(lambda r: not target.met(amortized(r)), 0, top)
+        over = _first_true(lambda k: not target.met(amortized(k)), 0, top)
         if over == 0:
             return 0, amortized(0), False
-        rate = top if over is None else over - 1
-    return rate, amortized(rate), True
+        k = top if over is None else over - 1
+    return k * step, amortized(k), True
 
 
 def encode_to_target(codec: Codec, image: PreparedImage, target: Target,

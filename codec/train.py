@@ -21,6 +21,7 @@ from torch import nn
 from codec.entropy_models import gaussian_likelihood
 from codec.model import MeanScaleHyperprior
 from codec.variable_rate import (
+    RATE_STEPS,
     GainedMeanScaleHyperprior,
     split_channels,
     split_parameters,
@@ -65,6 +66,11 @@ class TrainConfig:
     # Once, at the start of this call: split every latent channel that carries no bits at
     # the top λ from a live one (revive_dead_channels); variable-rate models.
     revive_dead_channels: bool = False
+    # Variable-rate: draw each crop's rate from every grid point (RATE_STEPS per λ
+    # interval, gains and λ interpolated as the exported tables are) rather than from the
+    # trained points only, so that the points in between are trained too (docs/codec.md,
+    # "Rate points between the trained ones").
+    rate_grid: bool = False
 
     @property
     def variable_rate(self) -> bool:
@@ -374,9 +380,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: Train
         g["lr"] = lr * g.get("lr_scale", 1.0)
     x = sampler.batch(cfg.batch_size).to(device, memory_format=memory_format_of(cfg))
     if cfg.variable_rate:
-        r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
-        lmbda = unwrap(model).lmbdas_tensor(device)[r]
-        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), lmbda)
+        net = unwrap(model)
+        if cfg.rate_grid:  # any grid point, as a float position between trained points
+            index = sampler.rate_points(cfg.batch_size, net.max_rate_index + 1).to(device)
+            r = index.float() / RATE_STEPS
+        else:
+            r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
+        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), net.lmbda_at(r))
     else:
         terms = rd_loss_terms(x, model(x), cfg.lmbda)
     opt.zero_grad(set_to_none=True)

@@ -84,6 +84,11 @@ class GainedMeanScaleHyperprior(nn.Module):
     def lmbdas_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.lmbdas, device=device)
 
+    def lmbda_at(self, r: torch.Tensor) -> torch.Tensor:
+        """λ at rate positions r (B,): trained points (integers), or positions between
+        them (floats, grid index / RATE_STEPS), interpolated as `rate_lmbda` does."""
+        return _lerp_logs(self.lmbdas_tensor(r.device).log()[:, None], r)[:, 0].exp()
+
     @torch.no_grad()
     def init_from_fixed(self, fixed: MeanScaleHyperprior, lmbda: float) -> None:
         """Start from a trained fixed-rate model at `lmbda`: rate point r then codes with the
@@ -96,8 +101,14 @@ class GainedMeanScaleHyperprior(nn.Module):
         self.hyper_inverse_gain.fill_(1.0)
 
     def gains(self, r: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample gains (B, C, 1, 1) for integer rate points r (B,)."""
-        return {name: getattr(self, name).abs()[r][:, :, None, None] for name in GAIN_NAMES}
+        """Per-sample gains (B, C, 1, 1) at rate positions r (B,): trained points
+        (integers), or positions between them (floats: grid index / RATE_STEPS), where the
+        gains are the exponential interpolation that `gain_tables` stores, differentiable,
+        so training can cover every grid point (TrainConfig.rate_grid)."""
+        if not r.is_floating_point():
+            return {name: getattr(self, name).abs()[r][:, :, None, None] for name in GAIN_NAMES}
+        return {name: _lerp_logs(getattr(self, name).abs().log(), r).exp()[:, :, None, None]
+                for name in GAIN_NAMES}
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool = False) -> dict:
         """Training forward at rate point r[i] for image i (uniform-noise relaxation).
@@ -163,6 +174,15 @@ def _transform(layers: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tens
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         h = layers[:-1](x)
     return layers[-1](h.float())
+
+
+def _lerp_logs(logs: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Rows of `logs` (trained points) linearly interpolated at positions r (B,): the torch
+    form of `_interpolate`, with r = grid index / RATE_STEPS."""
+    lo = r.floor().long().clamp(max=logs.shape[0] - 1)
+    hi = (lo + 1).clamp(max=logs.shape[0] - 1)
+    t = (r - lo).to(logs.dtype)[:, None]
+    return (1.0 - t) * logs[lo] + t * logs[hi]
 
 
 def _interpolate(logs: np.ndarray, index: int) -> np.ndarray:

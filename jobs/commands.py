@@ -203,7 +203,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         if e.variable_rate:
             from codec.variable_rate import RATE_STEPS
             top = (len(e.lmbdas) - 1) * RATE_STEPS
-            print(f"{'':>9}variable rate: --rate 0..{top} (λ {e.lmbdas[0]:g} .. "
+            rates = f"0..{top}" if e.rate_step == 1 else f"0..{top} in steps of {e.rate_step}"
+            print(f"{'':>9}variable rate: --rate {rates} (λ {e.lmbdas[0]:g} .. "
                   f"{e.lmbdas[-1]:g}, {RATE_STEPS} points per doubling of λ); "
                   "--quality 1..6 name points of it; --target-psnr / --target-bpp")
         if e.bits_back is not None:

@@ -59,7 +59,8 @@ def _config(args):
                        init_from=args.init_from, lmbdas=_lmbdas(args.lmbdas),
                        bf16=args.bf16, channels_last=not args.nchw,
                        time_budget=args.time_budget,
-                       revive_dead_channels=args.revive_dead_channels)
+                       revive_dead_channels=args.revive_dead_channels,
+                       rate_grid=args.rate_grid)
 
 
 def _lmbdas(text: str | None) -> tuple[float, ...]:
@@ -281,6 +282,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--revive-dead-channels", action="store_true",
                    help="once, at the start: split latent channels that carry no bits at the "
                         "top λ from live ones (variable-rate models; docs/codec.md)")
+    p.add_argument("--rate-grid", action="store_true",
+                   help="variable-rate: draw each crop's rate from every grid point, not "
+                        "only the trained λ, so the points in between are trained too")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "

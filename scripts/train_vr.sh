@@ -14,6 +14,10 @@
 # ID must be new (msh-vr2, msh-vr3, ...): a shipped id names its weights for good, since a
 # stream names only its model id and decodes with that exact file (docs/bitstream.md).
 #
+# Since wide step 55,750 every crop's rate is drawn from the whole grid (--rate-grid), not
+# only from the 9 trained λ: msh-vr3, trained on those only, codes badly between them (it is
+# limited to them: rate_step 32 in the registry; docs/codec.md).
+#
 # The main run keeps a constant learning rate (warmup-stable-decay: the stable phase goes on
 # from session to session); only the exported weights get the decay, on a branch, so the
 # resume point stays a stable-phase state. Commit training/ and codec/weights/ afterwards.
@@ -25,7 +29,7 @@ CKPT=training/msh-vrw.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
        --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
-       --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --quiet)
+       --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --rate-grid --quiet)
 
 case "${1:-main}" in
   main)

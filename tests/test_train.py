@@ -172,6 +172,35 @@ def test_variable_rate_training_fine_tunes_a_fixed_model_and_exports(data, tmp_p
                  "--lmbdas", "0.002,0.001"]) == 2
 
 
+def test_rate_grid_training_trains_the_points_between(data, tmp_path, monkeypatch):
+    """--rate-grid draws rate positions from the whole grid (floats between the trained
+    points), resumes a run trained without it, and the gains between points learn."""
+    from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+
+    seen = []
+    forward = GainedMeanScaleHyperprior.forward
+
+    def spy(self, x, r, bf16=False):
+        seen.append(r.clone())
+        return forward(self, x, r, bf16)
+
+    monkeypatch.setattr(GainedMeanScaleHyperprior, "forward", spy)
+    ckpt = tmp_path / "vr.ckpt"
+    args = ["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--lmbdas",
+            "0.002,0.004,0.008"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert all(not r.is_floating_point() for r in seen)  # trained points only
+    seen.clear()
+    before = torch.load(ckpt, weights_only=True)["model"]["gain"]
+    assert main([*args, "--steps", "12", "--rate-grid"]) == 0
+    positions = torch.cat(seen)
+    assert positions.is_floating_point() and positions.min() >= 0 and positions.max() <= 2
+    assert ((positions * RATE_STEPS) % 1 == 0).all()  # grid points
+    assert (positions % 1 != 0).any()  # some between trained points
+    assert not torch.equal(torch.load(ckpt, weights_only=True)["model"]["gain"], before)
+    assert TrainConfig(data=[]).rate_grid is False
+
+
 def test_device_sampler_cuts_the_same_kind_of_crops():
     """The GPU session's sampler (images on the device) gives crops of the images, with
     flips, and resumes its stream from its state; run here on the CPU device."""

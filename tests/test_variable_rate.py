@@ -11,7 +11,7 @@ from codec.bitstream import parse
 from codec.errors import BitstreamError, ModelError
 from codec.images import load_image
 from codec.inference import InferenceConfig
-from codec.registry import QUALITY_LMBDAS, find, load, load_point
+from codec.registry import QUALITY_LMBDAS, entries, find, load, load_point
 from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior, widen
 from tests.conftest import TINY_ID, TINY_VR_ID, smooth_image
 
@@ -278,3 +278,78 @@ def test_dead_channels_are_revived_by_splitting_live_ones():
     assert after[[3, 7]].min() > 0.1 * before.mean()
     assert vr.base.g_a[-1].weight not in opt.state and vr.base.g_a[0].weight in opt.state
     assert revive_dead_channels(vr, opt, x) == []
+
+
+def test_training_gains_between_trained_points_are_the_exported_tables():
+    """TrainConfig.rate_grid trains the points between trained λ with the same gains and λ
+    that export stores for them, and their gradients reach both neighbouring points."""
+    from codec.variable_rate import GAIN_NAMES
+
+    vr = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
+    _random_gains(vr)
+    tables = vr.gain_tables()
+    index = torch.tensor([0, 5, 16, 31, 32, 47, 2 * RATE_STEPS])
+    gains = vr.gains(index.float() / RATE_STEPS)
+    for name in GAIN_NAMES:
+        torch.testing.assert_close(gains[name][:, :, 0, 0], getattr(tables, name)[index],
+                                   rtol=1e-5, atol=1e-6)
+    assert vr.lmbda_at(index.float() / RATE_STEPS).tolist() == pytest.approx(
+        [vr.rate_lmbda(i) for i in index.tolist()], rel=1e-6)
+    assert vr.lmbda_at(torch.tensor([1])).item() == pytest.approx(0.008)  # a trained point
+    gains["gain"][2].sum().backward()  # grid index 16: halfway between points 0 and 1
+    assert vr.gain.grad[0].abs().sum() > 0 and vr.gain.grad[1].abs().sum() > 0
+    assert vr.gain.grad[2].abs().sum() == 0
+
+
+def _restricted(registry, tmp_path, step: int):
+    """A copy of `registry` whose variable-rate entry encodes at multiples of `step` only."""
+    import json
+    import shutil
+
+    copy = tmp_path / "weights"
+    shutil.copytree(registry.parent, copy)
+    data = json.loads((copy / registry.name).read_text())
+    for e in data["models"]:
+        if e["id"] == TINY_VR_ID:
+            e["rate_step"] = step
+    (copy / registry.name).write_text(json.dumps(data))
+    return copy / registry.name
+
+
+def test_rate_step_limits_encoding_not_decoding(tiny_vr_registry, tmp_path):
+    """A model with rate_step (msh-vr3: its trained points only) refuses other points for
+    encoding, names qualities and searches targets on its multiples, and still decodes a
+    stream coded at any point."""
+    from codec.targets import Target
+
+    restricted = _restricted(tiny_vr_registry, tmp_path, RATE_STEPS)
+    image = _sample_crop()
+    amortized = InferenceConfig(method="amortized")
+    stream = Codec(TINY_VR_ID, registry=tiny_vr_registry).at_rate(48).encode(image, amortized)
+    codec = Codec(TINY_VR_ID, registry=restricted)
+    assert codec.rate % RATE_STEPS == 0
+    with pytest.raises(ModelError, match=f"multiple of {RATE_STEPS}"):
+        codec.at_rate(48)
+    with pytest.raises(ModelError, match=f"multiple of {RATE_STEPS}"):
+        load_point(TINY_VR_ID, 48, restricted)
+    lm = load(TINY_VR_ID, restricted)
+    assert all(lm.quality_rate(q) % RATE_STEPS == 0 for q in QUALITY_LMBDAS)
+    for target in (Target("bpp", stream.bpp), Target("psnr", stream.psnr)):
+        assert codec.encode_to_target(image, target, amortized).rate % RATE_STEPS == 0
+    ours = decode(stream.data, registry=restricted)
+    assert np.array_equal(ours.rgb, decode(stream.data, registry=tiny_vr_registry).rgb)
+
+
+@pytest.mark.parametrize("model_id", [e.id for e in entries() if e.variable_rate])
+def test_shipped_variable_rate_models_are_monotone_where_they_encode(model_id):
+    """Each shipped variable-rate model's amortized rate rises and its PSNR does not fall
+    along the rate points it encodes at (every 8th of the grid, or its rate_step): msh-vr3
+    fell by up to 5 dB between its trained points, which a target search would pick."""
+    image = _sample_crop()
+    codec = Codec(model_id, device="cpu")
+    step = max(8, codec.lm.entry.rate_step)
+    points = range(0, codec.lm.variable.max_rate_index + 1, step)
+    results = [codec.at_rate(r).encode(image, InferenceConfig(method="amortized"))
+               for r in points]
+    for r, a, b in zip(points, results, results[1:], strict=False):
+        assert b.bpp > a.bpp and b.psnr > a.psnr - 0.1, (r, a.bpp, a.psnr, b.bpp, b.psnr)
