@@ -471,10 +471,8 @@ def filter_images(images: list[ObjectInfo], filters: FilterSpec) -> list[ObjectI
 
     An image passes when its extension is listed (case-insensitive; any when none are),
     its key matches an ``include`` pattern (any when none are) and no ``exclude`` pattern,
-    and ``min_bytes <= size <= max_bytes``. Patterns match the whole key: ``*`` and ``?``
-    stay within one path segment, ``**`` spans segments (``**/`` also matches no folder),
-    ``[abc]`` is a character class. So ``*.png`` matches top-level files only and
-    ``**/*.png`` matches at any depth.
+    and ``min_bytes <= size <= max_bytes``. Patterns match the whole key (docs/jobs.md,
+    "Filters"): ``*.png`` matches top-level files only, ``**/*.png`` any depth.
     """
     if not filters.active:
         return list(images)
@@ -499,43 +497,11 @@ def filter_images(images: list[ObjectInfo], filters: FilterSpec) -> list[ObjectI
 
 @functools.lru_cache(maxsize=256)
 def _glob_regex(pattern: str) -> re.Pattern:
-    """A key glob as a regex: ``*`` ``?`` within a segment, ``**`` across, ``[...]``."""
+    """A key glob as a regex: Python 3.13's glob.translate (recursive, hidden names
+    included), as fsspec backports it, so patterns mean what they mean in Python's glob."""
+    from fsspec.utils import glob_translate
+
     if pattern.startswith("/"):
         raise ValueError("patterns are relative to the input root (no leading '/')")
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            k = i + 1
-            k += pattern[k:k + 1] == "!"
-            k += pattern[k:k + 1] == "]"  # a ']' first in a class is literal
-            j = pattern.find("]", k)
-            if j < 0:
-                raise ValueError("unclosed '['")
-            body = re.sub(r"([\\\[\]])", r"\\\1", pattern[i + 1:j])  # \ [ ] literal
-            if body.startswith("!"):
-                body = "^/" + body[1:]  # a class never matches the separator
-            elif body.startswith("^"):
-                body = "\\" + body  # a literal '^', as in fnmatch
-            out.append("[" + body + "]")
-            i = j + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    try:
-        return re.compile("".join(out), re.DOTALL)
-    except re.error as exc:
-        raise ValueError(str(exc)) from None
+    return re.compile(glob_translate(pattern))
 

@@ -59,7 +59,7 @@ echo "gpu session ($mode) on $DEVICE, training ${TRAIN_SECONDS}s, $(date -u +%FT
 "$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from "$BASE_MODEL" \
   --lmbdas default --N 64 --M 96 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
   --lr-drop-at 0.85 --steps 100000000 --time-budget "$TRAIN_SECONDS" --bf16 --log-every 50 \
-  --checkpoint-every 1000000 --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
+  --checkpoint-every 1000000 --rate-grid --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
   --export-data "bsds500/train + wikipedia-photos/train (GPU pack, 256px crops)" \
   --note "fine-tuned on a GPU for ${TRAIN_SECONDS}s from the shipped $BASE_MODEL (scripts/gpu_session.sh)"
 cp "$WORK/vr.log.jsonl" "$OUT/train.log.jsonl"
