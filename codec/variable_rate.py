@@ -87,7 +87,10 @@ class GainedMeanScaleHyperprior(nn.Module):
     def lmbda_at(self, r: torch.Tensor) -> torch.Tensor:
         """λ at rate positions r (B,): trained points (integers), or positions between
         them (floats, grid index / RATE_STEPS), interpolated as `rate_lmbda` does."""
-        return _lerp_logs(self.lmbdas_tensor(r.device).log()[:, None], r)[:, 0].exp()
+        lmbdas = self.lmbdas_tensor(r.device)
+        if not r.is_floating_point():
+            return lmbdas[r]
+        return _lerp_logs(lmbdas.log()[:, None], r)[:, 0].exp()
 
     @torch.no_grad()
     def init_from_fixed(self, fixed: MeanScaleHyperprior, lmbda: float) -> None:
