@@ -27,3 +27,26 @@ def test_routes_bench_prints_a_row_per_model_and_floor(tiny_vr_registry, tmp_pat
         assert r["stored_bytes"] <= r["source_bytes"] + 32
         if r["floor"] == 60:  # out of reach of untrained models: stored bit-exact
             assert r["route"] == ("jpeg-lossless" if r["image"] == "a.jpg" else "original")
+
+
+def test_rate_points_bench_reads_a_checkpoint_or_a_model(tiny_vr_registry, tmp_path, capsys):
+    """bench/rate_points.py: a row per grid point, from a registered model and from a
+    training checkpoint (exported to a temporary registry first)."""
+    from bench import rate_points
+    from codec.train import TrainConfig, train
+
+    data_dir = tmp_path / "val"
+    data_dir.mkdir()
+    Image.fromarray(smooth_image(96, 96, seed=4)).save(data_dir / "a.png")
+
+    assert rate_points.main([TINY_VR_ID, "--registry", str(tiny_vr_registry), "--data",
+                             str(data_dir), "--images", "1", "--crop", "32",
+                             "--step", "16"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [int(r.split()[0]) for r in rows] == [0, 16, 32, 48, 64]
+    ckpt = tmp_path / "vr.ckpt"
+    train(TrainConfig(data=[str(data_dir)], N=8, M=8, lmbdas=(0.002, 0.008), steps=1,
+                      batch_size=1, crop=64, checkpoint_every=10), ckpt, log=lambda _: None)
+    assert rate_points.main([str(ckpt), "--data", str(data_dir), "--images", "1", "--crop",
+                             "32", "--step", "32"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[0] == "0"
