@@ -23,10 +23,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codec.api import Codec, decode
-from codec.evaluation import load_images
+from codec.api import Codec
+from codec.evaluation import load_images, measure_sgarc
 from codec.inference import InferenceConfig
-from codec.metrics import psnr
 from codec.registry import REGISTRY, export_model
 from codec.variable_rate import GainedMeanScaleHyperprior
 
@@ -46,17 +45,10 @@ def checkpoint_registry(checkpoint: Path, folder: Path) -> Path:
 
 
 def measure(codec: Codec, images, rates: list[int]) -> list[tuple[int, float, float]]:
-    """(rate, mean bpp, mean PSNR) per rate point, amortized."""
-    out = []
-    for r in rates:
-        point = codec.at_rate(r)
-        bpp = dist = 0.0
-        for im in images:
-            result = point.encode(im.prepared, InferenceConfig(method="amortized"))
-            bpp += result.bpp
-            dist += psnr(decode(result.data, device="cpu", registry=codec.registry).rgb, im.rgb)
-        out.append((r, bpp / len(images), dist / len(images)))
-    return out
+    """(rate, mean bpp, mean PSNR) per rate point, amortized (sgarc eval's measure)."""
+    amortized = InferenceConfig(method="amortized")
+    points = [measure_sgarc(codec.at_rate(r), images, amortized)[0] for r in rates]
+    return [(r, p["bpp"], p["psnr"]) for r, p in zip(rates, points, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

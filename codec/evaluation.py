@@ -192,21 +192,20 @@ def measure_sgarc(codec, images: list[EvalImage], config, bar=None) -> dict[int,
     from codec.metrics import psnr
 
     entry = codec.lm.entry
-    snapshots = config.method != "amortized" and config.iterations > 0 and \
-        config.schedule == "paper"
-    budgets = sorted(set(config.snapshots) or {config.iterations}) if snapshots else \
-        [config.iterations if config.method != "amortized" else 0]
+    iterative = config.method != "amortized" and config.iterations > 0
+    snapshots = iterative and config.schedule == "paper"
     if snapshots:
+        budgets = sorted(set(config.snapshots) or {config.iterations})
         config = replace(config, iterations=max(budgets), snapshots=tuple(budgets))
+    else:
+        budgets = [config.iterations if iterative else 0]
     rows: dict[int, list[dict]] = {n: [] for n in budgets}
-    progress = bar.update if bar is not None else None
+    progress = bar.update if bar is not None and iterative else None
     for im in images:
         if snapshots:
             results = codec.encode_snapshots(im.prepared, config, progress=progress)
         else:
-            iterative = config.method != "amortized"
-            results = {budgets[0]: codec.encode(im.prepared, config,
-                                                progress=progress if iterative else None)}
+            results = {budgets[0]: codec.encode(im.prepared, config, progress=progress)}
             if bar is not None and not iterative:
                 bar.update(1)
         for n, result in results.items():
