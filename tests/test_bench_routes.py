@@ -50,3 +50,24 @@ def test_rate_points_bench_reads_a_checkpoint_or_a_model(tiny_vr_registry, tmp_p
     assert rate_points.main([str(ckpt), "--data", str(data_dir), "--images", "1", "--crop",
                              "32", "--step", "32"]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[0] == "0"
+
+
+def test_sga_settings_bench_compares_with_the_default_in_the_same_run(tiny_vr_registry,
+                                                                      tmp_path, capsys):
+    """bench/sga_settings.py: the default first (its own baseline, +0), then each --try."""
+    from bench import sga_settings
+
+    data_dir = tmp_path / "train"
+    data_dir.mkdir()
+    Image.fromarray(smooth_image(64, 64, seed=5)).save(data_dir / "a.png")
+    out = tmp_path / "rows.json"
+    assert sga_settings.main(["--model", TINY_VR_ID, "--registry", str(tiny_vr_registry),
+                              "--rates", "0,32", "--iterations", "3", "--try", "lr=0.02,t0=5",
+                              "--data", str(data_dir), "--limit", "1", "--crop", "64",
+                              "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["rate"], r["settings"]) for r in rows] == [
+        (0, {}), (0, {"lr": 0.02, "t0": 5}), (32, {}), (32, {"lr": 0.02, "t0": 5})]
+    assert rows[0]["vs_default_points"] == 0 and rows[2]["vs_default_points"] == 0
+    assert all(r["loss_reduction_pct"] >= 0 for r in rows)  # the best kept is never worse
+    assert "default" in capsys.readouterr().out
