@@ -14,6 +14,7 @@ against the previous point are marked.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,15 +33,25 @@ from codec.variable_rate import GainedMeanScaleHyperprior
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 
 
-def checkpoint_registry(checkpoint: Path, folder: Path) -> Path:
-    """A registry in `folder` holding the checkpoint's model as id "checkpoint"."""
+def checkpoint_registry(checkpoint: Path, folder: Path, beside: Path | None = None) -> Path:
+    """A registry in `folder` holding the checkpoint's model as id "checkpoint", exported as
+    an export would ship it (fp16, steps counted from the start), so it is measured as it
+    would code. ``beside``: a registry whose models it holds too (their files linked), for
+    ``sgarc eval --registry`` against the shipped ones in one run."""
     state = torch.load(checkpoint, weights_only=True)
     cfg = state["config"]
     model = GainedMeanScaleHyperprior(cfg["N"], cfg["M"], tuple(cfg["lmbdas"]))
     model.load_state_dict(state["model"])
+    folder.mkdir(parents=True, exist_ok=True)
     registry = folder / "registry.json"
-    export_model(model, "checkpoint", quality=0, lmbda=0.0, steps=state["step"],
-                 data=str(checkpoint), registry=registry)
+    if beside is not None:
+        for f in beside.parent.iterdir():
+            if f.name != beside.name and not (folder / f.name).exists():
+                (folder / f.name).symlink_to(f.resolve())
+        shutil.copy(beside, registry)
+    export_model(model, "checkpoint", quality=0, lmbda=0.0,
+                 steps=state["step"] + state.get("init_steps", 0), data=str(checkpoint),
+                 registry=registry, half=True)
     return registry
 
 
@@ -59,11 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4, help="first N images (default 4)")
     p.add_argument("--crop", type=int, default=192, help="centre crop side (default 192)")
     p.add_argument("--step", type=int, default=8, help="grid points apart (default 8)")
+    p.add_argument("--keep-registry", type=Path, default=None, metavar="DIR",
+                   help="for a checkpoint: keep its registry in DIR, beside --registry's "
+                        "models, for `sgarc eval --registry DIR/registry.json --model "
+                        "checkpoint --model msh-vr3 ...`")
     args = p.parse_args(argv)
     images = load_images([args.data], args.images, (args.crop, args.crop))
     with tempfile.TemporaryDirectory() as tmp:
         if args.model.endswith(".ckpt"):
-            registry, model_id = checkpoint_registry(Path(args.model), Path(tmp)), "checkpoint"
+            folder = args.keep_registry or Path(tmp)
+            registry = checkpoint_registry(Path(args.model), folder, args.registry)
+            model_id = "checkpoint"
         else:
             registry, model_id = args.registry, args.model
         codec = Codec(model_id, device="cpu", registry=registry)

@@ -47,9 +47,14 @@ def test_rate_points_bench_reads_a_checkpoint_or_a_model(tiny_vr_registry, tmp_p
     ckpt = tmp_path / "vr.ckpt"
     train(TrainConfig(data=[str(data_dir)], N=8, M=8, lmbdas=(0.002, 0.008), steps=1,
                       batch_size=1, crop=64, checkpoint_every=10), ckpt, log=lambda _: None)
-    assert rate_points.main([str(ckpt), "--data", str(data_dir), "--images", "1", "--crop",
-                             "32", "--step", "32"]) == 0
+    kept = tmp_path / "kept"
+    assert rate_points.main([str(ckpt), "--registry", str(tiny_vr_registry), "--data",
+                             str(data_dir), "--images", "1", "--crop", "32", "--step", "32",
+                             "--keep-registry", str(kept)]) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[0] == "0"
+    from codec.registry import entries
+    ids = {e.id for e in entries(kept / "registry.json")}
+    assert {"checkpoint", TINY_VR_ID} <= ids  # beside the registry's own models
 
 
 def test_sga_settings_bench_compares_with_the_default_in_the_same_run(tiny_vr_registry,
