@@ -250,6 +250,9 @@ class Codec:
     def __init__(self, model: str | int | None = None, device: str | torch.device | None = None,
                  registry=REGISTRY, rate: int | None = None) -> None:
         self.lm = load_point(model, rate, registry)
+        if self.lm.entry.decode_only:
+            from codec.weight_store import retired_message
+            raise ModelError(retired_message(self.lm.entry.id, self.lm.entry.decode_only))
         self.registry = registry
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self.lm.on(self.device)

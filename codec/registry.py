@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from codec import weight_store
 from codec.errors import ModelError
 from codec.files import atomic_write
 from codec.frozen import CodingTables, freeze, freeze_hyper_synthesis
@@ -63,6 +64,11 @@ class ModelEntry:
     # all). msh-vr3 has 32, its trained points: between them its gains do not interpolate
     # (docs/codec.md, "Rate points between the trained ones"). Decoding takes any point.
     rate_step: int = 1
+    # Packing (codec.weight_store): the digest of the file's torch.save bytes when the file
+    # was re-packed (then it differs from `sha256`, which stays the model's identity), and,
+    # for a model whose encoder was retired, the id that encodes instead.
+    file_sha256: str | None = None
+    decode_only: str | None = None
 
     def __post_init__(self) -> None:
         if self.lmbdas is not None:
@@ -212,20 +218,23 @@ def weight_file_filters(size: int) -> list[dict]:
 
 
 def read_model_file(entry: ModelEntry, registry: Path = REGISTRY) -> dict:
-    """The payload of `entry`'s file; `.xz` files are decompressed (`write_model_file`).
+    """The payload of `entry`'s file; `.xz` files are decompressed (`write_model_file`), and
+    tensors shared with other files are put back (`codec.weight_store`).
 
     The sha256 is of the model's torch.save bytes (after decompression), checked before
     anything is unpickled: it names the model, not its packing, so job fingerprints (which
-    hash it) did not change when the files became .xz."""
+    hash it) did not change when the files became .xz. A re-packed file is checked against
+    `file_sha256` instead, and each shared tensor against its digest."""
     path = registry.parent / entry.file
     if not path.exists():
         raise ModelError(f"weights file {path} of model {entry.id!r} is missing; reinstall sgarc")
     raw = _model_bytes(path)
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != entry.sha256:
+    digest, expected = hashlib.sha256(raw).hexdigest(), entry.file_sha256 or entry.sha256
+    if digest != expected:
         raise ModelError(f"weights file {path} fails its integrity check (sha256 {digest[:12]}… "
-                         f"expected {entry.sha256[:12]}…); reinstall sgarc")
-    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+                         f"expected {expected[:12]}…); reinstall sgarc")
+    return weight_store.resolve(torch.load(io.BytesIO(raw), map_location="cpu",
+                                           weights_only=True), registry.parent)
 
 
 def write_model_file(payload: dict, model_id: str, registry: Path = REGISTRY
@@ -255,16 +264,32 @@ def load(model: str | int | None = None, registry: Path = REGISTRY) -> LoadedMod
     weights = {k: v.float() for k, v in state["state_dict"].items()}
     if entry.variable_rate:
         var = GainedMeanScaleHyperprior(entry.N, entry.M, entry.lmbdas)
-        var.load_state_dict(weights)
+        _load_weights(var, var.base, weights, entry)
         var.eval()
         gains = GainTables.from_state_dict(state["gains"])
         whole = LoadedModel(entry, var.base, CodingTables.from_state_dict(
             state["tables"], var.base.h_s), var, gains)
         return whole.at(whole.rate_for_lmbda(QUALITY_LMBDAS[DEFAULT_QUALITY]))
     net = MeanScaleHyperprior(entry.N, entry.M)
-    net.load_state_dict(weights)
+    _load_weights(net, net, weights, entry)
     net.eval()
     return LoadedModel(entry, net, CodingTables.from_state_dict(state["tables"], net.h_s))
+
+
+def _load_weights(model: nn.Module, base: MeanScaleHyperprior, weights: dict,
+                  entry: ModelEntry) -> None:
+    """Load `weights`; a decode-only model's file lacks g_a and h_a (only those), which are
+    then marked retired so that encoding is refused (codec.weight_store)."""
+    if entry.decode_only is None:
+        model.load_state_dict(weights)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    prefix = "base." if base is not model else ""
+    if unexpected or any(not k.startswith(tuple(f"{prefix}{p}." for p in
+                                                weight_store.ENCODER_PARTS)) for k in missing):
+        raise ModelError(f"weights file of decode-only model {entry.id} lacks decoder weights "
+                         "or holds unknown ones; reinstall sgarc")
+    weight_store.retire_encoder(base, entry.id, entry.decode_only)
 
 
 def load_point(model: str | int | None = None, rate: int | None = None,
@@ -335,6 +360,7 @@ def _as_json(entry: ModelEntry) -> dict:
         d["lmbdas"] = list(d["lmbdas"])
     if not d["default"]:
         del d["default"]
-    if d["bits_back"] is None:
-        del d["bits_back"]
+    for name in ("bits_back", "file_sha256", "decode_only"):
+        if d[name] is None:
+            del d[name]
     return d

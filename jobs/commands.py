@@ -200,6 +200,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         level = "1..6" if e.variable_rate else "bb" if e.bits_back is not None else e.quality
         print(f"{level:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
               f"{e.data}{'  [default]' if e.default else ''}")
+        if e.decode_only:
+            print(f"{'':>9}decode-only: its streams decode; new images encode with "
+                  f"{e.decode_only}")
         if e.variable_rate:
             from codec.variable_rate import RATE_STEPS
             top = (len(e.lmbdas) - 1) * RATE_STEPS

@@ -8,10 +8,12 @@ import json
 import lzma
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from codec.errors import ModelError
+from codec.images import load_image
 from codec.registry import REGISTRY, entries, find, load, sha256_of, write_model_file
 
 
@@ -68,3 +70,105 @@ def test_the_sha256_names_the_model_not_its_packing(tmp_path):
     assert sha == hashlib.sha256(buf.getvalue()).hexdigest() == sha256_of(tmp_path / name)
     props = lzma.LZMADecompressor(memlimit=4 << 20)  # fails if the dictionary were larger
     assert props.decompress((tmp_path / name).read_bytes()) == buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _image():
+    from PIL import Image
+
+    from tests.conftest import smooth_image
+
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(48, 64)).save(buf, format="PNG")
+    return load_image(buf.getvalue())
+
+
+def _two_models(tiny_vr_registry, tmp_path):
+    """A copy of the tiny registry (a fixed-rate and a variable-rate model): their y coding
+    tables are the same array, so packing shares it."""
+    reg = tmp_path / "registry.json"
+    for f in tiny_vr_registry.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return reg
+
+
+def test_packing_shares_tensors_and_keeps_every_bit(tiny_vr_registry, tmp_path):
+    from codec import weight_store
+    from codec.api import Codec, decode
+    from codec.registry import read_model_file
+    from tests.conftest import TINY_ID, TINY_VR_ID
+
+    reg = _two_models(tiny_vr_registry, tmp_path)
+    before = {e.id: read_model_file(e, reg) for e in entries(reg)}
+    image = _image()
+    streams = {m: Codec(m, device="cpu", registry=reg).encode(image).data
+               for m in (TINY_ID, TINY_VR_ID)}
+    pixels = {m: decode(s, registry=reg).rgb for m, s in streams.items()}
+    sizes_before = {e.file: (tmp_path / e.file).stat().st_size for e in entries(reg)}
+
+    weight_store.pack(reg)
+    assert (tmp_path / weight_store.SHARED_FILE).exists()
+    for e in entries(reg):
+        assert e.sha256 == next(x for x in entries(tiny_vr_registry) if x.id == e.id).sha256
+        assert e.file_sha256 is not None and e.file_sha256 != e.sha256  # identity kept
+        assert (tmp_path / e.file).stat().st_size < sizes_before[e.file]
+        after = read_model_file(e, reg)
+        for part in ("state_dict", "tables"):
+            assert after[part].keys() == before[e.id][part].keys()
+            assert all(torch.equal(after[part][k], v) and after[part][k].dtype == v.dtype
+                       for k, v in before[e.id][part].items())
+    load.cache_clear()
+    for m, s in streams.items():
+        assert np.array_equal(decode(s, registry=reg).rgb, pixels[m])
+
+
+def test_a_retired_encoder_still_decodes_and_refuses_to_encode(tiny_vr_registry, tmp_path):
+    from codec import weight_store
+    from codec.api import Codec, decode
+    from tests.conftest import TINY_ID, TINY_VR_ID
+
+    reg = _two_models(tiny_vr_registry, tmp_path)
+    image = _image()
+    stream = Codec(TINY_VR_ID, device="cpu", registry=reg, rate=5).encode(image).data
+    pixels = decode(stream, registry=reg).rgb
+    size = (tmp_path / find(TINY_VR_ID, reg).file).stat().st_size
+
+    weight_store.pack(reg, retire={TINY_VR_ID: TINY_ID})
+    load.cache_clear()
+    entry = find(TINY_VR_ID, reg)
+    assert entry.decode_only == TINY_ID
+    assert (tmp_path / entry.file).stat().st_size < 0.8 * size  # g_a and h_a are gone
+    assert np.array_equal(decode(stream, registry=reg).rgb, pixels)
+    with pytest.raises(ModelError, match=f"{TINY_VR_ID} is decode-only.*encode with {TINY_ID}"):
+        Codec(TINY_VR_ID, device="cpu", registry=reg)
+    with pytest.raises(ModelError, match="decode-only"):  # whatever path reaches the encoder
+        load(TINY_VR_ID, reg).at(3).model.g_a(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ModelError, match="must be registered"):
+        weight_store.pack(reg, retire={"nope": TINY_ID})
+
+
+def test_damaged_shared_weights_are_refused(tiny_vr_registry, tmp_path):
+    from codec import weight_store
+
+    reg = _two_models(tiny_vr_registry, tmp_path)
+    weight_store.pack(reg)
+    shared = tmp_path / weight_store.SHARED_FILE
+    good = shared.read_bytes()
+    payload = torch.load(io.BytesIO(lzma.decompress(good)), weights_only=True)
+    key = next(iter(payload))
+    payload[key] = payload[key].clone()
+    payload[key].view(-1)[0] += 1  # a flipped value under the right name
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    shared.write_bytes(lzma.compress(buf.getvalue()))
+    weight_store._store.cache_clear()
+    load.cache_clear()
+    with pytest.raises(ModelError, match=r"shared weights .* integrity check"):
+        load(entries(reg)[0].id, reg)
+    shared.unlink()
+    weight_store._store.cache_clear()
+    load.cache_clear()
+    with pytest.raises(ModelError, match="missing; reinstall"):
+        load(entries(reg)[0].id, reg)
