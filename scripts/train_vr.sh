@@ -9,7 +9,8 @@
 #                                    # once with --revive-dead-channels, at step 17,750)
 #   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, compact its resume
 #                                    # point, then a decay branch (1500 steps at lr / 10, in
-#                                    # runs/cool/) exported as model ID into codec/weights
+#                                    # runs/cool/) exported as model ID into codec/weights,
+#                                    # then the weights re-packed (codec.weight_store)
 #
 # ID must be new (msh-vr2, msh-vr3, ...): a shipped id names its weights for good, since a
 # stream names only its model id and decodes with that exact file (docs/bitstream.md).
@@ -50,7 +51,9 @@ case "${1:-main}" in
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
       --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+    # Store the tensors it shares with the shipped files once (codec.weight_store).
+    .venv/bin/python -m codec.weight_store
     ;;
   *) echo "usage: $0 [main | finish NEW_MODEL_ID]" >&2; exit 2 ;;
 esac

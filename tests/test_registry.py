@@ -172,3 +172,31 @@ def test_damaged_shared_weights_are_refused(tiny_vr_registry, tmp_path):
     load.cache_clear()
     with pytest.raises(ModelError, match="missing; reinstall"):
         load(entries(reg)[0].id, reg)
+
+
+def test_every_shipped_model_decodes_its_reference_streams():
+    """Streams written by each shipped model before its file was ever re-packed (or its
+    encoder retired) decode to the same pixels now (tests/reference_streams.py)."""
+    import base64
+
+    from codec.api import decode
+    from tests.reference_streams import FILE, pixels_sha256
+
+    streams = json.loads(FILE.read_text())
+    shipped = {e.id: e for e in entries()}
+    learned = {e.id for e in shipped.values() if e.bits_back is None}
+    assert learned <= {r["model"] for r in streams}, "run python -m tests.reference_streams"
+    for r in streams:
+        assert shipped[r["model"]].sha256 == r["sha256_of_model"]  # the identity never moves
+        rgb = decode(base64.b64decode(r["stream"])).rgb
+        assert pixels_sha256(rgb) == r["pixels_sha256"], (r["model"], r["rate"])
+
+
+def test_decode_only_shipped_models_are_refused_for_jobs():
+    from pipeline.settings import EncodeSettings
+
+    for e in entries():
+        if e.decode_only:
+            assert find(e.decode_only).decode_only is None  # the successor encodes
+            with pytest.raises(ValueError, match=f"{e.id} is decode-only"):
+                EncodeSettings(model=e.id, method="amortized").fingerprint()
