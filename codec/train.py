@@ -176,18 +176,26 @@ def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float | torch.Tensor
 
 
 def compact_checkpoint(checkpoint: Path) -> None:
-    """Rewrite a checkpoint with Adam's moments in bfloat16: about half the bytes, for the
-    resume point the repository keeps (training/). Resuming upcasts them to the parameters'
-    float32 (torch.optim.Optimizer.load_state_dict), a rounding Adam does not notice."""
+    """Rewrite a checkpoint as the resume point the repository keeps (training/): the
+    model's float weights in float16 and no Adam moments, a quarter of the bytes.
+
+    Why: the whole tracked tree travels to a lent GPU, which takes 64 MiB in all
+    (scripts/gpu_session.sh); with M=192 the full checkpoint is 49 MB and even bfloat16
+    moments left 33 MB. The float16 rounding (relative 2^-11) is below one step's update at
+    the stable learning rate, and the exports are float16 anyway; the moments are rebuilt
+    on resume, under a short learning-rate warm-up (`REWARM_STEPS`), since a fresh Adam's
+    first updates are lr-sized for every weight. Checkpoints written during a session keep
+    everything; only the one committed at its end is compacted."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for per_param in state["optimizer"]["state"].values():
-        for key, value in per_param.items():
-            if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
-                per_param[key] = value.to(torch.bfloat16)
-    state["model"] = {k: v.contiguous() for k, v in state["model"].items()}
+    state["optimizer"]["state"] = {}
+    state["model"] = {k: (v.half() if v.is_floating_point() else v).contiguous()
+                      for k, v in state["model"].items()}
     tmp = checkpoint.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(checkpoint)
+
+
+REWARM_STEPS = 250  # lr ramp after resuming without Adam's moments (compact_checkpoint)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -404,12 +412,14 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: TrainC
               step: int, device: torch.device, save: Callable[[int], None], log=print,
               on_record: Callable[[dict], None] | None = None,
               agree: Callable[[float], float] | None = None,
-              mean_over_workers: Callable[[dict], dict] | None = None) -> int:
+              mean_over_workers: Callable[[dict], dict] | None = None,
+              rewarm_from: int | None = None) -> int:
     """The training loop from `step` to cfg.steps (or the time budget); returns the step
     reached. `save(step)` is called every checkpoint_every steps, at the end and when the
     time budget is spent. A data-parallel run passes `agree` (rank 0's value of a number,
     here the elapsed time, so every worker drops the lr and stops at the same step) and
-    `mean_over_workers` (the logged means over all workers' crops)."""
+    `mean_over_workers` (the logged means over all workers' crops). `rewarm_from`: the
+    step Adam's moments restarted at; the lr ramps up over REWARM_STEPS from there."""
     model.train()
     t0, acc, n = time.time(), {"loss": 0.0, "bpp": 0.0, "mse": 0.0}, 0
     clock = time.process_time if cfg.budget_clock == "cpu" else time.time
@@ -429,6 +439,8 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: TrainC
         if cfg.time_budget:
             progress = max(progress, elapsed / cfg.time_budget)
         lr = cfg.lr * (0.1 if progress >= cfg.lr_drop_at else 1.0)
+        if rewarm_from is not None:
+            lr *= min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
         terms = train_step(model, opt, sampler, cfg, lr, device)
         step, n = step + 1, n + 1
         for k in acc:
@@ -470,9 +482,14 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
         init_steps = load_initial(model, cfg.init_from, cfg)
         log(f"initialized from {cfg.init_from} ({init_steps} steps)")
     opt = torch.optim.Adam(param_groups(model, cfg), lr=cfg.lr)
+    rewarm_from = None
     if state is not None:
         step, init_steps = restore(model, opt, state)
         log(f"resumed from {checkpoint} at step {step}")
+        if not state["optimizer"]["state"]:
+            rewarm_from = step
+            log(f"no optimizer moments in it (a compacted resume point): lr warms up over "
+                f"{REWARM_STEPS} steps")
     sampler = make_sampler(image_files(cfg.data), cfg.crop, sampler_seed(cfg.seed, step), device)
     if state is not None and "rng" in state:
         set_rng_state(state["rng"], sampler, device)
@@ -486,5 +503,6 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
         save_checkpoint(checkpoint, checkpoint_state(model, opt, step, init_steps, cfg,
                                                      rng_state(sampler, device)))
 
-    run_steps(model, opt, sampler, cfg, step, device, save, log, on_record)
+    run_steps(model, opt, sampler, cfg, step, device, save, log, on_record,
+              rewarm_from=rewarm_from)
     return model

@@ -228,16 +228,24 @@ def test_device_sampler_cuts_the_same_kind_of_crops():
 
 
 def test_compacted_checkpoint_resumes(data, tmp_path):
-    from codec.train import compact_checkpoint
+    """The committed resume point: float16 weights, no Adam moments; resuming rebuilds the
+    moments under a learning-rate warm-up and writes full checkpoints again."""
+    from codec.train import REWARM_STEPS, compact_checkpoint
 
     ckpt = tmp_path / "c.ckpt"
     assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "2"]) == 0
     before = ckpt.stat().st_size
+    weights = torch.load(ckpt, weights_only=True)["model"]
     compact_checkpoint(ckpt)
-    assert ckpt.stat().st_size < before
-    moments = torch.load(ckpt, weights_only=True)["optimizer"]["state"][0]["exp_avg"]
-    assert moments.dtype == torch.bfloat16
+    assert ckpt.stat().st_size < 0.4 * before
+    state = torch.load(ckpt, weights_only=True)
+    assert state["optimizer"]["state"] == {} and state["step"] == 2
+    assert all(torch.equal(v.half(), state["model"][k]) for k, v in weights.items()
+               if v.is_floating_point())
     assert main(["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--steps", "4"]) == 0
+    records = [json.loads(line) for line in ckpt.with_suffix(".log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["step"] > 2]
+    assert lrs == pytest.approx([1e-3 / REWARM_STEPS, 2e-3 / REWARM_STEPS])  # from step 2
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 4
     assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
