@@ -6,7 +6,7 @@
 For every image, model and floor, the route codec.routes chooses (learned, jpeg-lossless,
 original) with amortized learned encodings: the shipped default model (fixed rate: one
 encoding per image, its one point, judged against each floor) and the variable-rate model
-`msh-vr` (per floor, the lowest rate point reaching it, `codec.targets.encode_to_target`
+`msh-vr4` (per floor, the lowest rate point reaching it, `codec.targets.encode_to_target`
 as `Codec.encode_to_target` runs it; without a floor, its default point). Prints one row per
 data set, model and floor: total stored bytes against the source, and the share of images
 and of stored bytes per route; beside it, what storing every image learned would give
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", action="append", type=Path, default=None,
                    help="image folder (repeatable; default: bsds500/val, wikipedia-photos/val)")
-    p.add_argument("--models", default="default,msh-vr",
+    p.add_argument("--models", default="default,msh-vr4",
                    help="comma-separated model ids; 'default' is the shipped default")
     p.add_argument("--floors", default="none,30,34,38", help="PSNR floors in dB, or none")
     p.add_argument("--limit", type=int, default=None, help="images per folder")

@@ -197,13 +197,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 1
     print(f"{'quality':>7}  {'id':<24} {'lambda':>8} {'N':>4} {'M':>4} {'steps':>8}  data")
     for e in rows:
-        level = "1..6" if e.variable_rate else "bb" if e.bits_back is not None else e.quality
+        level = ("-" if e.decode_only else "1..6" if e.variable_rate
+                 else "bb" if e.bits_back is not None else e.quality)
         print(f"{level:>7}  {e.id:<24} {e.lmbda:>8.4g} {e.N:>4} {e.M:>4} {e.steps:>8}  "
               f"{e.data}{'  [default]' if e.default else ''}")
         if e.decode_only:
             print(f"{'':>9}decode-only: its streams decode; new images encode with "
                   f"{e.decode_only}")
-        if e.variable_rate:
+        if e.variable_rate and not e.decode_only:
             from codec.variable_rate import RATE_STEPS
             top = (len(e.lmbdas) - 1) * RATE_STEPS
             rates = f"0..{top}" if e.rate_step == 1 else f"0..{top} in steps of {e.rate_step}"

@@ -144,8 +144,9 @@ class EncodeSettings(BaseModel):
 
         entry = find(self.model_ref)
         if entry.decode_only:  # refused here, at submission, not once per image
+            from codec.errors import ModelError
             from codec.weight_store import retired_message
-            raise ValueError(retired_message(entry.id, entry.decode_only))
+            raise ModelError(retired_message(entry.id, entry.decode_only))
         cfg = self.inference()
         amortized = self.method == "amortized"
         d = {}

@@ -5,8 +5,9 @@
     python scripts/gpu_session.py import DIR           # here: take the weights it brought back
 
 pack: 256x256 crops of ../shared/data/*/train (JPEG quality 95, 4:4:4; a fixed seed), at
-most --max-mb megabytes so that the working tree the device tool sends stays under its
-64 MiB, 20 val images for the checks, and the wheels the device's image lacks
+most --max-mb megabytes and no more than the working tree leaves under the 64 MiB the device
+tool sends (measured: `git ls-files`, tracked and untracked-not-ignored), 20 val images for
+the checks, and the wheels the device's image lacks
 (constriction; Ray is not there either, so the pipeline check runs the pipeline's shard
 encoder without it).
 
@@ -38,7 +39,23 @@ CROP = 256
 # ------------------------------------------------------------------------------- pack
 
 
+TRAVEL_LIMIT = 64 * 2**20  # what the device tool sends: tracked + untracked-not-ignored + carry
+TRAVEL_MARGIN = 2 * 2**20
+
+
+def travelling_bytes() -> int:
+    """Bytes of the working tree the device tool sends, less .gpu/ (git-ignored, carried)."""
+    names = []
+    for extra in ([], ["--others", "--exclude-standard"]):
+        out = subprocess.run(["git", "ls-files", "-z", *extra], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+        names += [n for n in out.decode().split("\0") if n]
+    return sum((ROOT / n).stat().st_size for n in names if (ROOT / n).is_file())
+
+
 def pack(max_mb: float, val_images: int, seed: int) -> None:
+    """The val images and wheels first, then as many training crops as fit both --max-mb and
+    the room the tree leaves under the device tool's 64 MiB."""
     import io
 
     import numpy as np
@@ -51,10 +68,26 @@ def pack(max_mb: float, val_images: int, seed: int) -> None:
     (PACK / "train").mkdir(parents=True)
     (PACK / "val").mkdir()
     (PACK / "wheels").mkdir()
+    vals = sorted((DATA / "bsds500" / "val").glob("*.jpg"))[:val_images]
+    for f in vals:
+        shutil.copy(f, PACK / "val" / f.name)
+    from importlib.metadata import version
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                    "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
+                    "-d", str(PACK / "wheels"), f"constriction=={version('constriction')}"],
+                   check=True)
+    tree = travelling_bytes()
+    fixed = sum(f.stat().st_size for f in PACK.rglob("*") if f.is_file())
+    room = TRAVEL_LIMIT - TRAVEL_MARGIN - tree - fixed
+    if room < 2 * 2**20:
+        raise SystemExit(f"the working tree ({tree / 2**20:.1f} MiB) leaves {room / 2**20:.1f} "
+                         "MiB for training crops under the device tool's 64 MiB: compact "
+                         "training/ (codec.train.compact_checkpoint) or commit less")
     files = sorted(p for d in sorted(DATA.glob("*/train")) for p in d.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES)
     rng = random.Random(seed)
-    budget, used, n = max_mb * 2**20, 0, 0
+    budget, used, n = min(max_mb * 2**20, room), 0, 0
     order = files * 8  # several crops per image, images in turn
     rng.shuffle(order)
     for f in order:
@@ -69,17 +102,10 @@ def pack(max_mb: float, val_images: int, seed: int) -> None:
             break
         (PACK / "train" / f"{n:05d}.jpg").write_bytes(buf.getvalue())
         used, n = used + buf.tell(), n + 1
-    vals = sorted((DATA / "bsds500" / "val").glob("*.jpg"))[:val_images]
-    for f in vals:
-        shutil.copy(f, PACK / "val" / f.name)
-    from importlib.metadata import version
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                    "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-                    "-d", str(PACK / "wheels"), f"constriction=={version('constriction')}"],
-                   check=True)
+    total = tree + fixed + used
     print(f"pack: {n} crops of {CROP}px ({used / 2**20:.1f} MB) from {len(files)} train "
-          f"images, {len(vals)} val images, wheels {[p.name for p in (PACK / 'wheels').iterdir()]}")
+          f"images, {len(vals)} val images, wheels {[p.name for p in (PACK / 'wheels').iterdir()]}"
+          f"; with the tree ({tree / 2**20:.1f} MiB) {total / 2**20:.1f} of the 64 MiB travel")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -213,6 +239,8 @@ def import_weights(folder: Path) -> None:
             {"models": [reg._as_json(x) for x in models]}, indent=2) + "\n")
         reg.load.cache_clear()
         print(f"imported {e.id} ({e.steps} steps) sha256 {e.sha256[:12]}… {asdict(e)['note']}")
+    from codec.weight_store import pack as pack_weights
+    pack_weights(reg.REGISTRY)  # what the new files share with the shipped ones, once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--val-images", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("checks")
-    c.add_argument("--model", default="msh-vr2", help="the session's model (its registry)")
-    c.add_argument("--pipeline-model", default="msh-vr2",
+    c.add_argument("--model", default="msh-vr4", help="the session's model (its registry)")
+    c.add_argument("--pipeline-model", default="msh-vr4",
                    help="a shipped model for the pipeline check (it reads the shipped registry)")
     c.add_argument("--registry", required=True)
     c.add_argument("--val", default=str(PACK / "val"))

@@ -12,7 +12,7 @@
 # bf16 autocast, channels_last, crops on the GPU, the last 15% at lr / 10), then a val
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
 # (at most 8 files): weights/$GPU_MODEL.pt.xz, weights/registry.json, train.log.jsonl,
-# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr2) is fine-tuned into
+# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr4) is fine-tuned into
 # GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ case "$mode" in
 esac
 
 export PYTHONUNBUFFERED=1
-BASE_MODEL="${BASE_MODEL:-msh-vr2}"
+BASE_MODEL="${BASE_MODEL:-msh-vr4}"
 GPU_MODEL="${GPU_MODEL:-msh-vr-gpu1}"
 mkdir -p "$OUT/weights"
 WORK="$(mktemp -d)"
@@ -57,7 +57,7 @@ echo "gpu session ($mode) on $DEVICE, training ${TRAIN_SECONDS}s, $(date -u +%FT
 
 # 1. Fine-tune the shipped variable-rate model, time-boxed, and export it.
 "$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from "$BASE_MODEL" \
-  --lmbdas default --N 64 --M 96 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
+  --lmbdas default --N 64 --M 192 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
   --lr-drop-at 0.85 --steps 100000000 --time-budget "$TRAIN_SECONDS" --bf16 --log-every 50 \
   --checkpoint-every 1000000 --rate-grid --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
   --export-data "bsds500/train + wikipedia-photos/train (GPU pack, 256px crops)" \

@@ -7,10 +7,13 @@
 #                                    # nice; stop it any time: it checkpoints every 250 steps)
 #   ./scripts/train_vr.sh main ARGS  # the same with more jobs.train flags (the wide run was resumed
 #                                    # once with --revive-dead-channels, at step 17,750)
-#   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, compact its resume
-#                                    # point, then a decay branch (1500 steps at lr / 10, in
-#                                    # runs/cool/) exported as model ID into codec/weights,
-#                                    # then the weights re-packed (codec.weight_store)
+#   ./scripts/train_vr.sh branch ID  # a decay branch of the resume point as it is now (1500
+#                                    # steps at lr / 10, in runs/cool/; the main run may go on)
+#                                    # exported as model ID into codec/weights, then the
+#                                    # weights re-packed (codec.weight_store)
+#   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, branch, compact
+#   ./scripts/train_vr.sh compact    # end of a session without an export: stop, compact
+#                                    # (float16 weights, no Adam moments: codec.train)
 #
 # ID must be new (msh-vr2, msh-vr3, ...): a shipped id names its weights for good, since a
 # stream names only its model id and decodes with that exact file (docs/bitstream.md).
@@ -32,21 +35,25 @@ TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
        --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
        --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --rate-grid --quiet)
 
+stop_main() { pkill -f -- "--checkpoint $CKPT" && sleep 3 || true; }
+compact() {
+  .venv/bin/python -c "from pathlib import Path; from codec.train import compact_checkpoint; compact_checkpoint(Path('$CKPT'))"
+}
+
 case "${1:-main}" in
   main)
-    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr2 \
+    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr4 \
       --lr-drop-at 1.0 --steps 100000000 "${@:2}" ;;
-  finish)
-    id="${2:?usage: $0 finish NEW_MODEL_ID (a shipped id is never reused)}"
+  branch|finish)
+    id="${2:?usage: $0 $1 NEW_MODEL_ID (a shipped id is never reused)}"
     if grep -q "\"id\": \"$id\"" codec/weights/registry.json; then
       echo "model id $id is shipped already; streams name it, so its weights stay: pick a new id" >&2
       exit 2
     fi
-    pkill -f -- "--checkpoint $CKPT" && sleep 3 || true
-    step=$(.venv/bin/python -c "import torch; print(torch.load('$CKPT', weights_only=True)['step'])")
-    .venv/bin/python -c "from pathlib import Path; from codec.train import compact_checkpoint; compact_checkpoint(Path('$CKPT'))"
+    if [ "$1" = finish ]; then stop_main; fi
     mkdir -p runs/cool
-    cp "$CKPT" runs/cool/vr.ckpt
+    cp "$CKPT" runs/cool/vr.ckpt  # checkpoints are written whole (tmp + rename), moments and all
+    step=$(.venv/bin/python -c "import torch; print(torch.load('runs/cool/vr.ckpt', weights_only=True)['step'])")
     total=$((step + DECAY_STEPS))
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
@@ -54,6 +61,9 @@ case "${1:-main}" in
       --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     # Store the tensors it shares with the shipped files once (codec.weight_store).
     .venv/bin/python -m codec.weight_store
+    if [ "$1" = finish ]; then compact; fi
     ;;
-  *) echo "usage: $0 [main | finish NEW_MODEL_ID]" >&2; exit 2 ;;
+  compact)  # end of a session: stop the main run, compact its resume point for the commit
+    stop_main; compact ;;
+  *) echo "usage: $0 [main | branch NEW_MODEL_ID | finish NEW_MODEL_ID | compact]" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from tests.conftest import smooth_image
+from tests.conftest import SHIPPED_VR_ID, smooth_image
 
 
 @pytest.fixture
@@ -69,11 +69,11 @@ def test_encode_to_a_psnr_target(tmp_path, capsys):
     path = tmp_path / "crop.png"
     Image.fromarray(data.astronaut()[100:196, 150:246]).save(path)
     stream = tmp_path / "crop.sga"
-    assert main(["encode", str(path), str(stream), "--model", "msh-vr", "-m", "amortized",
+    assert main(["encode", str(path), str(stream), "--model", SHIPPED_VR_ID, "-m", "amortized",
                  "--target-psnr", "31"]) == 0
     out = capsys.readouterr()
     assert "target PSNR ≥ 31 dB met" in out.out and "rate point" in out.out
-    assert main(["encode", str(path), str(stream), "--model", "msh-vr", "-m", "amortized",
+    assert main(["encode", str(path), str(stream), "--model", SHIPPED_VR_ID, "-m", "amortized",
                  "--target-psnr", "80"]) == 0
     out = capsys.readouterr()
     assert "MISSED" in out.out and "out of reach" in out.err

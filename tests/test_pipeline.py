@@ -45,6 +45,7 @@ from pipeline.run import RunOptions, RunSummary, run
 from pipeline.settings import EncodeSettings
 from pipeline.storage import ObjectInfo, Storage
 from pipeline.worker import CRASH_MARKER_ENV
+from tests.conftest import SHIPPED_VR_ID
 
 skdata = pytest.importorskip("skimage.data")
 
@@ -767,7 +768,7 @@ def test_per_image_psnr_target(tmp_path, local_ray):
     photos = small_photos(3)
     src = write_local(tmp_path / "in", photos)
     out = tmp_path / "out"
-    settings = EncodeSettings(model="msh-vr", method="amortized", target_psnr=30.0)
+    settings = EncodeSettings(model=SHIPPED_VR_ID, method="amortized", target_psnr=30.0)
     summary = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
     assert (summary.ok, summary.errors) == (3, 0)
     rows = by_key(rows_of(out, summary.run_id))
@@ -775,7 +776,7 @@ def test_per_image_psnr_target(tmp_path, local_ray):
         check_ok_row(out, row)
         assert row["target"] == "psnr" and row["target_value"] == 30.0
         assert row["target_met"] is True and row["psnr"] >= 30.0
-        assert row["rate"] is not None and row["model_id"] == "msh-vr"
+        assert row["rate"] is not None and row["model_id"] == SHIPPED_VR_ID
     assert len({row["rate"] for row in rows.values()}) > 1  # found per image
     again = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
     assert again.skipped == 3

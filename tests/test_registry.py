@@ -56,7 +56,11 @@ def test_corrupted_weights_are_refused(tiny_registry, tmp_path):
 
 def test_shipped_weights_stay_under_40_mb():
     """The product ships its models in the package: all of them together under 40 MB."""
-    total = sum((REGISTRY.parent / e.file).stat().st_size for e in entries())
+    from codec.weight_store import SHARED_FILE
+
+    files = {e.file for e in entries()} | {SHARED_FILE}
+    assert {p.name for p in REGISTRY.parent.iterdir()} == files | {REGISTRY.name}
+    total = sum((REGISTRY.parent / f).stat().st_size for f in files)
     assert total < 40_000_000, f"shipped weights are {total / 1e6:.1f} MB"
 
 
