@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from codec import coding, tiling
+from codec import coding, tiling, weight_store
 from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
 from codec.errors import BitstreamError, ImageError, ModelError
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
@@ -250,9 +250,7 @@ class Codec:
     def __init__(self, model: str | int | None = None, device: str | torch.device | None = None,
                  registry=REGISTRY, rate: int | None = None) -> None:
         self.lm = load_point(model, rate, registry)
-        if self.lm.entry.decode_only:
-            from codec.weight_store import retired_message
-            raise ModelError(retired_message(self.lm.entry.id, self.lm.entry.decode_only))
+        weight_store.check_encodable(self.lm.entry)
         self.registry = registry
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self.lm.on(self.device)

@@ -87,10 +87,8 @@ def initial_weights(init_from: str) -> tuple[dict[str, torch.Tensor], int, float
         lmbda = None if config.get("lmbdas") else config.get("lmbda")
         return state["model"], int(state["step"]) + int(state.get("init_steps", 0)), lmbda
     loaded = registry.load(init_from)  # ModelError names the known ids
-    if loaded.entry.decode_only:  # its g_a and h_a are not shipped: nothing to start from
-        from codec.errors import ModelError
-        from codec.weight_store import retired_message
-        raise ModelError(retired_message(loaded.entry.id, loaded.entry.decode_only))
+    from codec.weight_store import check_encodable
+    check_encodable(loaded.entry)  # its g_a and h_a are not shipped: nothing to start from
     net = loaded.variable if loaded.variable is not None else loaded.model
     return (net.state_dict(), loaded.entry.steps,
             None if loaded.variable is not None else loaded.entry.lmbda)

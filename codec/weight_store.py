@@ -208,6 +208,13 @@ def retired_message(model_id: str, successor: str | None) -> str:
             "(`sgarc models`)")
 
 
+def check_encodable(entry) -> None:
+    """Refuse a decode-only registry entry where encoding starts (a Codec, a job's settings,
+    --init-from), with the message that names its successor."""
+    if entry.decode_only:
+        raise ModelError(retired_message(entry.id, entry.decode_only))
+
+
 def retire_encoder(net: nn.Module, model_id: str, successor: str) -> None:
     """Mark a loaded model's g_a and h_a as retired (`RetiredTransform`)."""
     for name in ENCODER_PARTS:

@@ -143,10 +143,8 @@ class EncodeSettings(BaseModel):
         from codec.registry import find, load_point
 
         entry = find(self.model_ref)
-        if entry.decode_only:  # refused here, at submission, not once per image
-            from codec.errors import ModelError
-            from codec.weight_store import retired_message
-            raise ModelError(retired_message(entry.id, entry.decode_only))
+        from codec.weight_store import check_encodable
+        check_encodable(entry)  # refused here, at submission, not once per image
         cfg = self.inference()
         amortized = self.method == "amortized"
         d = {}
