@@ -245,13 +245,19 @@ def write_model_file(payload: dict, model_id: str, registry: Path = REGISTRY
     Why xz: float16 weights and float64 pmf tables shrink by about 20% (lzma, stdlib) and
     the shipped weights must stay under 40 MB together; decompressing takes ~0.2 s per
     model, once per process (load is cached). The tensors are the same bits either way."""
+    path = registry.parent / f"{model_id}.pt.xz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.name, write_xz(payload, path)
+
+
+def write_xz(payload: dict, path: Path) -> str:
+    """torch.save `payload`, xz-compressed (`weight_file_filters`), atomically to `path`;
+    returns the sha256 of the torch.save bytes (model files and the shared weights file)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     raw = buf.getvalue()
-    path = registry.parent / f"{model_id}.pt.xz"
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lzma.compress(raw, filters=weight_file_filters(len(raw))))
-    return path.name, hashlib.sha256(raw).hexdigest()
+    return hashlib.sha256(raw).hexdigest()
 
 
 @lru_cache(maxsize=8)

@@ -116,21 +116,11 @@ def _with_refs(payload: dict, shared: set[str]) -> dict:
     for k, v in payload.items():
         if isinstance(v, dict):
             out[k] = _with_refs(v, shared)
-        elif isinstance(v, torch.Tensor) and digest(v) in shared:
-            out[k] = REF + digest(v)
+        elif isinstance(v, torch.Tensor) and (d := digest(v)) in shared:
+            out[k] = REF + d
         else:
             out[k] = v
     return out
-
-
-def _xz(payload: dict) -> tuple[bytes, bytes]:
-    """(torch.save bytes, their .xz) of a payload, as registry.write_model_file packs them."""
-    from codec.registry import weight_file_filters
-
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    raw = buf.getvalue()
-    return raw, lzma.compress(raw, filters=weight_file_filters(len(raw)))
 
 
 def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]:
@@ -140,8 +130,7 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
     with what they were before anything is replaced."""
     from dataclasses import replace
 
-    from codec.files import atomic_write
-    from codec.registry import entries, read_model_file, register
+    from codec.registry import entries, read_model_file, register, write_xz
 
     retire = dict(retire or {})
     known = {e.id: e for e in entries(registry)}
@@ -157,27 +146,17 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
     for e in known.values():
         payload = read_model_file(e, registry)
         payloads[e.id] = _without_encoder(payload) if e.id in retire else payload
-    counts = Counter(d for p in payloads.values()
-                     for d in {digest(t) for _, t in _tensors(p)
-                               if t.numel() * t.element_size() >= MIN_SHARED_BYTES})
-    shared = {d for d, n in counts.items() if n >= 2}
-    store = {}
-    for p in payloads.values():
-        for _, t in _tensors(p):
-            if digest(t) in shared:
-                store.setdefault(digest(t), t)
-    folder = registry.parent
-    sizes = {}
-    _, data = _xz(dict(sorted(store.items())))
-    atomic_write(folder / SHARED_FILE, data)
-    sizes[SHARED_FILE] = len(data)
+    candidates = {model_id: {digest(t): t for _, t in _tensors(p)
+                             if t.numel() * t.element_size() >= MIN_SHARED_BYTES}
+                  for model_id, p in payloads.items()}
+    counts = Counter(d for found in candidates.values() for d in found)
+    store = {d: t for found in candidates.values() for d, t in found.items() if counts[d] >= 2}
+    shared, folder = set(store), registry.parent
+    write_xz(dict(sorted(store.items())), folder / SHARED_FILE)
     _store.cache_clear()
     for model_id, payload in payloads.items():
         e = known[model_id]
-        raw, data = _xz(_with_refs(payload, shared))
-        atomic_write(folder / e.file, data)
-        sizes[e.file] = len(data)
-        entry = replace(e, file_sha256=hashlib.sha256(raw).hexdigest(),
+        entry = replace(e, file_sha256=write_xz(_with_refs(payload, shared), folder / e.file),
                         decode_only=retire.get(model_id, e.decode_only))
         register(entry, registry)
         back = read_model_file(entry, registry)
@@ -186,7 +165,8 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
                                             for k, t in want.items()):
             raise ModelError(f"re-packing {model_id} changed its tensors; restore "
                              f"{folder} from git")
-    return sizes
+    return {name: (folder / name).stat().st_size
+            for name in [SHARED_FILE, *(known[m].file for m in payloads)]}
 
 
 class RetiredTransform(nn.Sequential):
