@@ -71,6 +71,12 @@ class TrainConfig:
     # trained points only, so that the points in between are trained too (docs/codec.md,
     # "Rate points between the trained ones").
     rate_grid: bool = False
+    # Variable-rate: weight each crop's loss by (λ_r / λ_0)^-p, normalized to mean 1 over
+    # the rate grid. p = 0 is the plain sum, where the top rates dominate the shared
+    # transforms' gradient (their losses are ~25x the lowest point's, measured on msh-vr4):
+    # the low end then trails; p about 0.6 gives every rate point a comparable share, as
+    # BD-rate counts them (docs/results.md, "Low-rate weighting").
+    rate_weight_power: float = 0.0
 
     @property
     def variable_rate(self) -> bool:
@@ -162,15 +168,28 @@ def latent_width(weights: dict[str, torch.Tensor]) -> int:
     return weights[key].shape[0]
 
 
-def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float | torch.Tensor
-                  ) -> dict[str, torch.Tensor]:
-    """Batch means of R + λ·255²·MSE, R and MSE; `lmbda` is a number or one λ per crop."""
+def rd_loss_terms(x: torch.Tensor, out: dict, lmbda: float | torch.Tensor,
+                  weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Batch means of R + λ·255²·MSE, R and MSE; `lmbda` is a number or one λ per crop,
+    `weight` (optional) one loss weight per crop (rate_weights)."""
     pixels = x.shape[2] * x.shape[3]
     bits = sum(-torch.log2(lik).sum(dim=(1, 2, 3)) for lik in out["likelihoods"].values())
     bpp = bits / pixels
     mse = torch.mean((out["x_hat"] - x) ** 2, dim=(1, 2, 3))
     loss = bpp + lmbda * 255.0**2 * mse
+    if weight is not None:
+        loss = loss * weight
     return {"loss": loss.mean(), "bpp": bpp.mean(), "mse": mse.mean()}
+
+
+def rate_weights(net: GainedMeanScaleHyperprior, r: torch.Tensor, power: float
+                 ) -> torch.Tensor:
+    """Loss weights (λ_r / λ_0)^-power at rate positions r, normalized to mean 1 over the
+    whole rate grid (TrainConfig.rate_weight_power)."""
+    grid = torch.arange(net.max_rate_index + 1, device=r.device).float() / RATE_STEPS
+    lmbda0 = net.lmbdas[0]
+    norm = (net.lmbda_at(grid) / lmbda0).pow(-power).mean()
+    return (net.lmbda_at(r) / lmbda0).pow(-power) / norm
 
 
 def compact_checkpoint(checkpoint: Path) -> None:
@@ -396,7 +415,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: Train
             r = index.float() / RATE_STEPS
         else:
             r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
-        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), net.lmbda_at(r))
+        weight = rate_weights(net, r, cfg.rate_weight_power) if cfg.rate_weight_power else None
+        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), net.lmbda_at(r), weight)
     else:
         terms = rd_loss_terms(x, model(x), cfg.lmbda)
     opt.zero_grad(set_to_none=True)

@@ -60,7 +60,8 @@ def _config(args):
                        bf16=args.bf16, channels_last=not args.nchw,
                        time_budget=args.time_budget,
                        revive_dead_channels=args.revive_dead_channels,
-                       rate_grid=args.rate_grid)
+                       rate_grid=args.rate_grid,
+                       rate_weight_power=args.rate_weight_power)
 
 
 def _lmbdas(text: str | None) -> tuple[float, ...]:
@@ -285,6 +286,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate-grid", action="store_true",
                    help="variable-rate: draw each crop's rate from every grid point, not "
                         "only the trained λ, so the points in between are trained too")
+    p.add_argument("--rate-weight-power", type=float, default=d.rate_weight_power,
+                   metavar="P",
+                   help="variable-rate: weight each crop's loss by (λ_r/λ_0)^-P (mean 1 over "
+                        "the grid), so the low rates are not drowned by the high ones' larger "
+                        f"losses (default {d.rate_weight_power:g}: plain sum)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "

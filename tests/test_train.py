@@ -249,3 +249,28 @@ def test_compacted_checkpoint_resumes(data, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 4
     assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+
+
+def test_rate_weights_favour_the_low_rates_and_average_one_over_the_grid():
+    """--rate-weight-power P: each crop's loss weighted by (λ_r/λ_0)^-P, mean 1 over the
+    grid (so the learning rate keeps its meaning), falling with the rate; P=0 is uniform."""
+    from codec.train import rate_weights
+    from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+
+    net = GainedMeanScaleHyperprior(8, 8, (0.001, 0.004, 0.016))
+    grid = torch.arange(net.max_rate_index + 1).float() / RATE_STEPS
+    w = rate_weights(net, grid, 0.5)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert (w.diff() < 0).all()
+    assert (w[0] / w[-1]).item() == pytest.approx(16.0**0.5, rel=1e-4)  # λ ratio 16
+    assert torch.allclose(rate_weights(net, grid, 0.0), torch.ones_like(grid))
+    assert TrainConfig(data=[]).rate_weight_power == 0.0
+
+
+def test_rate_weighted_training_runs_and_resumes(data, tmp_path):
+    ckpt = tmp_path / "vr.ckpt"
+    args = ["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--lmbdas",
+            "0.002,0.004,0.008", "--rate-grid", "--rate-weight-power", "0.6"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "4"]) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
