@@ -158,21 +158,24 @@ def entries(registry: Path = REGISTRY) -> list[ModelEntry]:
 
 
 def find(model: str | int | None = None, registry: Path = REGISTRY) -> ModelEntry:
-    """Entry by id (str) or by quality level (int); None gives the default.
+    """Entry by id (str) or by quality level (int); None gives the default. With a
+    variable-rate default, a quality level is that model's named rate point.
 
     A string is only ever an id, so a stream naming model "1" cannot pick quality 1.
     """
     known = entries(registry)
     if not known:
         raise ModelError(f"no models registered in {registry}")
+    default = _default(known)
     if model is None:
-        return _default(known)
+        return default
+    if isinstance(model, int) and default.variable_rate and model in QUALITY_LMBDAS:
+        # a named rate point of the default model (LoadedModel.quality_rate), ahead of the
+        # fixed level of that number, which the default supersedes (decode-only then)
+        return default
     for e in known:
         if e.id == model if isinstance(model, str) else e.quality == model:
             return e
-    default = _default(known)
-    if isinstance(model, int) and default.variable_rate and model in QUALITY_LMBDAS:
-        return default  # a named rate point of the default model (LoadedModel.quality_rate)
     qualities = ", ".join(str(e.quality) for e in sorted(known, key=lambda e: e.quality)
                           if e.quality)
     raise ModelError(f"unknown model {model!r}; known ids: {', '.join(e.id for e in known)}; "

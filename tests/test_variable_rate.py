@@ -354,3 +354,22 @@ def test_shipped_variable_rate_models_are_monotone_where_they_encode(model_id):
                for r in points]
     for r, a, b in zip(points, results, results[1:], strict=False):
         assert b.bpp > a.bpp and b.psnr > a.psnr - 0.1, (r, a.bpp, a.psnr, b.bpp, b.psnr)
+
+
+def test_a_variable_rate_default_owns_the_quality_levels(tiny_vr_registry, tmp_path):
+    """Once the variable-rate model is marked default, quality levels name its rate points
+    ahead of the fixed levels it supersedes (which stay reachable by id, for decoding)."""
+    import shutil
+    from dataclasses import replace
+
+    from codec.registry import register
+
+    reg = tmp_path / "registry.json"
+    for f in tiny_vr_registry.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    assert find(1, reg).id == TINY_ID
+    register(replace(find(TINY_VR_ID, reg), default=True), reg)
+    assert find(None, reg).id == find(1, reg).id == TINY_VR_ID
+    assert find(TINY_ID, reg).id == TINY_ID
+    point = load_point(1, registry=reg)
+    assert point.rate == point.quality_rate(1)
