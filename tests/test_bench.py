@@ -67,3 +67,33 @@ def test_quick_suite_writes_summary_and_json(tiny_registry, tmp_path, capsys):
 def test_bad_section_choices_are_refused(argv):
     with pytest.raises(SystemExit):
         suite.parse_args(argv)
+
+
+def test_compare_checkpoints_measures_a_checkpoint_along_its_grid(tmp_path):
+    """bench/compare_checkpoints.py reads a training checkpoint as it is (no export) and
+    measures it; a curve's rate against a reference point is read at equal PSNR."""
+    import torch
+    from PIL import Image
+
+    from bench.compare_checkpoints import point, variable_model, vs_zoo
+    from jobs.train import main as train_main
+    from tests.conftest import smooth_image
+
+    for i in range(4):
+        Image.fromarray(smooth_image(80, 80, seed=i)).save(tmp_path / f"{i}.png")
+    ckpt = tmp_path / "vr.ckpt"
+    assert train_main(["--data", str(tmp_path), "--N", "8", "--M", "8", "--crop", "64",
+                       "--batch-size", "2", "--lmbdas", "0.002,0.008", "--steps", "2",
+                       "--checkpoint", str(ckpt), "--quiet"]) == 0
+    model, label = variable_model(str(ckpt))
+    assert label.endswith("@2") and model.num_rates == 2
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # an untrained run's gains are all 1: make the top point finer
+        model.gain[1] *= 8
+        model.inverse_gain[1] /= 8
+    tables = model.gain_tables()
+    low, high = (point(model.materialize(tables, r), x, model.rate_lmbda(r)) for r in (0, 32))
+    assert low[0] > 0 and math.isfinite(low[1]) and high[0] > low[0]
+    curve = [(0.5, 30.0), (1.0, 33.0), (2.0, 36.0)]
+    assert vs_zoo(curve, [(1.1, 33.0)])[0] == pytest.approx(100 / 1.1 - 100)
+    assert vs_zoo(curve, [(1.0, 40.0)]) == [None]  # outside the curve's PSNR range
