@@ -119,14 +119,14 @@ def _table(curves: dict[str, dict], cmp: dict) -> list[str]:
 # ---------------------------------------------------------------------------- command
 
 
-def _int_list(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str, minimum: int = 1) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SgarcError(f"{what} must be a comma-separated list of integers, not "
                          f"{text!r}") from None
-    if any(v < 1 for v in values):
-        raise SgarcError(f"{what} must be positive")
+    if any(v < minimum for v in values):
+        raise SgarcError(f"{what} must be {'positive' if minimum == 1 else f'at least {minimum}'}")
     return values
 
 
@@ -156,7 +156,7 @@ def evaluate(args) -> dict:
             sgarc_points.append((f"sgarc-{model_id}", model_id, lambda c=base: c))
             continue
         var = base.lm.variable
-        rates = (_int_list(args.rates, "--rates") if args.rates
+        rates = (_int_list(args.rates, "--rates", minimum=0) if args.rates
                  else [r * RATE_STEPS for r in range(var.num_rates)])
         sgarc_points += [(f"sgarc-{model_id}", model_id, lambda c=base, r=r: c.at_rate(r))
                          for r in rates]
