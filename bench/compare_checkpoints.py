@@ -1,6 +1,6 @@
 """Variable-rate checkpoints (or shipped models) side by side, on held-out train crops.
 
-    python bench/compare_checkpoints.py msh-vr4 training/msh-vrw.ckpt runs/branch/vr.ckpt
+    python bench/compare_checkpoints.py msh-vr5 training/msh-vrw.ckpt runs/branch/vr.ckpt
 
 For choosing between training runs (a loss weighting, a schedule) without looking at val:
 the crops are centre 256-px crops of every 20th file of the train folders

@@ -1,7 +1,7 @@
 """Amortized bpp and PSNR of a variable-rate model at grid points between its trained ones.
 
     python bench/rate_points.py training/msh-vrw.ckpt            # a training checkpoint
-    python bench/rate_points.py msh-vr4 --step 4 --images 6      # a shipped model
+    python bench/rate_points.py msh-vr5 --step 4 --images 6      # a shipped model
 
 Run it before exporting: a model trained at its λ points only can code badly between them
 (msh-vr3, docs/codec.md "Rate points between the trained ones"), and a target search or a

@@ -4,10 +4,10 @@
     nice python bench/routes.py --limit 4 --json r.json  # a quick look, per-image JSON
 
 For every image, model and floor, the route codec.routes chooses (learned, jpeg-lossless,
-original) with amortized learned encodings: the shipped default model (fixed rate: one
-encoding per image, its one point, judged against each floor) and the variable-rate model
-`msh-vr4` (per floor, the lowest rate point reaching it, `codec.targets.encode_to_target`
-as `Codec.encode_to_target` runs it; without a floor, its default point). Prints one row per
+original) with amortized learned encodings of each model in --models: a fixed-rate model
+(one encoding per image, its one point, judged against each floor) or a variable-rate one,
+such as the default `msh-vr5` (per floor, the lowest rate point reaching it, as
+`Codec.encode_to_target` searches; without a floor, its default point). Prints one row per
 data set, model and floor: total stored bytes against the source, and the share of images
 and of stored bytes per route; beside it, what storing every image learned would give
 (the codec without guarantees). One process, one torch thread by default, so that it can
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", action="append", type=Path, default=None,
                    help="image folder (repeatable; default: bsds500/val, wikipedia-photos/val)")
-    p.add_argument("--models", default="default,msh-vr4",
+    p.add_argument("--models", default="default",
                    help="comma-separated model ids; 'default' is the shipped default")
     p.add_argument("--floors", default="none,30,34,38", help="PSNR floors in dB, or none")
     p.add_argument("--limit", type=int, default=None, help="images per folder")

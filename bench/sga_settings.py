@@ -1,6 +1,6 @@
 """SGA settings around the default at one budget: does another lr or schedule do better?
 
-    python bench/sga_settings.py --model msh-vr4 --rates 64,128 --iterations 500 \\
+    python bench/sga_settings.py --model msh-vr5 --rates 64,128 --iterations 500 \\
         --try lr=0.02 --try lr=0.04 --try c=0.0005 --try t0=350 --try tau0=0.7
 
 Each ``--try`` overrides fields of the default `codec.inference.InferenceConfig` (the

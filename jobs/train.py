@@ -201,12 +201,16 @@ def _train_bits_back(args) -> int:
     import torch
 
     from codec import bits_back
-    from codec.registry import REGISTRY, load
+    from codec.registry import DEFAULT_QUALITY, REGISTRY, load_point
+    from codec.weight_store import check_encodable
 
     if args.lmbdas or args.address or any(_is_url(d) for d in args.data):
         raise SgarcError("--bits-back trains from local folders, one λ: leave out --lmbdas "
                          "and --address")
-    src = load(args.init_from or "msh-small-q4")
+    # the named model (a variable-rate one at its default point), else the default model's
+    # default level; a decode-only model has no encoder to start from
+    src = load_point(args.init_from or DEFAULT_QUALITY)
+    check_encodable(src.entry)
     model = bits_back.from_msh(src.model)
     bits_back.finetune(model, args.data, args.steps, args.batch_size, args.crop, args.lr,
                        args.seed, args.log_every,
@@ -297,8 +301,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "GPUs: bench/train_step.py)")
     p.add_argument("--bits-back", action="store_true",
                    help="experimental: a lossy bits-back model (codec.bits_back) from "
-                   "--init-from (default msh-small-q4): its hyper parts fine-tuned, g_a/g_s "
-                   "kept; --checkpoint receives the weights")
+                   "--init-from (default: the default model at quality 4): its hyper parts "
+                   "fine-tuned, g_a/g_s kept; --checkpoint receives the weights")
     p.add_argument("--nchw", action="store_true",
                    help="plain NCHW layout instead of channels_last (slower; for comparison)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",

@@ -177,12 +177,14 @@ def refusal(key: str) -> str | None:
 
 def make_plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, settings: dict,
               fingerprint: str, shard_size: int, run_id: str | None = None, *,
-              write: bool = True) -> Plan:
+              write: bool = True, also_done: Iterable[str] = ()) -> Plan:
     """Skip what is done, cut the rest into shards of `shard_size` in key order. With
     `write`, the manifests and plan.json are stored under the output; without (a dry run),
-    the plan only counts."""
+    the plan only counts. An image is done when an `ok` row of the same source bytes has
+    `fingerprint` or one of `also_done` (the settings' fingerprints under the models their
+    model supersedes: EncodeSettings.superseded_fingerprints)."""
     return _plan(images, input_url, output, settings, fingerprint, shard_size, run_id,
-                 "encode", None, write)
+                 "encode", None, write, tuple(also_done))
 
 
 def make_refine_plan(images: Iterable[ObjectInfo], input_url: str, output: Storage,
@@ -203,7 +205,7 @@ def make_refine_plan(images: Iterable[ObjectInfo], input_url: str, output: Stora
 _DONE_SQL = """
 SELECT l.* FROM listing l ANTI JOIN (
     SELECT source_key, source_bytes, coalesce(source_version, '') AS source_version
-    FROM metrics WHERE fingerprint = $fingerprint AND status = 'ok') d
+    FROM metrics WHERE list_contains($fingerprints, fingerprint) AND status = 'ok') d
 ON l.key = d.source_key AND l.size = d.source_bytes AND l.version = d.source_version
 ORDER BY l.key, l.raw
 """
@@ -238,7 +240,7 @@ _METRICS_COLUMNS = ["source_key", "source_bytes", "source_version", "fingerprint
 
 def _plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, settings: dict,
           fingerprint: str, shard_size: int, run_id: str | None, mode: str,
-          max_images: int | None, write: bool) -> Plan:
+          max_images: int | None, write: bool, also_done: tuple[str, ...] = ()) -> Plan:
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     plan = Plan(run_id or new_run_id(), input_url, output.url, fingerprint, settings,
@@ -257,7 +259,7 @@ def _plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, setting
                     "iterations": settings["iterations"], "limit": max(0, limit)})
                 salt = "refine:" + fingerprint
             else:
-                result = con.sql(_DONE_SQL, params={"fingerprint": fingerprint})
+                result = con.sql(_DONE_SQL, params={"fingerprints": [fingerprint, *also_done]})
                 salt = fingerprint
             _write_shards(plan, result.to_arrow_reader(CHUNK_IMAGES), salt, shard_size,
                           output if write else None)

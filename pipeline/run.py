@@ -160,7 +160,8 @@ def _load_or_make_plan(source: Storage, output: Storage, settings: EncodeSetting
                                          options.run_id, write=write)
     else:
         plan = planning.make_plan(images, source.url, output, settings.resolved(),
-                                  fingerprint, options.shard_size, options.run_id, write=write)
+                                  fingerprint, options.shard_size, options.run_id, write=write,
+                                  also_done=settings.superseded_fingerprints())
     return plan, False
 
 

@@ -145,7 +145,21 @@ class EncodeSettings(BaseModel):
         entry = find(self.model_ref)
         from codec.weight_store import check_encodable
         check_encodable(entry)  # refused here, at submission, not once per image
-        cfg = self.inference()
+        target = self.target()
+        if target is not None and not entry.variable_rate:
+            raise ValueError(f"a PSNR or bpp target needs a variable-rate model; {entry.id} "
+                             "is fixed-rate")
+        if self.rate is not None and not entry.variable_rate:
+            raise ValueError(f"rate points need a variable-rate model; {entry.id} is "
+                             "fixed-rate")
+        rate = (load_point(self.model_ref, self.rate).rate
+                if target is None and entry.variable_rate else None)
+        self.inference()  # validates the codec's settings
+        self.policy()  # validates the floor
+        return self._resolved_as(entry, rate)
+
+    def _resolved_as(self, entry, rate: int | None) -> dict:
+        """`resolved` with the model `entry` at grid index `rate` (None: as set)."""
         amortized = self.method == "amortized"
         d = {}
         for name, info in type(self).model_fields.items():
@@ -154,31 +168,56 @@ class EncodeSettings(BaseModel):
                 continue  # runs from before the option existed keep their fingerprint
             if not (amortized and extra["iterative"]):  # amortized fingerprints stay as
                 d[name] = value                        # they were before iterations existed
-        target = self.target()
-        if target is not None and not entry.variable_rate:
-            raise ValueError(f"a PSNR or bpp target needs a variable-rate model; {entry.id} "
-                             "is fixed-rate")
-        if target is None and entry.variable_rate:
-            d["rate"] = load_point(self.model_ref, self.rate).rate
-        elif self.rate is not None and not entry.variable_rate:
-            raise ValueError(f"rate points need a variable-rate model; {entry.id} is "
-                             "fixed-rate")
+        if rate is not None:
+            d["rate"] = rate
         # metadata_version: streams written before the META section existed carry no
         # metadata, so they do not count as done by a run that keeps it.
         d.update(model=entry.id, model_sha256=entry.sha256, quality=entry.quality,
                  lmbda=entry.lmbda, iterations=0 if amortized else self.iterations,
                  metadata_version=META_VERSION)
         if not amortized:
+            cfg = self.inference()
             d.update(eval_every=cfg.eval_every, min_improvement=cfg.min_improvement)
-        self.policy()  # validates the floor
         return d
+
+    def superseded_fingerprints(self) -> list[str]:
+        """The fingerprints these settings had under the models their model supersedes.
+
+        Why: a spec that names a quality level (or nothing) chose a level, not a model. When
+        a new default model takes the levels over (the zoo's went to msh-vr5 on 2026-12-06)
+        the level resolves to it and the fingerprint changes; without this, the next run
+        of an unchanged spec would re-encode the whole archive. The images its runs encoded
+        with a superseded model (decode-only, naming the new one) stay done: a rerun redoes
+        only what is missing (DESIGN.md decision 5). A spec that names a model, a rate or a
+        target chose it; it has none."""
+        if self.model is not None or self.rate is not None or self.target() is not None:
+            return []
+        from codec.registry import DEFAULT_QUALITY, entries, find, load
+
+        current = find(self.model_ref)
+        level = DEFAULT_QUALITY if self.quality is None else self.quality
+        out = []
+        for e in entries():
+            if e.decode_only != current.id:
+                continue
+            if e.variable_rate:
+                rate = load(e.id).quality_rate(level)
+            elif e.quality == level:
+                rate = None
+            else:
+                continue
+            out.append(self._fingerprint_of(self._resolved_as(e, rate)))
+        return out
 
     def fingerprint(self) -> str:
         """Hash of the settings that change an encoded image's bytes (not the "never"
         fields, such as the metadata policy)."""
+        return self._fingerprint_of(self.resolved())
+
+    def _fingerprint_of(self, resolved: dict) -> str:
         never = {name for name, info in type(self).model_fields.items()
                  if info.json_schema_extra["fingerprint"] == "never"}
-        settings = {k: v for k, v in self.resolved().items() if k not in never}
+        settings = {k: v for k, v in resolved.items() if k not in never}
         canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

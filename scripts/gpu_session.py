@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--val-images", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("checks")
-    c.add_argument("--model", default="msh-vr4", help="the session's model (its registry)")
-    c.add_argument("--pipeline-model", default="msh-vr4",
+    c.add_argument("--model", default="msh-vr5", help="the session's model (its registry)")
+    c.add_argument("--pipeline-model", default="msh-vr5",
                    help="a shipped model for the pipeline check (it reads the shipped registry)")
     c.add_argument("--registry", required=True)
     c.add_argument("--val", default=str(PACK / "val"))

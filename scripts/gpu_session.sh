@@ -12,7 +12,7 @@
 # bf16 autocast, channels_last, crops on the GPU, the last 15% at lr / 10), then a val
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
 # (at most 8 files): weights/$GPU_MODEL.pt.xz, weights/registry.json, train.log.jsonl,
-# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr4) is fine-tuned into
+# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr5) is fine-tuned into
 # GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ case "$mode" in
 esac
 
 export PYTHONUNBUFFERED=1
-BASE_MODEL="${BASE_MODEL:-msh-vr4}"
+BASE_MODEL="${BASE_MODEL:-msh-vr5}"
 GPU_MODEL="${GPU_MODEL:-msh-vr-gpu1}"
 mkdir -p "$OUT/weights"
 WORK="$(mktemp -d)"
@@ -59,7 +59,7 @@ echo "gpu session ($mode) on $DEVICE, training ${TRAIN_SECONDS}s, $(date -u +%FT
 "$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from "$BASE_MODEL" \
   --lmbdas default --N 64 --M 192 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
   --lr-drop-at 0.85 --steps 100000000 --time-budget "$TRAIN_SECONDS" --bf16 --log-every 50 \
-  --checkpoint-every 1000000 --rate-grid --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
+  --checkpoint-every 1000000 --rate-grid --rate-weight-power 0.6 --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
   --export-data "bsds500/train + wikipedia-photos/train (GPU pack, 256px crops)" \
   --note "fine-tuned on a GPU for ${TRAIN_SECONDS}s from the shipped $BASE_MODEL (scripts/gpu_session.sh)"
 cp "$WORK/vr.log.jsonl" "$OUT/train.log.jsonl"

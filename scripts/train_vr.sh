@@ -22,6 +22,10 @@
 # only from the 9 trained λ: msh-vr3, trained on those only, codes badly between them (it is
 # limited to them: rate_step 32 in the registry; docs/codec.md).
 #
+# Since wide step 122,500 each crop's loss is weighted by (λ_r/λ_0)^-0.6 (--rate-weight-power):
+# unweighted, the top rates' larger losses drowned the low end's gradient, and the zoo's
+# lowest level beat the variable-rate model there (docs/results.md, "Low-rate weighting").
+#
 # The main run keeps a constant learning rate (warmup-stable-decay: the stable phase goes on
 # from session to session); only the exported weights get the decay, on a branch, so the
 # resume point stays a stable-phase state. Commit training/ and codec/weights/ afterwards.
@@ -33,7 +37,8 @@ CKPT=training/msh-vrw.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
        --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
-       --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --rate-grid --quiet)
+       --crop 128 --batch-size 8 --lr 2e-4 --checkpoint-every 250 --rate-grid
+       --rate-weight-power "${RATE_WEIGHT_POWER:-0.6}" --quiet)
 
 stop_main() { pkill -f -- "--checkpoint $CKPT" && sleep 3 || true; }
 compact() {
@@ -42,7 +47,7 @@ compact() {
 
 case "${1:-main}" in
   main)
-    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr4 \
+    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr5 \
       --lr-drop-at 1.0 --steps 100000000 "${@:2}" ;;
   branch|finish)
     id="${2:?usage: $0 $1 NEW_MODEL_ID (a shipped id is never reused)}"
@@ -58,7 +63,7 @@ case "${1:-main}" in
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
       --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (gains 10x), then $DECAY_STEPS at lr 2e-5; batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     # Store the tensors it shares with the shipped files once (codec.weight_store).
     .venv/bin/python -m codec.weight_store
     if [ "$1" = finish ]; then compact; fi

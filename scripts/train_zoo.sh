@@ -12,8 +12,17 @@
 # (q1 and q6 got 3,000 and 4,000 steps where 6,000 and 9,000 were planned, to fit the
 # session that trained them; rerun with larger numbers to train them further.)
 #   ./scripts/train_zoo.sh down|up    # one chain
+#
+# Since 2026-12-06 the zoo is decode-only (msh-vr5 took its quality levels over): its ids name
+# their weights for good, since old streams decode with them, and the encoders the chains
+# start from no longer ship. So this script is the record of how the zoo was trained; it
+# refuses to run on this tree. (Commit bc228f2 and earlier run it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if grep -q '"decode_only"' <(python3 -c "import json; print(json.dumps([m for m in json.load(open('codec/weights/registry.json'))['models'] if m['id'].startswith('msh-small-q')]))"); then
+  echo "the zoo (msh-small-q1..q6) is decode-only: its ids keep their weights for good, so it is not retrained; train the variable-rate model instead (./scripts/train_vr.sh)" >&2
+  exit 2
+fi
 [ -d .venv ] && . .venv/bin/activate
 DATA=(--data ../shared/data/bsds500/train --data ../shared/data/wikipedia-photos/train)
 COMMON=(--N 64 --M 96 --crop 128 --batch-size 8 --lr 2e-4 --lr-drop-at 0.85 --quiet)

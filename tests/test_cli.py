@@ -77,8 +77,12 @@ def test_encode_to_a_psnr_target(tmp_path, capsys):
                  "--target-psnr", "80"]) == 0
     out = capsys.readouterr()
     assert "MISSED" in out.out and "out of reach" in out.err
-    assert main(["encode", str(path), str(stream), "--target-bpp", "1"]) == 2  # fixed default
-    assert "variable-rate" in capsys.readouterr().err
+    assert main(["encode", str(path), str(stream), "-m", "amortized", "--target-bpp",
+                 "1"]) == 0  # the default model is variable-rate
+    assert "target" in capsys.readouterr().out
+    assert main(["encode", str(path), str(stream), "--model", "msh-small-q4", "-m",
+                 "amortized"]) == 2  # the zoo, decode-only
+    assert "decode-only" in capsys.readouterr().err
     assert main(["models"]) == 0
     assert "variable rate" in capsys.readouterr().out
 

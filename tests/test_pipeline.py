@@ -39,6 +39,7 @@ import ray
 from PIL import Image
 
 from codec.api import decode
+from codec.errors import ModelError
 from pipeline import sink
 from pipeline.plan import Plan, make_plan, plan_key, shard_id, summary_key
 from pipeline.run import RunOptions, RunSummary, run
@@ -599,6 +600,36 @@ def test_plan_skips_images_done_with_the_same_fingerprint(tmp_path):
     assert table.schema.equals(sink.SCHEMA)  # parts always carry the full schema
 
 
+# What these specs' fingerprints were while the zoo was the default (msh-small-q4 for q4 and
+# for no level; computed before the switch to msh-vr5, 2026-12-06).
+ZOO_ERA_FINGERPRINTS = {(4, "amortized"): "482e408a3cc34686", (None, "amortized"):
+                        "482e408a3cc34686", (2, "sga"): "8aecccac6d023043",
+                        (None, "sga"): "7af51ee93667b2de"}
+
+
+@pytest.mark.parametrize(("quality", "method"), list(ZOO_ERA_FINGERPRINTS))
+def test_a_new_default_model_does_not_reencode_an_archive(tmp_path, quality, method):
+    """A spec naming a quality level (or none) resolves to the new default now; what its
+    runs encoded with the superseded zoo level stays done (DESIGN.md decision 5), while a
+    spec that names the new model re-encodes."""
+    settings = EncodeSettings(quality=quality, method=method)
+    old = ZOO_ERA_FINGERPRINTS[(quality, method)]
+    assert settings.fingerprint() != old and old in settings.superseded_fingerprints()
+    named = EncodeSettings(model=SHIPPED_VR_ID, method=method)
+    assert named.superseded_fingerprints() == []
+    images = [ObjectInfo(f"{i}.png", 10 + i, "v") for i in range(3)]
+    output = Storage(str(tmp_path / "out"))
+    output.write_atomic(sink.part_key("old", "x"), sink.part_bytes([
+        {"source_key": "0.png", "source_bytes": 10, "source_version": "v",
+         "fingerprint": old, "status": "ok"}]))
+    plan = make_plan(images, "file:///in", output, settings.resolved(), settings.fingerprint(),
+                     2, also_done=settings.superseded_fingerprints())
+    assert plan.skipped == 1 and plan.num_images == 2
+    again = make_plan(images, "file:///in", output, named.resolved(), named.fingerprint(), 2,
+                      also_done=named.superseded_fingerprints())
+    assert again.skipped == 0
+
+
 def test_empty_input_and_named_runs_need_no_actors(tmp_path):
     """Nothing to do: no Ray at all, yet a plan and a summary are stored."""
     src, out = tmp_path / "in", tmp_path / "out"
@@ -780,14 +811,20 @@ def test_per_image_psnr_target(tmp_path, local_ray):
     assert len({row["rate"] for row in rows.values()}) > 1  # found per image
     again = run(str(src), str(out), settings, RunOptions(shard_size=2, **QUIET))
     assert again.skipped == 3
-    with pytest.raises(ValueError, match="variable-rate"):
-        EncodeSettings(quality=4, target_psnr=30.0).fingerprint()
+    # quality levels name rate points of the variable-rate default, so a target applies
+    assert EncodeSettings(quality=4, target_psnr=30.0).resolved()["model"] == SHIPPED_VR_ID
+    with pytest.raises(ModelError, match=f"decode-only.*{SHIPPED_VR_ID}"):  # the old zoo
+        EncodeSettings(model="msh-small-q4", target_psnr=30.0).fingerprint()
 
 
-def test_fingerprints_of_fixed_rate_runs_did_not_change():
-    """Adding rate points and targets must not make existing archives redo their work."""
-    assert EncodeSettings(method="amortized").fingerprint() == "482e408a3cc34686"
-    assert EncodeSettings().fingerprint() == "7af51ee93667b2de"
+def test_fingerprints_of_default_runs_did_not_change():
+    """Adding options must not make existing archives redo their work: the default's
+    fingerprints stay (msh-vr5's since 2026-12-06), and the zoo era's count as done."""
+    assert EncodeSettings(method="amortized").fingerprint() == "4018fa69b3d03205"
+    assert EncodeSettings().fingerprint() == "c684d45ada4c3deb"
+    assert ZOO_ERA_FINGERPRINTS[(None, "amortized")] in \
+        EncodeSettings(method="amortized").superseded_fingerprints()
+    assert ZOO_ERA_FINGERPRINTS[(None, "sga")] in EncodeSettings().superseded_fingerprints()
 
 
 def test_dry_run_counts_without_running_or_writing(tmp_path, local_ray):

@@ -183,8 +183,9 @@ def test_every_shipped_model_decodes_its_reference_streams():
     encoder retired) decode to the same pixels now (tests/reference_streams.py)."""
     import base64
 
-    from codec.api import decode
-    from tests.reference_streams import FILE, pixels_sha256
+    from PIL import Image
+
+    from tests.reference_streams import FILE, decoded, pixels_sha256
 
     streams = json.loads(FILE.read_text())
     shipped = {e.id: e for e in entries()}
@@ -192,8 +193,12 @@ def test_every_shipped_model_decodes_its_reference_streams():
     assert learned <= {r["model"] for r in streams}, "run python -m tests.reference_streams"
     for r in streams:
         assert shipped[r["model"]].sha256 == r["sha256_of_model"]  # the identity never moves
-        rgb = decode(base64.b64decode(r["stream"])).rgb
-        assert pixels_sha256(rgb) == r["pixels_sha256"], (r["model"], r["rate"])
+        latents, rgb = decoded(base64.b64decode(r["stream"]))
+        assert latents == r["latents_sha256"], (r["model"], r["rate"])  # exact everywhere
+        if pixels_sha256(rgb) != r["pixels_sha256"]:  # another CPU's float kernels: 1 level
+            recorded = np.asarray(Image.open(io.BytesIO(base64.b64decode(r["pixels_png"]))))
+            diff = np.abs(rgb.astype(int) - recorded.astype(int))
+            assert diff.max() <= 1, (r["model"], r["rate"], int(diff.max()))
 
 
 def test_decode_only_shipped_models_are_refused_for_jobs():
