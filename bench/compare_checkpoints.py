@@ -25,6 +25,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.rate_points import checkpoint_model
 from bench.train_study import DATA, crops, held_out
 from codec.inference import InferenceConfig, infer
 from codec.metrics import bd_rate, rate_saving
@@ -39,11 +40,8 @@ RATES = list(range(0, 257, 16))
 def variable_model(name: str) -> tuple[GainedMeanScaleHyperprior, str]:
     """A checkpoint file (its float weights) or a shipped variable-rate model id."""
     if name.endswith(".ckpt"):
-        state = torch.load(name, weights_only=True)
-        cfg = state["config"]
-        model = GainedMeanScaleHyperprior(cfg["N"], cfg["M"], tuple(cfg["lmbdas"]))
-        model.load_state_dict({k: v.float() for k, v in state["model"].items()})
-        return model.eval(), f"{name}@{state['step']}"
+        model, state = checkpoint_model(name)
+        return model, f"{name}@{state['step']}"
     return load(name).variable, name
 
 

@@ -33,15 +33,21 @@ from codec.variable_rate import GainedMeanScaleHyperprior
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bsds500" / "val"
 
 
+def checkpoint_model(checkpoint: Path | str) -> tuple[GainedMeanScaleHyperprior, dict]:
+    """The variable-rate model of a training checkpoint (float, eval mode) and the state."""
+    state = torch.load(checkpoint, weights_only=True)
+    cfg = state["config"]
+    model = GainedMeanScaleHyperprior(cfg["N"], cfg["M"], tuple(cfg["lmbdas"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
 def checkpoint_registry(checkpoint: Path, folder: Path, beside: Path | None = None) -> Path:
     """A registry in `folder` holding the checkpoint's model as id "checkpoint", exported as
     an export would ship it (fp16, steps counted from the start), so it is measured as it
     would code. ``beside``: a registry whose models it holds too (their files linked), for
     ``sgarc eval --registry`` against the shipped ones in one run."""
-    state = torch.load(checkpoint, weights_only=True)
-    cfg = state["config"]
-    model = GainedMeanScaleHyperprior(cfg["N"], cfg["M"], tuple(cfg["lmbdas"]))
-    model.load_state_dict(state["model"])
+    model, state = checkpoint_model(checkpoint)
     folder.mkdir(parents=True, exist_ok=True)
     registry = folder / "registry.json"
     if beside is not None:

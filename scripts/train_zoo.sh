@@ -19,7 +19,7 @@
 # refuses to run on this tree. (Commit bc228f2 and earlier run it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if grep -q '"decode_only"' <(python3 -c "import json; print(json.dumps([m for m in json.load(open('codec/weights/registry.json'))['models'] if m['id'].startswith('msh-small-q')]))"); then
+if ! python3 -c "import json, sys; sys.exit(any(m.get('decode_only') for m in json.load(open('codec/weights/registry.json'))['models'] if m['id'].startswith('msh-small-q')))"; then
   echo "the zoo (msh-small-q1..q6) is decode-only: its ids keep their weights for good, so it is not retrained; train the variable-rate model instead (./scripts/train_vr.sh)" >&2
   exit 2
 fi
