@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from codec import coding, tiling, weight_store
-from codec.bitstream import Bitstream, Header, pack, pack_alpha, parse, unpack_alpha
+from codec.bitstream import (
+    Bitstream,
+    Header,
+    latent_grids,
+    pack,
+    pack_alpha,
+    parse,
+    unpack_alpha,
+)
 from codec.errors import BitstreamError, ImageError, ModelError
 from codec.frozen import LATENT_LIMIT, hyper_synthesis_exact
 from codec.images import (
@@ -39,7 +47,7 @@ from codec.images import (
 from codec.inference import RATE_CHANNELS, InferenceConfig, infer
 from codec.metadata import Metadata, RestoreReport, save_params, unpack
 from codec.metrics import bpp, psnr, psnr_from_mse
-from codec.model import DOWNSAMPLE, Y_STRIDE, Z_STRIDE
+from codec.model import DOWNSAMPLE
 from codec.registry import REGISTRY, LoadedModel, load, load_point
 
 if TYPE_CHECKING:
@@ -144,10 +152,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def latent_shapes(lm: LoadedModel, width: int, height: int):
-    hp, wp = (-(-height // DOWNSAMPLE) * DOWNSAMPLE, -(-width // DOWNSAMPLE) * DOWNSAMPLE)
-    return (lm.entry.N, hp // Z_STRIDE, wp // Z_STRIDE), (lm.entry.M, hp // Y_STRIDE,
-                                                          wp // Y_STRIDE)
+def latent_shapes(lm: LoadedModel, width: int, height: int, pad_mode: str
+                  ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Shapes (C, rows, columns) of z_hat and of the k a stream codes
+    (codec.bitstream.latent_grids; y's whole grid is 4x z's, with k = 0 beyond)."""
+    z, y = latent_grids(width, height, pad_mode)
+    return (lm.entry.N, *z), (lm.entry.M, *y)
 
 
 def _words(bs: Bitstream, tag: str, num_symbols: int) -> np.ndarray:
@@ -161,13 +171,20 @@ def _words(bs: Bitstream, tag: str, num_symbols: int) -> np.ndarray:
 def decode_latents(bs: Bitstream, lm: LoadedModel
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z_hat, k, mu) of a parsed stream, exactly as every decoder computes them."""
-    z_shape, y_shape = latent_shapes(lm, bs.header.width, bs.header.height)
+    h = bs.header
+    z_shape, y_shape = latent_shapes(lm, h.width, h.height, h.pad_mode)
     z_hat = coding.decode_z(lm.tables, _words(bs, "ZLAT", int(np.prod(z_shape))), z_shape)
     mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
-    if mu.shape[1:] != y_shape:
+    full = (lm.entry.M, *latent_grids(h.width, h.height, "replicate")[1])
+    if mu.shape[1:] != full:
         raise BitstreamError(f"model {lm.entry.id} gives y of shape {mu.shape[1:]}, "
-                             f"expected {y_shape}")
-    k = coding.decode_y(lm.tables, _words(bs, "YLAT", int(np.prod(y_shape))), index[0])
+                             f"expected {full}")
+    rows, cols = y_shape[1:]
+    coded = np.ascontiguousarray(index[0, :, :rows, :cols])
+    del index
+    k = np.zeros(full, np.int32)  # k = 0 (y_hat = mu) outside the coded grid
+    k[:, :rows, :cols] = coding.decode_y(lm.tables, _words(bs, "YLAT", int(np.prod(y_shape))),
+                                         coded)
     return z_hat, k, mu[0]
 
 
@@ -347,10 +364,13 @@ class Codec:
         lm, info = self.lm, im.info
         # the codable values (|v| <= LATENT_LIMIT), in int16 as inference hands them over
         z_hat, k = _codable(lat.z_hat[i]), _codable(lat.k[i])
-        _, index = hyper_synthesis_exact(lm.tables, z_hat[None], mean=False)
+        layout = lat.layouts[i]
+        rows, cols = latent_grids(info.width, info.height, layout)[1]
+        coded = np.ascontiguousarray(k[:, :rows, :cols])  # beyond: k = 0, not coded
+        _, index = hyper_synthesis_exact(lm.tables, z_hat[None], mean=False, size=(rows, cols))
         sections = {
             "ZLAT": coding.encode_z(lm.tables, z_hat).astype(_WORD).tobytes(),
-            "YLAT": coding.encode_y(lm.tables, k, index[0]).astype(_WORD).tobytes(),
+            "YLAT": coding.encode_y(lm.tables, coded, index[0]).astype(_WORD).tobytes(),
         }
         del index
         if im.alpha is not None:
@@ -358,9 +378,10 @@ class Codec:
         if im.metadata is not None and im.metadata.fields():
             sections["META"] = im.metadata.pack()
         header = Header(lm.entry.id, info.width, info.height, info.color, info.orientation,
-                        info.bit_depth, rate=lm.rate)
+                        info.bit_depth, layout, rate=lm.rate)
         data = pack(Bitstream(header, sections))
-        estimated_bits = self._estimated_bits(z_hat, k)
+        estimated_bits = self._estimated_bits(z_hat, coded)
+        del coded
         # the decoder's mu, once the stream is verified: the encoder never holds two
         mu = self._verify(data, z_hat, k, im.metadata if "META" in sections else None)
         y_hat = y_hat_of(mu, k)
@@ -399,11 +420,13 @@ class Codec:
 
     @torch.no_grad()
     def _estimated_bits(self, z_hat: np.ndarray, k: np.ndarray) -> float:
-        """-log2 P(z_hat) - log2 P(y_hat | z_hat) under the float model, summed over groups
-        of channels (no full-size float copies of k and y_hat)."""
+        """-log2 P(z_hat) - log2 P(y_hat | z_hat) under the float model for k on the coded
+        grid, summed over groups of channels (no full-size float copies of k and y_hat)."""
         model = self.model
         z = torch.from_numpy(z_hat).float()[None].to(self.device)
         mu, sigma = model.hyper_synthesis(z)
+        rows, cols = k.shape[1:]  # the coded grid
+        mu, sigma = mu[..., :rows, :cols], sigma[..., :rows, :cols]
         bits = 0.0
         for c in range(0, k.shape[0], RATE_CHANNELS):
             at = (slice(None), slice(c, c + RATE_CHANNELS))

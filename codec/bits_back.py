@@ -659,7 +659,10 @@ def encode(image: PreparedImage, side_info: bytes, model_id: str | None = None,
 def _decode_latents(bs: Bitstream, bm: BitsBackModel):
     from codec.api import latent_shapes  # (codec.api imports this module lazily)
 
-    z_shape, y_shape = latent_shapes(bm, bs.header.width, bs.header.height)
+    if bs.header.pad_mode != "replicate":  # its decoder runs h_a over the whole y grid
+        raise BitstreamError(f"a bits-back stream has the replicate layout, not "
+                             f"{bs.header.pad_mode!r}")
+    z_shape, y_shape = latent_shapes(bm, bs.header.width, bs.header.height, "replicate")
     n_z, n_y = int(np.prod(z_shape)), int(np.prod(y_shape))
     z_payload, y_payload = bs.sections["ZLAT"], bs.sections["YLAT"]
     if (len(z_payload) % 4 or len(z_payload) // 4 > coding.max_stream_words(n_z)

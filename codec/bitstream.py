@@ -33,10 +33,18 @@ FORMAT_VERSION = 4  # the newest version written and read
 VERSIONS = (1, 2, 3, 4)
 MAX_RATE = 0xFFFF
 FORMAT_MAX_PIXELS = 1 << 28  # no valid stream describes a larger (padded) image
-PAD_MULTIPLE = 64  # images are coded padded to this multiple (the model's total stride)
+PAD_MULTIPLE = 64  # z's stride: z covers the image padded to this multiple
+Y_BLOCK = 16  # y's stride: one y position per 16x16 block of pixels
 MAX_MODEL_ID = 64
 COLORS = ("RGB", "L")
-PAD_MODES = ("replicate",)
+# Which y positions a learned stream codes (the header's pad_mode byte). y is on the grid
+# of z's (4 y per z per axis, covering the image padded to a multiple of 64). "replicate"
+# (code 0) codes all of it. "tight" (1) and "tight+1" (2) code only the 16-pixel blocks that
+# hold image pixels plus a margin of 0 or 1 positions (`latent_grids`, top left); the rest
+# has k = 0, i.e. y_hat = mu there, for free. Padding to 64 had coded 8-27% more y for no
+# pixel; the encoder picks the margin per image by its RD loss (docs/bitstream.md).
+PAD_MODES = ("replicate", "tight", "tight+1")
+TIGHT_MARGINS = {"tight": 0, "tight+1": 1}  # what encoders write (codec.inference)
 ROUTES = ("learned", "jpeg-lossless", "original")  # route codes 0, 1, 2 (codec.routes)
 # learned: z stream, y stream, optional lossless alpha; jpeg-lossless: the JPEG XL transcode
 # of the source JPEG; original: the source file. Then optional metadata (codec.metadata).
@@ -121,6 +129,20 @@ class Header:
                 self.rate is not None or self.route != "learned"
                 or not 0 <= self.bbvi_steps < 1 << 32 or not 0 <= self.q_digest < 1 << 32):
             raise BitstreamError("invalid bits-back fields")
+
+
+def latent_grids(width: int, height: int, pad_mode: str
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(rows, columns) of z, and of the y positions a stream codes, for an image of this
+    size under `pad_mode` (the rest of y's grid, 4x z's, has k = 0)."""
+    z = (-(-height // PAD_MULTIPLE), -(-width // PAD_MULTIPLE))
+    step = PAD_MULTIPLE // Y_BLOCK
+    full = (z[0] * step, z[1] * step)
+    if pad_mode not in TIGHT_MARGINS:
+        return z, full
+    margin = TIGHT_MARGINS[pad_mode]
+    return z, (min(-(-height // Y_BLOCK) + margin, full[0]),
+               min(-(-width // Y_BLOCK) + margin, full[1]))
 
 
 @dataclass

@@ -262,7 +262,8 @@ def _hs_window(layers: list[HsLayer], z: torch.Tensor, rows: tuple[int, int],
 
 @torch.no_grad()
 def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | None = None,
-                          mean: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+                          mean: bool = True, size: tuple[int, int] | None = None
+                          ) -> tuple[np.ndarray | None, np.ndarray]:
     """(mu, scale_index) of p(y | z_hat) for integer z_hat (B, C, h, w); bit-exact everywhere.
 
     Runs on the CPU in float64 over integer values; mu is float64 (B, M, H, W), the scale
@@ -271,22 +272,25 @@ def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | N
     float64 convolution buffers (im2col: about 10 KB per y position for the last layer,
     i.e. 40 bytes per pixel) never exist at full size. Integer arithmetic is exact, so the
     tiles give the same bits as the whole image. ``mean=False``: the scale index only (mu
-    None), for an encoder that needs no mu yet (8 bytes per latent less).
+    None), for an encoder that needs no mu yet (8 bytes per latent less). ``size``: y's
+    (rows, columns) when smaller than h_s's output (the "tight" layout,
+    codec.bitstream.latent_grids): only that top-left part is computed and returned.
     """
     z = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64))
     B, _, h, w = z.shape
     _, up = strides(tables.hs)
-    size = (h * up, w * up)
+    full = (h * up, w * up)
+    out = full if size is None else (min(size[0], full[0]), min(size[1], full[1]))
     tile = HS_TILE if tile is None else tile
     if tile < 1:
         raise ValueError(f"tile must be >= 1 (got {tile})")
     mu, index = None, None
-    for r0 in range(0, size[0], tile):
-        for c0 in range(0, size[1], tile):
-            rows, cols = (r0, min(r0 + tile, size[0])), (c0, min(c0 + tile, size[1]))
-            sigma_int, mu_int = _hs_window(tables.hs, z, rows, cols, size).chunk(2, dim=1)
+    for r0 in range(0, out[0], tile):
+        for c0 in range(0, out[1], tile):
+            rows, cols = (r0, min(r0 + tile, out[0])), (c0, min(c0 + tile, out[1]))
+            sigma_int, mu_int = _hs_window(tables.hs, z, rows, cols, full).chunk(2, dim=1)
             if index is None:
-                index = np.empty((B, mu_int.shape[1], *size), np.uint8)
+                index = np.empty((B, mu_int.shape[1], *out), np.uint8)
                 mu = np.empty(index.shape, np.float64) if mean else None
             at = (..., slice(*rows), slice(*cols))
             if mu is not None:

@@ -18,16 +18,24 @@ Adam is elementwise, so batching changes nothing but speed.
 
 Lattice: y_hat = mu(z_hat) + k with integer k (see codec.model), so the methods round
 y - mu; z_hat is rounded to integers.
+
+Coded grid (codec.bitstream.latent_grids): a stream codes k only on the y positions of the
+16-pixel blocks that hold image pixels plus a margin of 0 or 1 ("tight", "tight+1"); beyond,
+k = 0 (y_hat = mu, no bits). Every method keeps k = 0 there (a mask on k and on the rate),
+and each image gets the margin whose amortized RD loss is lower (`_choose_layouts`): margin
+0 codes the least, but where the image ends on a block edge its last pixels are synthesized
+partly from the next latents, which margin 1 then codes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from codec.bitstream import TIGHT_MARGINS, latent_grids
 from codec.frozen import LATENT_LIMIT
 from codec.model import MeanScaleHyperprior
 from codec.tiling import Pixels, Sizes, analysis, batch_rows, masked_sse
@@ -97,7 +105,7 @@ PAPER = InferenceConfig(iterations=PAPER_ITERATIONS, schedule="paper")
 class Latents:
     # int16, clamped to what the coder codes (|v| <= LATENT_LIMIT = 2^15 - 1): a quarter of
     # int64's bytes, and the stream is the same (codec.api clamps before coding anyway)
-    k: torch.Tensor  # int16 (B, M, H, W): y_hat - mu
+    k: torch.Tensor  # int16 (B, M, H, W): y_hat - mu, 0 outside each image's coded grid
     z_hat: torch.Tensor  # int16 (B, N, h, w)
     loss: torch.Tensor  # (B,) true RD loss of these latents under the float model
     start_loss: torch.Tensor  # (B,) true RD loss of the amortized start
@@ -107,17 +115,33 @@ class Latents:
     # per requested snapshot iteration: (k, z_hat, loss) of the best latents up to then
     snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict)
+    layouts: list[str] = field(default_factory=list)  # per image: the header's pad_mode
+
+
+def coded_mask(y_shape: torch.Size, sizes: Sizes, layouts: list[str],
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 1, H, W) float mask of the y positions each image's stream codes (its layout's
+    grid, codec.bitstream.latent_grids): 1 there, 0 where k = 0 goes uncoded."""
+    mask = torch.zeros(len(sizes), 1, *y_shape[-2:], device=device)
+    for i, ((h, w), layout) in enumerate(zip(sizes, layouts, strict=True)):
+        rows, cols = latent_grids(w, h, layout)[1]
+        mask[i, :, :rows, :cols] = 1.0
+    return mask
 
 
 def rd_terms(model: MeanScaleHyperprior, x: torch.Tensor, sizes: Sizes,
              y_hat: torch.Tensor, z_hat: torch.Tensor, lmbda: float, clamp: bool = False,
-             mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None
-             ) -> dict[str, torch.Tensor]:
+             mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-image RD loss, estimated bpp and MSE over each image's own pixels (`sizes`, the
-    padding excluded); x in [0, 1] or 8-bit (codec.tiling.to_unit)."""
+    padding excluded); x in [0, 1] or 8-bit (codec.tiling.to_unit). `mask` (`coded_mask`):
+    only those y positions cost bits (None: all)."""
     y_lik, z_lik = model.likelihoods(y_hat, z_hat, mu, sigma)
     pixels = torch.tensor([float(h * w) for h, w in sizes], device=y_hat.device)
-    bits = -torch.log2(y_lik).sum(dim=(1, 2, 3)) - torch.log2(z_lik).sum(dim=(1, 2, 3))
+    y_bits = -torch.log2(y_lik)
+    if mask is not None:
+        y_bits = y_bits * mask
+    bits = y_bits.sum(dim=(1, 2, 3)) - torch.log2(z_lik).sum(dim=(1, 2, 3))
     mse = masked_sse(model.g_s, y_hat, x, sizes, clamp) / (3.0 * pixels)  # tiled if large
     bpp = bits / pixels
     return {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse, "bits": bits}
@@ -183,19 +207,24 @@ def _relax(method: str, v: torch.Tensor, tau: float, gen: list[torch.Generator]
 
 
 @torch.no_grad()
-def _hard(model, x, sizes, y, z, lmbda):
+def _hard(model, x, sizes, y, z, lmbda, mask):
     z_hat = torch.round(z)
     mu, sigma = model.hyper_synthesis(z_hat)
-    k = torch.round(y - mu)
-    terms = rd_terms(model, x, sizes, mu + k, z_hat, lmbda, clamp=True, mu=mu, sigma=sigma)
+    k = torch.round(y - mu).mul_(mask)
+    terms = rd_terms(model, x, sizes, mu + k, z_hat, lmbda, clamp=True, mu=mu, sigma=sigma,
+                     mask=mask)
     return k, z_hat, terms
 
+
+# The layouts encoders choose from, by name, for fingerprints (pipeline.settings): "tight"
+# (TIGHT_MARGINS per image) since 2026-12-06, "replicate" before.
+LAYOUT = "tight"
 
 RATE_CHANNELS = 8  # latent channels per step of the amortized rate sum (`_hard_in_place`)
 
 
 @torch.no_grad()
-def _hard_in_place(model, x, sizes, y, z, lmbda):
+def _hard_in_place(model, x, sizes, y, z, lmbda, mask):
     """`_hard` when nothing follows (amortized inference), in less memory: y is consumed (k
     is rounded in its storage, y_hat made in mu's) and the rate is summed over groups of
     RATE_CHANNELS channels, so besides the image only y, mu and sigma and one tile exist at
@@ -203,14 +232,14 @@ def _hard_in_place(model, x, sizes, y, z, lmbda):
     equal `_hard`'s up to float summation order (they are reported, never coded)."""
     z_hat = torch.round(z)
     mu, sigma = model.hyper_synthesis(z_hat)
-    k = y.sub_(mu).round_()
+    k = y.sub_(mu).round_().mul_(mask)
     bits = None
     for c in range(0, k.shape[1], RATE_CHANNELS):
         at = (slice(None), slice(c, c + RATE_CHANNELS))
         y_lik, z_lik = model.likelihoods(mu[at] + k[at], z_hat, mu[at], sigma[at])
         if bits is None:
             bits = -torch.log2(z_lik).sum(dim=(1, 2, 3))
-        bits -= torch.log2(y_lik).sum(dim=(1, 2, 3))
+        bits -= (torch.log2(y_lik) * mask).sum(dim=(1, 2, 3))
         del y_lik, z_lik
     del sigma
     y_hat = mu.add_(k)
@@ -223,20 +252,21 @@ def _hard_in_place(model, x, sizes, y, z, lmbda):
 
 def infer(model: MeanScaleHyperprior, x: Pixels, sizes: list[tuple[int, int]],
           lmbda: float, cfg: InferenceConfig,
-          progress: Callable[[int], None] | None = None) -> Latents:
+          progress: Callable[[int], None] | None = None,
+          layouts: Sequence[str] = tuple(TIGHT_MARGINS)) -> Latents:
     """Integer latents for a batch x (B, 3, Hp, Wp) of one padded size, in [0, 1] or 8-bit
     (then converted to float tile by tile: a large image never exists as float), or
     `codec.tiling.Padded` images (tiles pad their windows: no padded copy); `sizes` are the
-    images' own (height, width), the rest is padding."""
+    images' own (height, width), the rest is padding. `layouts`: the latent layouts
+    (codec.bitstream.PAD_MODES) each image may be coded in; the best per image is kept."""
     with torch.no_grad():
         y0 = analysis(model, x)  # tiled for large images (codec.tiling)
         z0 = model.h_a(y0)
-    if cfg.method == "amortized" or cfg.iterations == 0:
-        k, z_hat, start = _hard_in_place(model, x, sizes, y0, z0, lmbda)  # y0 is k now
-    else:
-        k, z_hat, start = _hard(model, x, sizes, y0, z0, lmbda)
+    last = cfg.method == "amortized" or cfg.iterations == 0  # nothing follows: y0 consumed
+    chosen, mask, k, z_hat, start = _choose_layouts(model, x, sizes, y0, z0, lmbda, last,
+                                                     layouts)
     best = Latents(k, z_hat, start["loss"].clone(), start["loss"].clone(),
-                   {"bpp": start["bpp"], "mse": start["mse"]})
+                   {"bpp": start["bpp"], "mse": start["mse"]}, layouts=chosen)
     best.history.append({"t": 0, "true": start["loss"].tolist(), "relaxed": None})
     best.iterations = [0] * x.shape[0]
     if cfg.method == "amortized" or cfg.iterations == 0:
@@ -252,14 +282,44 @@ def infer(model: MeanScaleHyperprior, x: Pixels, sizes: list[tuple[int, int]],
     for p in frozen:  # only the latents are optimized; the model stays fixed
         p.requires_grad_(False)
     try:
-        _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress)
+        _refine(model, x, sizes, lmbda, cfg, y, z, mask, opt, gen, best, progress)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return _as_int(best)
 
 
-def _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress) -> None:
+def _choose_layouts(model, x, sizes, y, z, lmbda, consume: bool, layouts: Sequence[str]):
+    """Per image, the layout of `layouts` whose amortized (hard) RD loss is lowest:
+    (layouts, coded mask, k, z_hat, RD terms) of that choice. A layout that gives every
+    image the grid of one before it is skipped; `consume`: y is not needed afterwards (the
+    last candidate then runs in place, in less memory)."""
+    B = y.shape[0]
+    candidates, grids = [], []
+    for layout in layouts:
+        g = [latent_grids(w, h, layout)[1] for h, w in sizes]
+        if g not in grids:
+            candidates.append(layout)
+            grids.append(g)
+    best = None
+    for n, layout in enumerate(candidates):
+        mask = coded_mask(y.shape, sizes, [layout] * B, y.device)
+        hard = _hard_in_place if consume and n == len(candidates) - 1 else _hard
+        k, z_hat, terms = hard(model, x, sizes, y, z, lmbda, mask)
+        if best is None:
+            best = ([layout] * B, mask, k, z_hat, terms)
+            continue
+        better = terms["loss"] < best[4]["loss"]
+        for i in better.nonzero().flatten().tolist():
+            best[0][i] = layout
+        rows = better.nonzero().flatten()
+        best[1][rows], best[2][rows] = mask[rows], k[rows]
+        for name, v in terms.items():
+            best[4][name][rows] = v[rows]
+    return best
+
+
+def _refine(model, x, sizes, lmbda, cfg, y, z, mask, opt, gen, best, progress) -> None:
     """Adam steps on the relaxed loss; keep the best hard-rounded latents per image.
 
     With early stopping, images that stop are dropped from the batch (and from Adam's
@@ -275,15 +335,16 @@ def _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress) -> None
         tau = cfg.tau(t)
         z_t = _relax(cfg.method, z, tau, gen)
         mu, sigma = model.hyper_synthesis(z_t)
-        y_t = mu + _relax(cfg.method, y - mu, tau, gen)
-        relaxed = rd_terms(model, x, sizes, y_t, z_t, lmbda, mu=mu, sigma=sigma)["loss"]
+        y_t = mu + _relax(cfg.method, y - mu, tau, gen) * mask
+        relaxed = rd_terms(model, x, sizes, y_t, z_t, lmbda, mu=mu, sigma=sigma,
+                           mask=mask)["loss"]
         opt.zero_grad(set_to_none=True)
         relaxed.sum().backward()
         opt.step()
         if progress is not None:
             progress(1)
         if t % cfg.eval_every == 0 or t == cfg.iterations or t in snapshots:
-            k, z_hat, hard = _hard(model, x, sizes, y.detach(), z.detach(), lmbda)
+            k, z_hat, hard = _hard(model, x, sizes, y.detach(), z.detach(), lmbda, mask)
             better = hard["loss"] < best.loss[active]
             rows = active[better]
             best.k[rows], best.z_hat[rows], best.loss[rows] = (
@@ -307,6 +368,7 @@ def _refine(model, x, sizes, lmbda, cfg, y, z, opt, gen, best, progress) -> None
                 if stop.any():
                     gen = [g for g, keep in zip(gen, (~stop).tolist(), strict=True) if keep]
                     active, x, sizes, y, z, opt = _drop(~stop, active, x, sizes, y, z, opt)
+                    mask = mask[~stop]
         if t in snapshots:
             _snapshot(best, t)
     for i in active.tolist():

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codec.bitstream import PAD_MULTIPLE
+from codec.bitstream import PAD_MULTIPLE, Y_BLOCK
 from codec.entropy_models import FactorizedDensity, gaussian_likelihood
 from codec.gdn import GDN, igdn_channels_last_
 
 DOWNSAMPLE = PAD_MULTIPLE  # total stride of g_a then h_a: images are padded to this multiple
-Y_STRIDE = 16
+Y_STRIDE = Y_BLOCK
 Z_STRIDE = 64
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from codec.images import ALPHA_POLICIES, DEFAULT_MAX_PIXELS, DEPTH_POLICIES
-from codec.inference import METHODS, SCHEDULES, InferenceConfig
+from codec.inference import LAYOUT, METHODS, SCHEDULES, InferenceConfig
 from codec.metadata import META_VERSION, METADATA_POLICIES
 
 LIBRARY = InferenceConfig()  # the codec's defaults are the product's defaults
@@ -158,8 +158,9 @@ class EncodeSettings(BaseModel):
         self.policy()  # validates the floor
         return self._resolved_as(entry, rate)
 
-    def _resolved_as(self, entry, rate: int | None) -> dict:
-        """`resolved` with the model `entry` at grid index `rate` (None: as set)."""
+    def _resolved_as(self, entry, rate: int | None, layout: str = LAYOUT) -> dict:
+        """`resolved` with the model `entry` at grid index `rate` (None: as set), coded in
+        the latent `layout` (codec.inference.LAYOUT)."""
         amortized = self.method == "amortized"
         d = {}
         for name, info in type(self).model_fields.items():
@@ -178,25 +179,31 @@ class EncodeSettings(BaseModel):
         if not amortized:
             cfg = self.inference()
             d.update(eval_every=cfg.eval_every, min_improvement=cfg.min_improvement)
+        if layout != "replicate":  # the first layout: fingerprints from before it had a name
+            d["layout"] = layout
         return d
 
     def superseded_fingerprints(self) -> list[str]:
-        """The fingerprints these settings had under the models their model supersedes.
+        """The fingerprints these settings had before the codec changed under them: in the
+        older latent layout, and under the models their model supersedes.
 
-        Why: a spec that names a quality level (or nothing) chose a level, not a model. When
-        a new default model takes the levels over (the zoo's went to msh-vr5 on 2026-12-06)
-        the level resolves to it and the fingerprint changes; without this, the next run
-        of an unchanged spec would re-encode the whole archive. The images its runs encoded
-        with a superseded model (decode-only, naming the new one) stay done: a rerun redoes
-        only what is missing (DESIGN.md decision 5). A spec that names a model, a rate or a
-        target chose it; it has none."""
-        if self.model is not None or self.rate is not None or self.target() is not None:
-            return []
+        Why: a rerun of an unchanged spec must not re-encode an archive because the product
+        improved (DESIGN.md decision 5: it redoes only what is missing). Streams in the
+        replicate layout (before 2026-12-06's "tight" one) decode exactly as before and are
+        only larger (docs/bitstream.md). A spec that names a quality level (or nothing)
+        chose a level, not a model: when a new default model takes the levels over (the
+        zoo's went to msh-vr5 on 2026-12-06) what its runs encoded with the superseded
+        model (decode-only, naming the new one) stays done too. A spec that names a model,
+        a rate or a target chose it: only the layout applies. Re-encoding for the gain is
+        a run into a new output."""
         from codec.registry import DEFAULT_QUALITY, entries, find, load
 
         current = find(self.model_ref)
+        out = [self._fingerprint_of(self._resolved_as(
+            current, self.resolved().get("rate"), "replicate"))]
+        if self.model is not None or self.rate is not None or self.target() is not None:
+            return out
         level = DEFAULT_QUALITY if self.quality is None else self.quality
-        out = []
         for e in entries():
             if e.decode_only != current.id:
                 continue
@@ -206,7 +213,7 @@ class EncodeSettings(BaseModel):
                 rate = None
             else:
                 continue
-            out.append(self._fingerprint_of(self._resolved_as(e, rate)))
+            out.append(self._fingerprint_of(self._resolved_as(e, rate, "replicate")))
         return out
 
     def fingerprint(self) -> str:

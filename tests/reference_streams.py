@@ -4,7 +4,9 @@ Every shipped model id decodes for good (docs/bitstream.md), through any change 
 or of the weight files' packing (codec.weight_store). `tests/data/reference_streams.json`
 holds one small stream per shipped learned model (a synthetic 64x80 image, amortized; a
 variable-rate model at two rate points) with the sha256 of its decoded pixels, written
-before any of them was re-packed; test_registry decodes them all and compares.
+before any of them was re-packed, and one per latent layout that its encoder wrote
+(codec.bitstream.PAD_MODES: replicate until 2026-12-06, tight since); test_registry
+decodes them all and compares.
 
 What must hold on every machine is the entropy decoding: the latents (z, k and the exact
 hyper-synthesis's mu, integer arithmetic) are compared bit for bit (`latents_sha256`). The
@@ -13,7 +15,7 @@ were written on an AMD EPYC; an Intel Xeon decodes two of them 1 level apart in 
 pixels are compared exactly where they match the hash and otherwise within the documented
 cross-device tolerance of one level against `pixels_png` (docs/codec.md).
 
-    python -m tests.reference_streams   # add the streams of models not in the file yet
+    python -m tests.reference_streams   # add the streams of models (layouts) not in it yet
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -48,6 +51,12 @@ def decoded(stream: bytes):
     return h.hexdigest(), decode(stream).rgb
 
 
+def layout(record: dict) -> str:
+    """The latent layout (header pad_mode) of a reference stream."""
+    from codec.bitstream import parse
+    return parse(base64.b64decode(record["stream"])).header.pad_mode
+
+
 def png_b64(rgb) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -65,28 +74,33 @@ def backfill(known: list[dict]) -> None:
 
 def main() -> int:
     from codec.api import Codec, decode
+    from codec.bitstream import TIGHT_MARGINS, parse
     from codec.images import load_image
     from codec.inference import InferenceConfig
     from codec.registry import entries
     from tests.conftest import smooth_image
 
     known = json.loads(FILE.read_text()) if FILE.exists() else []
-    done = {r["model"] for r in known}
-    buf = io.BytesIO()
-    Image.fromarray(smooth_image(64, 80, seed=7)).save(buf, format="PNG")
-    image = load_image(buf.getvalue(), name="reference.png")
+    done = {(r["model"], layout(r)) for r in known}
+    images = []  # one that ends on a block edge (80), one that does not (57 x 71)
+    for height, width in ((64, 80), (57, 71)):
+        buf = io.BytesIO()
+        Image.fromarray(smooth_image(height, width, seed=7)).save(buf, format="PNG")
+        images.append(load_image(buf.getvalue(), name="reference.png"))
     for e in entries():
-        if e.id in done or e.bits_back is not None or e.decode_only:
+        if (any((e.id, t) in done for t in TIGHT_MARGINS) or e.bits_back is not None
+                or e.decode_only):
             continue
         codec = Codec(e.id, device="cpu")
         rates = [None] if not e.variable_rate else [0, codec.lm.variable.max_rate_index]
-        for rate in rates:
+        for rate, image in itertools.product(rates, images):
             c = codec if rate is None else codec.at_rate(rate)
             data = c.encode(image, InferenceConfig(method="amortized")).data
             known.append({"model": e.id, "rate": rate, "sha256_of_model": e.sha256,
                           "stream": base64.b64encode(data).decode(),
                           "pixels_sha256": pixels_sha256(decode(data).rgb)})
-            print(e.id, rate, len(data), "bytes")
+            print(e.id, rate, image.info.width, image.info.height, parse(data).header.pad_mode,
+                  len(data), "bytes")
     backfill(known)
     FILE.parent.mkdir(exist_ok=True)
     FILE.write_text(json.dumps(known, indent=1) + "\n")

@@ -32,6 +32,7 @@ from codec.bitstream import (
     MAGIC,
     Bitstream,
     Header,
+    latent_grids,
     pack,
     pack_alpha,
     parse,
@@ -93,8 +94,10 @@ def rejects(data: bytes, registry, *keywords: str, **kwargs) -> BitstreamError:
     return info.value
 
 
-def symbol_counts(registry) -> tuple[int, int]:
-    z_shape, y_shape = latent_shapes(load(TINY_ID, registry), WIDTH, HEIGHT)
+def symbol_counts(registry, data: bytes) -> tuple[int, int]:
+    """Symbols in the z and y sections of the tiny model's stream `data` (its layout's)."""
+    z_shape, y_shape = latent_shapes(load(TINY_ID, registry), WIDTH, HEIGHT,
+                                     parse(data).header.pad_mode)
     return int(np.prod(z_shape)), int(np.prod(y_shape))
 
 
@@ -139,10 +142,35 @@ def alpha_plane() -> np.ndarray:
 # ----------------------------------------------------------------------------- valid streams
 
 
+@pytest.mark.parametrize(("width", "height", "layout", "grids"), [
+    (56, 40, "replicate", ((1, 1), (4, 4))),
+    (56, 40, "tight", ((1, 1), (3, 4))),
+    (56, 40, "tight+1", ((1, 1), (4, 4))),  # clamped to y's grid
+    (481, 321, "replicate", ((6, 8), (24, 32))),
+    (481, 321, "tight", ((6, 8), (21, 31))),
+    (481, 321, "tight+1", ((6, 8), (22, 32))),
+    (1, 1, "tight", ((1, 1), (1, 1))),
+])
+def test_latent_grids_of_each_layout(width, height, layout, grids):
+    assert latent_grids(width, height, layout) == grids
+
+
+def test_a_stream_codes_its_layouts_grid(stream, tiny_registry):
+    """The tiny model's 56x40 stream is tight or tight+1; a header claiming the other
+    layout (another number of y symbols) does not decode."""
+    bs = parse(stream)
+    assert bs.header.pad_mode in ("tight", "tight+1")
+    decode(stream, registry=tiny_registry)
+    other = "tight" if bs.header.pad_mode == "tight+1" else "tight+1"
+    forged = pack(Bitstream(dataclasses.replace(bs.header, pad_mode=other), bs.sections))
+    with pytest.raises(BitstreamError):
+        decode(forged, registry=tiny_registry)
+
+
 def test_round_trip(stream, tiny_registry):
     bs = parse(stream)
     assert pack(bs) == stream
-    assert bs.header == Header(TINY_ID, WIDTH, HEIGHT)
+    assert bs.header == Header(TINY_ID, WIDTH, HEIGHT, pad_mode=bs.header.pad_mode)
     assert list(bs.sections) == ["ZLAT", "YLAT", "META"]  # provenance of the PNG source
     decoded = decode(stream, registry=tiny_registry)
     assert decoded.rgb.shape == (HEIGHT, WIDTH, 3) and decoded.rgb.dtype == np.uint8
@@ -259,7 +287,7 @@ def test_size_within_format_but_above_max_pixels(stream, tiny_registry):
 
 @pytest.mark.parametrize("field, value, keyword", [
     ("color", 2, "unknown color mode"),
-    ("pad", 1, "unknown padding mode"),
+    ("pad", 3, "unknown padding mode"),
     ("orientation", 0, "invalid orientation"),
     ("orientation", 9, "invalid orientation"),
     ("depth", 12, "invalid source bit depth"),
@@ -333,7 +361,8 @@ def test_latent_length_not_a_multiple_of_4(stream, tiny_registry, tag, extra):
 
 @pytest.mark.parametrize("tag", ["ZLAT", "YLAT"])
 def test_latent_section_too_long(stream, tiny_registry, tag):
-    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry), strict=True))[tag]
+    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry, stream),
+                 strict=True))[tag]
     words = coding.max_stream_words(n) + 1
     payload = random_words(np.random.default_rng(0), words)
     exc = rejects(repack(stream, **{tag: payload}), tiny_registry, "invalid length")
@@ -348,7 +377,8 @@ def test_garbage_latent_payload(stream, tiny_registry, tag):
     *some* symbols, so garbage can decode. What can be demanded is no other exception, no
     hang, and refusal where the data cannot be a valid stream.
     """
-    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry), strict=True))[tag]
+    n = dict(zip(("ZLAT", "YLAT"), symbol_counts(tiny_registry, stream),
+                 strict=True))[tag]
     bound = coding.max_stream_words(n)
     rng = np.random.default_rng(2)
     # At the word bound there are always words left over: a symbol consumes at most 40 bits
@@ -456,7 +486,8 @@ def test_forged_image_size_is_refused(stream, vr_stream, tiny_vr_registry, width
 
 
 def test_work_bound_keeps_real_streams(stream, vr_stream, tiny_vr_registry):
-    for data in (stream, vr_stream, resized(stream, 64, 64), resized(vr_stream, 50, 64)):
+    # other sizes with the same latent grids (56x40 codes 4x3 y, 1x1 z: "tight" layout)
+    for data in (stream, vr_stream, resized(stream, 64, 48), resized(vr_stream, 50, 33)):
         result, _, _ = bounded_decode(data, tiny_vr_registry)
         h = parse(data).header
         assert not isinstance(result, BitstreamError), result

@@ -616,7 +616,7 @@ def test_a_new_default_model_does_not_reencode_an_archive(tmp_path, quality, met
     old = ZOO_ERA_FINGERPRINTS[(quality, method)]
     assert settings.fingerprint() != old and old in settings.superseded_fingerprints()
     named = EncodeSettings(model=SHIPPED_VR_ID, method=method)
-    assert named.superseded_fingerprints() == []
+    assert old not in named.superseded_fingerprints()  # only its own older layout's
     images = [ObjectInfo(f"{i}.png", 10 + i, "v") for i in range(3)]
     output = Storage(str(tmp_path / "out"))
     output.write_atomic(sink.part_key("old", "x"), sink.part_bytes([
@@ -817,11 +817,20 @@ def test_per_image_psnr_target(tmp_path, local_ray):
         EncodeSettings(model="msh-small-q4", target_psnr=30.0).fingerprint()
 
 
+# The default's fingerprints in the replicate layout (msh-vr5, before the tight layout).
+REPLICATE_ERA_FINGERPRINTS = {"amortized": "4018fa69b3d03205", "sga": "c684d45ada4c3deb"}
+
+
 def test_fingerprints_of_default_runs_did_not_change():
     """Adding options must not make existing archives redo their work: the default's
-    fingerprints stay (msh-vr5's since 2026-12-06), and the zoo era's count as done."""
-    assert EncodeSettings(method="amortized").fingerprint() == "4018fa69b3d03205"
-    assert EncodeSettings().fingerprint() == "c684d45ada4c3deb"
+    fingerprints stay (msh-vr5's in the tight layout since 2026-12-06), and those of the
+    replicate layout and of the zoo era count as done."""
+    assert EncodeSettings(method="amortized").fingerprint() == "d78fb20ee093d8b2"
+    assert EncodeSettings().fingerprint() == "78346aece2863fd5"
+    for method, old in REPLICATE_ERA_FINGERPRINTS.items():
+        assert old in EncodeSettings(method=method).superseded_fingerprints()
+        assert old in EncodeSettings(method=method, model=SHIPPED_VR_ID
+                                     ).superseded_fingerprints()
     assert ZOO_ERA_FINGERPRINTS[(None, "amortized")] in \
         EncodeSettings(method="amortized").superseded_fingerprints()
     assert ZOO_ERA_FINGERPRINTS[(None, "sga")] in EncodeSettings().superseded_fingerprints()

@@ -185,12 +185,17 @@ def test_every_shipped_model_decodes_its_reference_streams():
 
     from PIL import Image
 
-    from tests.reference_streams import FILE, decoded, pixels_sha256
+    from codec.bitstream import PAD_MODES, TIGHT_MARGINS
+    from tests.reference_streams import FILE, decoded, layout, pixels_sha256
 
     streams = json.loads(FILE.read_text())
     shipped = {e.id: e for e in entries()}
     learned = {e.id for e in shipped.values() if e.bits_back is None}
     assert learned <= {r["model"] for r in streams}, "run python -m tests.reference_streams"
+    encodable = {e.id for e in shipped.values() if e.bits_back is None and not e.decode_only}
+    assert encodable <= {r["model"] for r in streams if layout(r) in TIGHT_MARGINS}, \
+        "run python -m tests.reference_streams"  # what encoders write now, too
+    assert {layout(r) for r in streams} == set(PAD_MODES)  # every layout ever written
     for r in streams:
         assert shipped[r["model"]].sha256 == r["sha256_of_model"]  # the identity never moves
         latents, rgb = decoded(base64.b64decode(r["stream"]))
