@@ -34,7 +34,7 @@ from codec.errors import ModelError
 from codec.files import atomic_write
 from codec.frozen import CodingTables, freeze, freeze_hyper_synthesis
 from codec.model import MeanScaleHyperprior
-from codec.variable_rate import GainedMeanScaleHyperprior, GainTables
+from codec.variable_rate import GainedMeanScaleHyperprior, GainTables, grid_index_for_lmbda
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGISTRY = WEIGHTS_DIR / "registry.json"
@@ -77,6 +77,19 @@ class ModelEntry:
     @property
     def variable_rate(self) -> bool:
         return self.lmbdas is not None
+
+    def rate_for_lmbda(self, lmbda: float) -> int:
+        """The encodable rate point (a multiple of rate_step) nearest `lmbda` (in log)."""
+        if self.lmbdas is None:
+            raise ModelError(f"model {self.id} is a fixed-rate model")
+        return round(grid_index_for_lmbda(self.lmbdas, lmbda) / self.rate_step) * self.rate_step
+
+    def quality_rate(self, quality: int) -> int:
+        """The rate point that quality level `quality` names on this variable-rate model."""
+        if quality not in QUALITY_LMBDAS:
+            raise ModelError(f"unknown quality {quality}; levels are "
+                             f"{min(QUALITY_LMBDAS)}..{max(QUALITY_LMBDAS)}")
+        return self.rate_for_lmbda(QUALITY_LMBDAS[quality])
 
 
 @dataclass
@@ -123,17 +136,11 @@ class LoadedModel:
 
     def quality_rate(self, quality: int) -> int:
         """The rate point that quality level `quality` names on this variable-rate model."""
-        if quality not in QUALITY_LMBDAS:
-            raise ModelError(f"unknown quality {quality}; levels are "
-                             f"{min(QUALITY_LMBDAS)}..{max(QUALITY_LMBDAS)}")
-        return self.rate_for_lmbda(QUALITY_LMBDAS[quality])
+        return self.entry.quality_rate(quality)
 
     def rate_for_lmbda(self, lmbda: float) -> int:
         """The encodable rate point nearest `lmbda` (in log)."""
-        if self.variable is None:
-            raise ModelError(f"model {self.entry.id} is a fixed-rate model")
-        step = self.entry.rate_step
-        return round(self.variable.rate_for_lmbda(lmbda) / step) * step
+        return self.entry.rate_for_lmbda(lmbda)
 
     def on(self, device: torch.device | str) -> MeanScaleHyperprior:
         """The float model on `device`; the CPU copy is never moved, others are cached."""

@@ -141,13 +141,7 @@ class GainedMeanScaleHyperprior(nn.Module):
 
     def rate_for_lmbda(self, lmbda: float) -> int:
         """The grid index whose λ is nearest `lmbda` (in log), clamped to the range."""
-        lo, hi = math.log(self.lmbdas[0]), math.log(self.lmbdas[-1])
-        v = min(max(math.log(lmbda), lo), hi)
-        r = max(i for i in range(self.num_rates) if math.log(self.lmbdas[i]) <= v + 1e-12)
-        if r == self.num_rates - 1:
-            return self.max_rate_index
-        a, b = math.log(self.lmbdas[r]), math.log(self.lmbdas[r + 1])
-        return r * RATE_STEPS + round((v - a) / (b - a) * RATE_STEPS)
+        return grid_index_for_lmbda(self.lmbdas, lmbda)
 
     def rate_lmbda(self, index: int) -> float:
         """λ at grid index `index`, interpolated exponentially like the gains."""
@@ -177,6 +171,19 @@ def _transform(layers: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tens
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         h = layers[:-1](x)
     return layers[-1](h.float())
+
+
+def grid_index_for_lmbda(lmbdas: tuple[float, ...], lmbda: float) -> int:
+    """The grid index whose λ is nearest `lmbda` (in log) on the grid of the trained λ
+    points `lmbdas`, clamped to the range. From the λ alone, so a registry entry answers
+    it without its weights (pipeline.settings, for every superseded model)."""
+    lo, hi = math.log(lmbdas[0]), math.log(lmbdas[-1])
+    v = min(max(math.log(lmbda), lo), hi)
+    r = max(i for i in range(len(lmbdas)) if math.log(lmbdas[i]) <= v + 1e-12)
+    if r == len(lmbdas) - 1:
+        return r * RATE_STEPS
+    a, b = math.log(lmbdas[r]), math.log(lmbdas[r + 1])
+    return r * RATE_STEPS + round((v - a) / (b - a) * RATE_STEPS)
 
 
 def _lerp_logs(logs: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

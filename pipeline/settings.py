@@ -196,7 +196,7 @@ class EncodeSettings(BaseModel):
         model (decode-only, naming the new one) stays done too. A spec that names a model,
         a rate or a target chose it: only the layout applies. Re-encoding for the gain is
         a run into a new output."""
-        from codec.registry import DEFAULT_QUALITY, entries, find, load
+        from codec.registry import DEFAULT_QUALITY, entries, find
 
         current = find(self.model_ref)
         out = [self._fingerprint_of(self._resolved_as(
@@ -208,7 +208,7 @@ class EncodeSettings(BaseModel):
             if e.decode_only != current.id:
                 continue
             if e.variable_rate:
-                rate = load(e.id).quality_rate(level)
+                rate = e.quality_rate(level)  # from the entry: no weights loaded
             elif e.quality == level:
                 rate = None
             else:
