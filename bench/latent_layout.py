@@ -6,7 +6,9 @@ Per image and rate point, the amortized encoding of the default model (estimated
 model's own likelihoods, within about 0.1% of a stream's payload) coded in each layout
 (codec.bitstream.PAD_MODES), and in the per-image choice the encoder makes
 (codec.inference.infer's default). Prints mean bpp and PSNR per layout, the bits against
-replicate, the BD-rate over the rate points, and how often each layout was chosen. The
+replicate, the BD-rate over the rate points, how often each layout was chosen, and the
+seconds of amortized inference per variant against replicate's (the choice runs the
+hard RD loss, one g_s pass, once per candidate layout; measured in one run). The
 gain depends on how far the image's size is from a multiple of 64 (docs/bitstream.md), so
 say which images a number comes from.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +46,7 @@ def measure(folders: list[str], limit: int | None, rates: list[int], model: str 
     """Per variant and rate: mean estimated bpp, mean PSNR; and the layouts chosen."""
     images = load_images(folders, limit)
     sums = {(v, r): [0.0, 0.0] for v in VARIANTS for r in rates}
+    seconds = dict.fromkeys(VARIANTS, 0.0)
     chosen: Counter[str] = Counter()
     amortized = InferenceConfig(method="amortized")
     for n, im in enumerate(images, 1):
@@ -51,8 +55,10 @@ def measure(folders: list[str], limit: int | None, rates: list[int], model: str 
         for r in rates:
             point = load_point(model, r)
             for variant, layouts in VARIANTS.items():
+                t0 = time.perf_counter()
                 lat = infer(point.model, x, [(h, w)], point.entry.lmbda, amortized,
                             layouts=layouts)
+                seconds[variant] += time.perf_counter() - t0
                 s = sums[(variant, r)]
                 s[0] += float(lat.start_terms["bpp"][0])
                 s[1] += -10 * math.log10(float(lat.start_terms["mse"][0]))
@@ -62,7 +68,8 @@ def measure(folders: list[str], limit: int | None, rates: list[int], model: str 
     print(file=sys.stderr)
     k = len(images)
     curves = {v: [(sums[(v, r)][0] / k, sums[(v, r)][1] / k) for r in rates] for v in VARIANTS}
-    return {"images": k, "rates": rates, "curves": curves, "chosen": dict(chosen)}
+    return {"images": k, "rates": rates, "curves": curves, "chosen": dict(chosen),
+            "seconds": seconds}
 
 
 def report(result: dict) -> None:
@@ -75,6 +82,9 @@ def report(result: dict) -> None:
         bd = "" if variant == "replicate" else f"  BD-rate {bd_rate(curve, base):+.2f}%"
         print(f"{variant:>9}: " + " | ".join(cells) + bd)
     print("chosen:", ", ".join(f"{k} {v}" for k, v in sorted(result["chosen"].items())))
+    t = result["seconds"]
+    print("inference seconds vs replicate: " + ", ".join(
+        f"{v} {t[v] / t['replicate']:.2f}x" for v in t if v != "replicate"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -272,8 +272,8 @@ def hyper_synthesis_exact(tables: CodingTables, z_hat: np.ndarray, tile: int | N
     float64 convolution buffers (im2col: about 10 KB per y position for the last layer,
     i.e. 40 bytes per pixel) never exist at full size. Integer arithmetic is exact, so the
     tiles give the same bits as the whole image. ``mean=False``: the scale index only (mu
-    None), for an encoder that needs no mu yet (8 bytes per latent less). ``size``: y's
-    (rows, columns) when smaller than h_s's output (the "tight" layout,
+    None), for an encoder that needs no mu yet (8 bytes per latent less). ``size``: the
+    (rows, columns) of a coded grid smaller than h_s's output (the tight layouts,
     codec.bitstream.latent_grids): only that top-left part is computed and returned.
     """
     z = torch.from_numpy(np.ascontiguousarray(z_hat, dtype=np.int64))

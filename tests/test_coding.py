@@ -112,6 +112,12 @@ def test_integer_hyper_synthesis_over_tiles_gives_the_same_bits(model_and_tables
     for tile in (1, 3, 5, 8, 13):
         mu, index = hyper_synthesis_exact(tables, z, tile=tile)
         assert np.array_equal(mu, whole[0]) and np.array_equal(index, whole[1])
+    # a tight layout's coded grid: the top-left part, computed alone (any tile size)
+    for tile, size in ((5, (25, 17)), (10**6, (27, 20)), (3, (1, 1))):
+        mu, index = hyper_synthesis_exact(tables, z, tile=tile, size=size)
+        rows, cols = size
+        assert np.array_equal(mu, whole[0][..., :rows, :cols])
+        assert np.array_equal(index, whole[1][..., :rows, :cols])
 
 
 def test_large_weights_get_fewer_fractional_bits_and_stay_exact(model_and_tables):
