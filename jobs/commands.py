@@ -155,7 +155,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from codec.bitstream import parse
+    from codec.bitstream import latent_grids, parse
     from codec.metadata import describe, unpack
 
     data = _read_input(args)
@@ -168,8 +168,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if h.route == "learned":
         print(f"model:       {h.model_id}" + ("" if h.rate is None else
                                               f", rate point {h.rate}"))
-    print(f"size:        {h.width}x{h.height}"
-          + (f" (padding: {h.pad_mode})" if h.route == "learned" else ""))
+    print(f"size:        {h.width}x{h.height}")
+    if h.route == "learned":
+        z, y = latent_grids(h.width, h.height, h.pad_mode)
+        print(f"latents:     {h.pad_mode} layout: y coded on {y[0]}x{y[1]} of "
+              f"{4 * z[0]}x{4 * z[1]}, z {z[0]}x{z[1]} (docs/bitstream.md)")
     print(f"color:       {h.color}, source bit depth {h.bit_depth}")
     print(f"orientation: source EXIF orientation {h.orientation} (pixels stored upright)")
     for tag, payload in bs.sections.items():
