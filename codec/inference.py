@@ -301,22 +301,21 @@ def _choose_layouts(model, x, sizes, y, z, lmbda, consume: bool, layouts: Sequen
         if g not in grids:
             candidates.append(layout)
             grids.append(g)
-    best = None
+    chosen: list[str] = []
     for n, layout in enumerate(candidates):
         mask = coded_mask(y.shape, sizes, [layout] * B, y.device)
         hard = _hard_in_place if consume and n == len(candidates) - 1 else _hard
-        k, z_hat, terms = hard(model, x, sizes, y, z, lmbda, mask)
-        if best is None:
-            best = ([layout] * B, mask, k, z_hat, terms)
+        k, z_hat, terms = hard(model, x, sizes, y, z, lmbda, mask)  # z_hat: the same each
+        if not chosen:
+            chosen, best_mask, best_k, best_terms = [layout] * B, mask, k, terms
             continue
-        better = terms["loss"] < best[4]["loss"]
-        for i in better.nonzero().flatten().tolist():
-            best[0][i] = layout
-        rows = better.nonzero().flatten()
-        best[1][rows], best[2][rows] = mask[rows], k[rows]
+        rows = (terms["loss"] < best_terms["loss"]).nonzero().flatten()
+        for i in rows.tolist():
+            chosen[i] = layout
+        best_mask[rows], best_k[rows] = mask[rows], k[rows]
         for name, v in terms.items():
-            best[4][name][rows] = v[rows]
-    return best
+            best_terms[name][rows] = v[rows]
+    return chosen, best_mask, best_k, z_hat, best_terms
 
 
 def _refine(model, x, sizes, lmbda, cfg, y, z, mask, opt, gen, best, progress) -> None:
