@@ -41,8 +41,9 @@ COLORS = ("RGB", "L")
 # of z's (4 y per z per axis, covering the image padded to a multiple of 64). "replicate"
 # (code 0) codes all of it. "tight" (1) and "tight+1" (2) code only the 16-pixel blocks that
 # hold image pixels plus a margin of 0 or 1 positions (`latent_grids`, top left); the rest
-# has k = 0, i.e. y_hat = mu there, for free. Padding to 64 had coded 8-27% more y for no
-# pixel; the encoder picks the margin per image by its RD loss (docs/bitstream.md).
+# has k = 0, i.e. y_hat = mu there, for free. Coding all of it spent up to 27% more y
+# positions than the pixels need (bsds500's 481x321; 8-11% of the bits); the encoder picks
+# the margin per image by its RD loss (docs/bitstream.md).
 PAD_MODES = ("replicate", "tight", "tight+1")
 TIGHT_MARGINS = {"tight": 0, "tight+1": 1}  # what encoders write (codec.inference)
 ROUTES = ("learned", "jpeg-lossless", "original")  # route codes 0, 1, 2 (codec.routes)
