@@ -355,7 +355,7 @@ def _measure(s: SpeedSettings) -> dict:
     k = lat.k[0].clamp(-LATENT_LIMIT, LATENT_LIMIT).cpu().numpy()
     mu, index = hyper_synthesis_exact(lm.tables, z_hat[None])
     bs = parse(data)
-    z_shape, y_shape = latent_shapes(lm, WIDTH, HEIGHT, parse(data).header.pad_mode)
+    z_shape, y_shape = latent_shapes(lm, WIDTH, HEIGHT, bs.header.pad_mode)
     z_words = np.frombuffer(bs.sections["ZLAT"], _WORD).astype(np.uint32)
     y_words = np.frombuffer(bs.sections["YLAT"], _WORD).astype(np.uint32)
     assert np.array_equal(coding.decode_z(lm.tables, z_words, z_shape), z_hat)

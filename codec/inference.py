@@ -44,6 +44,9 @@ METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-ann
 SCHEDULES = ("paper", "scaled")
 PAPER_ITERATIONS = 2000  # the budget the paper's t0 and c were chosen for
 _DEFAULT_LR = {"ste": 1e-4}  # paper S3: STE needed a tiny learning rate
+# The layouts encoders choose from, by name, for fingerprints (pipeline.settings): "tight"
+# (TIGHT_MARGINS per image) since 2026-12-06, "replicate" before.
+LAYOUT = "tight"
 
 
 @dataclass
@@ -215,10 +218,6 @@ def _hard(model, x, sizes, y, z, lmbda, mask):
                      mask=mask)
     return k, z_hat, terms
 
-
-# The layouts encoders choose from, by name, for fingerprints (pipeline.settings): "tight"
-# (TIGHT_MARGINS per image) since 2026-12-06, "replicate" before.
-LAYOUT = "tight"
 
 RATE_CHANNELS = 8  # latent channels per step of the amortized rate sum (`_hard_in_place`)
 

@@ -24,7 +24,6 @@ from codec.gdn import GDN, igdn_channels_last_
 
 DOWNSAMPLE = PAD_MULTIPLE  # total stride of g_a then h_a: images are padded to this multiple
 Y_STRIDE = Y_BLOCK
-Z_STRIDE = 64
 
 
 def conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:

@@ -171,8 +171,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"size:        {h.width}x{h.height}")
     if h.route == "learned":
         z, y = latent_grids(h.width, h.height, h.pad_mode)
+        full = latent_grids(h.width, h.height, "replicate")[1]  # all of y's grid
         print(f"latents:     {h.pad_mode} layout: y coded on {y[0]}x{y[1]} of "
-              f"{4 * z[0]}x{4 * z[1]}, z {z[0]}x{z[1]} (docs/bitstream.md)")
+              f"{full[0]}x{full[1]}, z {z[0]}x{z[1]} (docs/bitstream.md)")
     print(f"color:       {h.color}, source bit depth {h.bit_depth}")
     print(f"orientation: source EXIF orientation {h.orientation} (pixels stored upright)")
     for tag, payload in bs.sections.items():

@@ -181,8 +181,9 @@ def make_plan(images: Iterable[ObjectInfo], input_url: str, output: Storage, set
     """Skip what is done, cut the rest into shards of `shard_size` in key order. With
     `write`, the manifests and plan.json are stored under the output; without (a dry run),
     the plan only counts. An image is done when an `ok` row of the same source bytes has
-    `fingerprint` or one of `also_done` (the settings' fingerprints under the models their
-    model supersedes: EncodeSettings.superseded_fingerprints)."""
+    `fingerprint` or one of `also_done` (the settings' fingerprints in the older latent
+    layout and under the models their model supersedes:
+    EncodeSettings.superseded_fingerprints)."""
     return _plan(images, input_url, output, settings, fingerprint, shard_size, run_id,
                  "encode", None, write, tuple(also_done))
 
