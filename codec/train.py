@@ -77,6 +77,12 @@ class TrainConfig:
     # the low end then trails; p about 0.6 gives every rate point a comparable share, as
     # BD-rate counts them (docs/results.md, "Low-rate weighting").
     rate_weight_power: float = 0.0
+    # A shipped model id whose h_s this run uses, fixed (loaded at the start of every call,
+    # never trained: `fix_hyper_synthesis`). Its export then holds the very tensors of that
+    # model's h_s, which codec.weight_store stores once for both files: h_s is two thirds of
+    # an N=64 / M=192 model (2.7 M of 4.1 M parameters), so a model that shares it fits in
+    # the 40 MB that all shipped weights must stay under, and one with its own does not.
+    hyper_synthesis_of: str | None = None
 
     @property
     def variable_rate(self) -> bool:
@@ -98,6 +104,30 @@ def initial_weights(init_from: str) -> tuple[dict[str, torch.Tensor], int, float
     net = loaded.variable if loaded.variable is not None else loaded.model
     return (net.state_dict(), loaded.entry.steps,
             None if loaded.variable is not None else loaded.entry.lmbda)
+
+
+def fix_hyper_synthesis(model: nn.Module, cfg: TrainConfig) -> None:
+    """Put model `cfg.hyper_synthesis_of`'s h_s into `model` and keep it out of training
+    (requires_grad off: Adam skips it, the optimizer's groups and checkpoints are unchanged).
+    Run before any DistributedDataParallel wrapping; a no-op without the setting."""
+    if not cfg.hyper_synthesis_of:
+        return
+    if cfg.revive_dead_channels:
+        raise ValueError("--revive-dead-channels rewrites h_s's last layer, which "
+                         "--hyper-synthesis-of keeps fixed: use one or the other")
+    from codec import registry
+    loaded = registry.load(cfg.hyper_synthesis_of)  # ModelError names the known ids
+    source = loaded.variable.base if loaded.variable is not None else loaded.model
+    base = model.base if isinstance(model, GainedMeanScaleHyperprior) else model
+    if base.h_s.state_dict().keys() != source.h_s.state_dict().keys() or any(
+            a.shape != b.shape for a, b in zip(base.h_s.parameters(), source.h_s.parameters(),
+                                               strict=True)):
+        raise ValueError(f"--hyper-synthesis-of {cfg.hyper_synthesis_of}: its h_s is of "
+                         f"N={source.N}, M={source.M}, not N={cfg.N}, M={cfg.M}")
+    with torch.no_grad():
+        for mine, theirs in zip(base.h_s.parameters(), source.h_s.parameters(), strict=True):
+            mine.copy_(theirs)
+            mine.requires_grad_(False)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -508,6 +538,7 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
             rewarm_from = step
             log(f"no optimizer moments in it (a compacted resume point): lr warms up over "
                 f"{REWARM_STEPS} steps")
+    fix_hyper_synthesis(model, cfg)
     sampler = make_sampler(image_files(cfg.data), cfg.crop, sampler_seed(cfg.seed, step), device)
     if state is not None and "rng" in state:
         set_rng_state(state["rng"], sampler, device)

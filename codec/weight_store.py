@@ -41,6 +41,7 @@ from torch import nn
 from codec.errors import ModelError
 
 SHARED_FILE = "shared.pt.xz"
+BUDGET_BYTES = 40_000_000  # all shipped weights together: the model files and SHARED_FILE
 REF = "shared:"
 MIN_SHARED_BYTES = 4096  # smaller tensors are not worth a reference
 ENCODER_PARTS = ("g_a", "h_a")
@@ -169,6 +170,25 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
             for name in [SHARED_FILE, *(known[m].file for m in payloads)]}
 
 
+def weight_bytes(registry: Path) -> int:
+    """Bytes of a registry's weights: its model files and the shared file."""
+    from codec.registry import entries
+
+    files = {e.file for e in entries(registry)} | {SHARED_FILE}
+    return sum((registry.parent / f).stat().st_size for f in files
+               if (registry.parent / f).exists())
+
+
+def over_budget_message(total: int) -> str | None:
+    """What to do when the weights outgrow BUDGET_BYTES (None: they fit)."""
+    if total < BUDGET_BYTES:
+        return None
+    return (f"the weights are {total / 1e6:.2f} MB, over the {BUDGET_BYTES / 1e6:.0f} MB that "
+            "all shipped weights must stay under: retire the encoder of the model the new one "
+            "supersedes (--retire OLD=NEW), and train new models with --hyper-synthesis-of "
+            "(they then share h_s, two thirds of a file, with that model: docs/codec.md)")
+
+
 class RetiredTransform(nn.Sequential):
     """g_a or h_a of a decode-only model: its layers are there (rate folding reads their
     shapes) but its weights no longer ship, so running it is refused, never computed."""
@@ -217,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, size in sorted(sizes.items()):
         print(f"{size / 1e6:8.3f} MB  {name}")
     print(f"{before / 1e6:8.3f} MB before, {sum(sizes.values()) / 1e6:.3f} MB now")
-    return 0
+    message = over_budget_message(weight_bytes(args.registry))
+    if message:
+        print(message)
+    return 1 if message else 0
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def _config(args):
                        time_budget=args.time_budget,
                        revive_dead_channels=args.revive_dead_channels,
                        rate_grid=args.rate_grid,
-                       rate_weight_power=args.rate_weight_power)
+                       rate_weight_power=args.rate_weight_power,
+                       hyper_synthesis_of=args.hyper_synthesis_of)
 
 
 def _lmbdas(text: str | None) -> tuple[float, ...]:
@@ -295,6 +296,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="variable-rate: weight each crop's loss by (λ_r/λ_0)^-P (mean 1 over "
                         "the grid), so the low rates are not drowned by the high ones' larger "
                         f"losses (default {d.rate_weight_power:g}: plain sum)")
+    p.add_argument("--hyper-synthesis-of", default=None, metavar="ID",
+                   help="use shipped model ID's h_s, fixed (never trained): the export then "
+                        "shares those weights with ID's file, two thirds of a model, so it "
+                        "fits the 40 MB of shipped weights (docs/codec.md)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "

@@ -34,6 +34,7 @@ from codec.train import (
     TrainConfig,
     build_model,
     checkpoint_state,
+    fix_hyper_synthesis,
     load_checkpoint,
     load_initial,
     memory_format_of,
@@ -197,6 +198,7 @@ def _worker_loop(config: dict) -> None:
     opt = torch.optim.Adam(param_groups(net, cfg), lr=cfg.lr)
     if state is not None:
         step, init_steps = restore(net, opt, state)
+    fix_hyper_synthesis(net, cfg)
 
     items = config["items"]
     mine = [(i, *items[i]) for i in range(rank, len(items), world)]

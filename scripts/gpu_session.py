@@ -3,6 +3,7 @@
     python scripts/gpu_session.py pack                 # here: build .gpu/ (training pack)
     python scripts/gpu_session.py checks --out DIR     # there: the codec's GPU checks
     python scripts/gpu_session.py import DIR           # here: take the weights it brought back
+    python scripts/gpu_session.py import DIR --retire msh-vr5=msh-vr-gpu1  # ... superseding
 
 pack: 256x256 crops of ../shared/data/*/train (JPEG quality 95, 4:4:4; a fixed seed), at
 most --max-mb megabytes and no more than the working tree leaves under the 64 MiB the device
@@ -217,8 +218,10 @@ def checks(args) -> int:
 # ----------------------------------------------------------------------------- import
 
 
-def import_weights(folder: Path) -> None:
-    """Register the model files of a session's registry in the shipped registry."""
+def import_weights(folder: Path, retire: dict[str, str] | None = None) -> None:
+    """Register the model files of a session's registry in the shipped registry, then
+    re-pack the weights (`retire`: old id -> new id, encoders that no longer ship) and check
+    that they stay within the budget of all shipped weights."""
     from dataclasses import asdict
 
     from codec import registry as reg
@@ -239,8 +242,13 @@ def import_weights(folder: Path) -> None:
             {"models": [reg._as_json(x) for x in models]}, indent=2) + "\n")
         reg.load.cache_clear()
         print(f"imported {e.id} ({e.steps} steps) sha256 {e.sha256[:12]}… {asdict(e)['note']}")
+    from codec.weight_store import over_budget_message, weight_bytes
     from codec.weight_store import pack as pack_weights
-    pack_weights(reg.REGISTRY)  # what the new files share with the shipped ones, once
+    pack_weights(reg.REGISTRY, retire)  # what the new files share with the shipped ones, once
+    message = over_budget_message(weight_bytes(reg.REGISTRY))
+    if message:
+        raise SystemExit(f"{message}; `git checkout codec/weights` undoes this import")
+    print(f"shipped weights: {weight_bytes(reg.REGISTRY) / 1e6:.2f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,13 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--work", default="/tmp/sgarc-gpu-work")
     i = sub.add_parser("import")
     i.add_argument("folder")
+    i.add_argument("--retire", action="append", default=[], metavar="OLD=NEW",
+                   help="make model OLD decode-only, NEW encoding instead (when NEW beats it "
+                        "on val: its encoder's bytes make room under the 40 MB)")
     args = p.parse_args(argv)
     if args.cmd == "pack":
         pack(args.max_mb, args.val_images, args.seed)
         return 0
     if args.cmd == "checks":
         return checks(args)
-    import_weights(Path(args.folder))
+    import_weights(Path(args.folder), dict(r.split("=", 1) for r in args.retire))
     return 0
 
 

@@ -6,6 +6,7 @@
 #   # then one call of the device tool, from the repository root:
 #   #   run(command="./scripts/gpu_session.sh", carry=[".gpu"], timeout_s=600)
 #   ./scripts/gpu_session.sh import DIR  # here, after: register the weights it brought back
+#                                        # (add --retire msh-vr5=msh-vr-gpu1 when it beats msh-vr5)
 #   ./scripts/gpu_session.sh --smoke     # here, on the CPU: the same steps, tiny
 #
 # On the device the steps fit its 15-minute budget: ~4-5 minutes of training (TRAIN_SECONDS,
@@ -13,7 +14,9 @@
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
 # (at most 8 files): weights/$GPU_MODEL.pt.xz, weights/registry.json, train.log.jsonl,
 # eval.json, checks.json, session.log. BASE_MODEL (default msh-vr5) is fine-tuned into
-# GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good.
+# GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good. Its
+# h_s stays BASE_MODEL's (--hyper-synthesis-of), so the two files share it: a model with
+# its own h_s would not fit the 40 MB of shipped weights (docs/codec.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +27,7 @@ case "$mode" in
     exec .venv/bin/python scripts/gpu_session.py pack ;;
   import)
     [ -n "${2:-}" ] || { echo "usage: $0 import DIR (the session's weights folder)" >&2; exit 2; }
-    exec .venv/bin/python scripts/gpu_session.py import "$2" ;;
+    exec .venv/bin/python scripts/gpu_session.py import "${@:2}" ;;
   --smoke)
     [ -x .venv/bin/python ] || ./scripts/setup.sh
     PY=.venv/bin/python
@@ -59,7 +62,7 @@ echo "gpu session ($mode) on $DEVICE, training ${TRAIN_SECONDS}s, $(date -u +%FT
 "$PY" -m jobs.train --data .gpu/train --checkpoint "$WORK/vr.ckpt" --init-from "$BASE_MODEL" \
   --lmbdas default --N 64 --M 192 --crop "$CROP" --batch-size "$BATCH" --lr 1e-4 \
   --lr-drop-at 0.85 --steps 100000000 --time-budget "$TRAIN_SECONDS" --bf16 --log-every 50 \
-  --checkpoint-every 1000000 --rate-grid --rate-weight-power 0.6 --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
+  --checkpoint-every 1000000 --rate-grid --rate-weight-power 0.6 --hyper-synthesis-of "$BASE_MODEL" --quiet --export "$GPU_MODEL" --registry "$OUT/weights/registry.json" \
   --export-data "bsds500/train + wikipedia-photos/train (GPU pack, 256px crops)" \
   --note "fine-tuned on a GPU for ${TRAIN_SECONDS}s from the shipped $BASE_MODEL (scripts/gpu_session.sh)"
 cp "$WORK/vr.log.jsonl" "$OUT/train.log.jsonl"

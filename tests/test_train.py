@@ -274,3 +274,31 @@ def test_rate_weighted_training_runs_and_resumes(data, tmp_path):
     assert main([*args, "--steps", "2"]) == 0
     assert main([*args, "--steps", "4"]) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == 4
+
+
+def test_hyper_synthesis_of_a_shipped_model_stays_fixed_and_is_shared(data, tmp_path, capsys):
+    """--hyper-synthesis-of: the run's h_s is that model's, untouched by training and by
+    resuming, and the export holds the very tensors of its file, which the weight store
+    then keeps once (its digests); the rest trains. Misfits are refused."""
+    from codec.weight_store import digest
+
+    ckpt, registry = tmp_path / "vr.ckpt", tmp_path / "weights" / "registry.json"
+    args = ["--data", str(data), *TINY, "--N", "64", "--M", "96", "--lmbdas", "default",
+            "--checkpoint", str(ckpt), "--hyper-synthesis-of", "msh-vr2"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert main([*args, "--steps", "3", "--export", "tiny-shared", "--registry",
+                 str(registry)]) == 0  # resumed, then exported (fp16)
+    state = torch.load(ckpt, weights_only=True)["model"]
+    source = read_model_file(load("msh-vr2").entry)["state_dict"]
+    exported = read_model_file(entries(registry)[0], registry)["state_dict"]
+    h_s = [k for k in source if k.startswith("base.h_s.")]
+    assert len(h_s) == 6
+    for k in h_s:
+        assert torch.equal(state[k], source[k].float())
+        assert digest(exported[k]) == digest(source[k])  # what pack() shares
+    assert not torch.equal(state["base.g_s.0.weight"].half(), source["base.g_s.0.weight"])
+
+    assert main([*args[:-1], "msh-vr5", "--steps", "1"]) == 2  # M=192: another shape
+    assert "not N=64, M=96" in capsys.readouterr().err
+    assert main([*args, "--steps", "4", "--revive-dead-channels"]) == 2
+    assert "one or the other" in capsys.readouterr().err
