@@ -81,6 +81,7 @@ class EncodeResult:
     target: str | None = None  # "psnr" or "bpp" when coded to a target (codec.targets)
     target_value: float | None = None
     target_met: bool | None = None
+    layout: str = "tight"  # the latents' layout (header pad_mode: codec.bitstream.PAD_MODES)
 
     @property
     def estimate_overhead(self) -> float:
@@ -402,7 +403,7 @@ class Codec:
             amortized_psnr=psnr_from_mse(amortized_mse),
             amortized_rd_loss=float(lat.start_loss[i]),
             seconds=inference_seconds + time.perf_counter() - t0, device=str(self.device),
-            metadata_bytes=len(sections.get("META", b"")), rate=lm.rate)
+            metadata_bytes=len(sections.get("META", b"")), rate=lm.rate, layout=layout)
 
     def _verify(self, data: bytes, z_hat: np.ndarray, k: np.ndarray,
                 metadata: Metadata | None) -> np.ndarray:

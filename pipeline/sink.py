@@ -49,6 +49,7 @@ SCHEMA = pa.schema([
     ("quality", pa.int32()),
     ("lmbda", pa.float64()),
     ("rate", pa.int32()),  # rate point of a variable-rate model (grid index); null: fixed
+    ("layout", pa.string()),  # latents coded: tight | tight+1 | replicate (docs/bitstream.md)
     ("target", pa.string()),  # "psnr" or "bpp" when coded to a per-image target
     ("target_value", pa.float64()),
     ("target_met", pa.bool_()),  # false: the model could not reach it (coded at its end)
