@@ -204,6 +204,31 @@ def _interpolate(logs: np.ndarray, index: int) -> np.ndarray:
     return np.exp((1.0 - t) * logs[r] + t * logs[r + 1])
 
 
+def grid_from_trained_rows(trained: np.ndarray) -> np.ndarray:
+    """The float32 gain table of every grid index, predicted from its trained points' rows
+    (R, C) with IEEE basic operations only (division, square root, multiplication: correctly
+    rounded, so the same bits on every machine, unlike exp and log). Between trained rows a
+    and b, row s of RATE_STEPS is a * ((b / a)^(1/RATE_STEPS))^s, the root taken by repeated
+    square roots. What `gain_tables` computes with exp and log agrees to the last float32
+    bit on the shipped models, so codec.weight_store stores only the trained rows and the
+    (zero) difference; a gain that is 0 or not finite predicts 0."""
+    if RATE_STEPS & (RATE_STEPS - 1):
+        raise ValueError("RATE_STEPS must be a power of two (roots by square roots)")
+    rows = trained.astype(np.float64)
+    out = np.empty(((len(rows) - 1) * RATE_STEPS + 1, rows.shape[1]))
+    with np.errstate(all="ignore"):
+        for r in range(len(rows) - 1):
+            root = rows[r + 1] / rows[r]
+            for _ in range(RATE_STEPS.bit_length() - 1):
+                root = np.sqrt(root)
+            g = rows[r].copy()
+            for step in range(RATE_STEPS):
+                out[r * RATE_STEPS + step] = g
+                g = g * root
+    out[-1] = rows[-1]
+    return np.where(np.isfinite(out) & (out > 0), out, 0.0).astype(np.float32)
+
+
 @dataclass
 class GainTables:
     """Gains per grid index (rows), float32: what the stored model defines a rate point by."""

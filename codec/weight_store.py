@@ -15,6 +15,12 @@ that any stream's decoding reads:
   can drop them: its entry is marked ``decode_only`` with the id that encodes instead, its
   streams decode exactly as before, and encoding with it is refused with a message that
   names the successor (`RetiredTransform`). (Not for a bits-back model: its decoder runs h_a.)
+* **Gain tables from their trained rows.** A variable-rate file holds float32 gains for
+  every one of its 257 rate points (0.25-0.43 MB after xz), but all but its 9 trained rows
+  are interpolations that `codec.variable_rate.grid_from_trained_rows` reproduces from IEEE
+  basic operations. A packed file keeps the trained rows, the bitwise difference of the
+  table from that prediction (all zeros on the shipped models, so xz leaves nothing of it)
+  and the table's digest, checked when it is put back (`compact_gains`, `expand_gains`).
 
 A model's identity stays its `sha256` (the torch.save bytes it was exported as, what job
 fingerprints hash): packing changes the file, not the model, so the entry records the packed
@@ -35,12 +41,15 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from codec.errors import ModelError
+from codec.variable_rate import RATE_STEPS, grid_from_trained_rows
 
 SHARED_FILE = "shared.pt.xz"
+GAINS_FORM = "trained-rows+residual"  # a compacted "gains" entry (`compact_gains`)
 BUDGET_BYTES = 40_000_000  # all shipped weights together: the model files and SHARED_FILE
 REF = "shared:"
 MIN_SHARED_BYTES = 4096  # smaller tensors are not worth a reference
@@ -64,15 +73,50 @@ def _tensors(payload: dict, prefix: str = "") -> Iterator[tuple[str, torch.Tenso
 
 
 def resolve(payload: dict, folder: Path) -> dict:
-    """`payload` (a model file's) with every shared reference replaced by its tensor."""
+    """`payload` (a model file's) with every shared reference replaced by its tensor and
+    compacted gain tables expanded."""
     out = {}
     for k, v in payload.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v.get("form") == GAINS_FORM:
+            out[k] = expand_gains(resolve(v, folder))
+        elif isinstance(v, dict):
             out[k] = resolve(v, folder)
         elif isinstance(v, str) and v.startswith(REF):
             out[k] = shared_tensor(folder, v[len(REF):])
         else:
             out[k] = v
+    return out
+
+
+def compact_gains(gains: dict[str, torch.Tensor]) -> dict:
+    """A file's gain tables as their trained rows (every RATE_STEPS-th), the difference of
+    each table's bits from `grid_from_trained_rows` (uint32 arithmetic modulo 2^32, stored
+    as int32) and its digest."""
+    out: dict = {"form": GAINS_FORM}
+    for name, table in gains.items():
+        t = table.detach().cpu().contiguous().numpy()
+        trained = np.ascontiguousarray(t[::RATE_STEPS])
+        if t.dtype != np.float32 or len(t) != (len(trained) - 1) * RATE_STEPS + 1:
+            raise ModelError(f"gain table {name} is not a float32 table of a rate grid")
+        residual = t.view(np.uint32) - grid_from_trained_rows(trained).view(np.uint32)
+        out[name] = {"trained": torch.from_numpy(trained),
+                     "residual": torch.from_numpy(residual.view(np.int32)),
+                     "digest": digest(table)}
+    return out
+
+
+def expand_gains(packed: dict) -> dict[str, torch.Tensor]:
+    """The gain tables `compact_gains` packed, each checked against its digest."""
+    out = {}
+    for name, part in packed.items():
+        if name == "form":
+            continue
+        predicted = grid_from_trained_rows(part["trained"].numpy()).view(np.uint32)
+        table = torch.from_numpy((predicted + part["residual"].numpy().view(np.uint32))
+                                 .view(np.float32))
+        if digest(table) != part["digest"]:
+            raise ModelError(f"gain table {name} fails its integrity check; reinstall sgarc")
+        out[name] = table
     return out
 
 
@@ -143,10 +187,12 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
                              "encoder cannot be retired")
         if known[new].decode_only:
             raise ModelError(f"retire {old}={new}: {new} is decode-only itself")
-    payloads = {}
+    payloads, expected = {}, {}
     for e in known.values():
         payload = read_model_file(e, registry)
-        payloads[e.id] = _without_encoder(payload) if e.id in retire else payload
+        expected[e.id] = _without_encoder(payload) if e.id in retire else payload
+        payloads[e.id] = ({**expected[e.id], "gains": compact_gains(payload["gains"])}
+                          if "gains" in payload else expected[e.id])
     candidates = {model_id: {digest(t): t for _, t in _tensors(p)
                              if t.numel() * t.element_size() >= MIN_SHARED_BYTES}
                   for model_id, p in payloads.items()}
@@ -161,7 +207,7 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
                         decode_only=retire.get(model_id, e.decode_only))
         register(entry, registry)
         back = read_model_file(entry, registry)
-        got, want = dict(_tensors(back)), dict(_tensors(payload))
+        got, want = dict(_tensors(back)), dict(_tensors(expected[model_id]))
         if got.keys() != want.keys() or any(not torch.equal(got[k], t) or got[k].dtype != t.dtype
                                             for k, t in want.items()):
             raise ModelError(f"re-packing {model_id} changed its tensors; restore "
@@ -244,4 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main, not this __main__ copy's: codec.registry reads files
+    # through codec.weight_store, whose cache of the shared file pack() must be the one it
+    # clears (with two copies, a re-pack that changes the shared file read it stale).
+    from codec.weight_store import main as imported_main
+    raise SystemExit(imported_main())

@@ -120,7 +120,9 @@ def test_packing_shares_tensors_and_keeps_every_bit(tiny_vr_registry, tmp_path):
         assert e.file_sha256 is not None and e.file_sha256 != e.sha256  # identity kept
         assert (tmp_path / e.file).stat().st_size < sizes_before[e.file]
         after = read_model_file(e, reg)
-        for part in ("state_dict", "tables"):
+        for part in ("state_dict", "tables", "gains"):
+            if part not in before[e.id]:
+                continue  # a fixed-rate model has no gain tables
             assert after[part].keys() == before[e.id][part].keys()
             assert all(torch.equal(after[part][k], v) and after[part][k].dtype == v.dtype
                        for k, v in before[e.id][part].items())
@@ -152,6 +154,43 @@ def test_a_retired_encoder_still_decodes_and_refuses_to_encode(tiny_vr_registry,
         load(TINY_VR_ID, reg).at(3).model.g_a(torch.zeros(1, 3, 16, 16))
     with pytest.raises(ModelError, match="must be registered"):
         weight_store.pack(reg, retire={"nope": TINY_ID})
+
+
+def test_gain_tables_pack_as_their_trained_rows(tiny_vr_registry, tmp_path):
+    """A variable-rate file keeps its 9 trained gain rows and a zero difference from their
+    IEEE-only interpolation, not 257 rows; the tables come back bit for bit, and a damaged
+    difference is refused by the table's digest."""
+    from codec import weight_store
+    from codec.registry import read_model_file
+    from codec.variable_rate import GainedMeanScaleHyperprior
+    from tests.conftest import TINY_VR_ID
+
+    net = GainedMeanScaleHyperprior(8, 8)
+    with torch.no_grad():  # trained-looking gains: apart per channel and rate point
+        for name in ("gain", "inverse_gain", "hyper_gain", "hyper_inverse_gain"):
+            getattr(net, name).copy_(torch.rand_like(getattr(net, name)) * 3 + 0.1)
+    tables = net.gain_tables().state_dict()
+    packed = weight_store.compact_gains(tables)
+    for name, part in packed.items():
+        if name != "form":
+            assert part["trained"].shape == (9, tables[name].shape[1])
+            assert not part["residual"].any()  # the prediction is the exp/log table itself
+    back = weight_store.expand_gains(packed)
+    assert all(torch.equal(back[k], t) and back[k].dtype == torch.float32
+               for k, t in tables.items())
+    packed["gains.gain"]["residual"][3, 0] += 1  # one float32 ulp off at one rate point
+    with pytest.raises(ModelError, match="gain table gains.gain fails its integrity check"):
+        weight_store.expand_gains(packed)
+
+    reg = _two_models(tiny_vr_registry, tmp_path)
+    entry = find(TINY_VR_ID, reg)
+    before = read_model_file(entry, reg)["gains"]
+    weight_store.pack(reg)
+    raw = lzma.decompress((tmp_path / entry.file).read_bytes())
+    stored = torch.load(io.BytesIO(raw), weights_only=True)["gains"]
+    assert stored["form"] == weight_store.GAINS_FORM
+    after = read_model_file(find(TINY_VR_ID, reg), reg)["gains"]
+    assert all(torch.equal(after[k], t) for k, t in before.items())
 
 
 def test_damaged_shared_weights_are_refused(tiny_vr_registry, tmp_path):
