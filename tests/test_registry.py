@@ -179,7 +179,7 @@ def test_gain_tables_pack_as_their_trained_rows(tiny_vr_registry, tmp_path):
     assert all(torch.equal(back[k], t) and back[k].dtype == torch.float32
                for k, t in tables.items())
     packed["gains.gain"]["residual"][3, 0] += 1  # one float32 ulp off at one rate point
-    with pytest.raises(ModelError, match="gain table gains.gain fails its integrity check"):
+    with pytest.raises(ModelError, match=r"gain table gains\.gain fails its integrity check"):
         weight_store.expand_gains(packed)
 
     reg = _two_models(tiny_vr_registry, tmp_path)
