@@ -7,8 +7,8 @@ model's own likelihoods, within about 0.1% of a stream's payload) coded in each 
 (codec.bitstream.PAD_MODES), and in the per-image choice the encoder makes
 (codec.inference.infer's default). Prints mean bpp and PSNR per layout, the bits against
 replicate, the BD-rate over the rate points, how often each layout was chosen, and the
-seconds of amortized inference per variant against replicate's (the choice runs the
-hard RD loss, one g_s pass, once per candidate layout; measured in one run). The
+seconds of amortized inference per variant against replicate's (the choice adds the
+synthesis of the border strips where the layouts differ; measured in one run). The
 gain depends on how far the image's size is from a multiple of 64 (docs/bitstream.md), so
 say which images a number comes from.
 """
@@ -79,7 +79,8 @@ def report(result: dict) -> None:
     for variant, curve in result["curves"].items():
         cells = [f"{b:.4f} / {p:.2f} ({100 * (b / b0 - 1):+.1f}%, {p - p0:+.2f} dB)"
                  for (b, p), (b0, p0) in zip(curve, base, strict=True)]
-        bd = "" if variant == "replicate" else f"  BD-rate {bd_rate(curve, base):+.2f}%"
+        d = None if variant == "replicate" else bd_rate(curve, base)
+        bd = "" if d is None else f"  BD-rate {d:+.2f}%"  # None: too few rate points
         print(f"{variant:>9}: " + " | ".join(cells) + bd)
     print("chosen:", ", ".join(f"{k} {v}" for k, v in sorted(result["chosen"].items())))
     t = result["seconds"]

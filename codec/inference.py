@@ -38,7 +38,7 @@ import torch
 from codec.bitstream import TIGHT_MARGINS, latent_grids
 from codec.frozen import LATENT_LIMIT
 from codec.model import MeanScaleHyperprior
-from codec.tiling import Pixels, Sizes, analysis, batch_rows, masked_sse
+from codec.tiling import Pixels, Sizes, analysis, batch_rows, halo_blocks, masked_sse, region_sse
 
 METHODS = ("amortized", "sga", "map", "ste", "uniform-noise", "deterministic-annealing")
 SCHEDULES = ("paper", "scaled")
@@ -219,34 +219,22 @@ def _hard(model, x, sizes, y, z, lmbda, mask):
     return k, z_hat, terms
 
 
-RATE_CHANNELS = 8  # latent channels per step of the amortized rate sum (`_hard_in_place`)
+RATE_CHANNELS = 8  # latent channels per step of a rate sum (`_position_bits`)
 
 
 @torch.no_grad()
-def _hard_in_place(model, x, sizes, y, z, lmbda, mask):
-    """`_hard` when nothing follows (amortized inference), in less memory: y is consumed (k
-    is rounded in its storage, y_hat made in mu's) and the rate is summed over groups of
-    RATE_CHANNELS channels, so besides the image only y, mu and sigma and one tile exist at
-    a time. The same k and z_hat, elementwise the same likelihoods; the sums (loss, bpp)
-    equal `_hard`'s up to float summation order (they are reported, never coded)."""
-    z_hat = torch.round(z)
-    mu, sigma = model.hyper_synthesis(z_hat)
-    k = y.sub_(mu).round_().mul_(mask)
-    bits = None
+def _position_bits(model, k, mu, sigma, z_hat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bits of y at each position, summed over channels ((B, 1, H, W); k unmasked) and of z
+    per image ((B,)), under the model's likelihoods, in groups of RATE_CHANNELS channels:
+    besides k, mu and sigma only one group's likelihoods exist at a time."""
+    bits = k.new_zeros(k.shape[0], 1, *k.shape[-2:])
+    z_lik = None
     for c in range(0, k.shape[1], RATE_CHANNELS):
         at = (slice(None), slice(c, c + RATE_CHANNELS))
         y_lik, z_lik = model.likelihoods(mu[at] + k[at], z_hat, mu[at], sigma[at])
-        if bits is None:
-            bits = -torch.log2(z_lik).sum(dim=(1, 2, 3))
-        bits -= (torch.log2(y_lik) * mask).sum(dim=(1, 2, 3))
-        del y_lik, z_lik
-    del sigma
-    y_hat = mu.add_(k)
-    pixels = torch.tensor([float(h * w) for h, w in sizes], device=k.device)
-    mse = masked_sse(model.g_s, y_hat, x, sizes, clamp=True) / (3.0 * pixels)
-    bpp = bits / pixels
-    return k, z_hat, {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse,
-                      "bits": bits}
+        bits -= torch.log2(y_lik).sum(dim=1, keepdim=True)
+        del y_lik
+    return bits, -torch.log2(z_lik).sum(dim=(1, 2, 3))
 
 
 def infer(model: MeanScaleHyperprior, x: Pixels, sizes: list[tuple[int, int]],
@@ -288,11 +276,18 @@ def infer(model: MeanScaleHyperprior, x: Pixels, sizes: list[tuple[int, int]],
     return _as_int(best)
 
 
+@torch.no_grad()
 def _choose_layouts(model, x, sizes, y, z, lmbda, consume: bool, layouts: Sequence[str]):
     """Per image, the layout of `layouts` whose amortized (hard) RD loss is lowest:
-    (layouts, coded mask, k, z_hat, RD terms) of that choice. A layout that gives every
-    image the grid of one before it is skipped; `consume`: y is not needed afterwards (the
-    last candidate then runs in place, in less memory)."""
+    (layouts, coded mask, k, z_hat, RD terms) of that choice. `consume`: y is not needed
+    afterwards (k is rounded in its storage, y_hat made in mu's: less memory).
+
+    The layouts' grids are nested (the first codes the fewest positions), and k is the same
+    wherever two of them code it, so they differ only on a few border rows and columns of
+    latents: in bits (a per-position bit map, made once, masked per layout) and in the
+    pixels synthesized from those latents, which `region_sse` measures on a strip of blocks
+    around them in both layouts. Only the chosen encoding is synthesized whole. A layout
+    that gives every image the grid of one before it is skipped."""
     B = y.shape[0]
     candidates, grids = [], []
     for layout in layouts:
@@ -300,21 +295,49 @@ def _choose_layouts(model, x, sizes, y, z, lmbda, consume: bool, layouts: Sequen
         if g not in grids:
             candidates.append(layout)
             grids.append(g)
-    chosen: list[str] = []
-    for n, layout in enumerate(candidates):
-        mask = coded_mask(y.shape, sizes, [layout] * B, y.device)
-        hard = _hard_in_place if consume and n == len(candidates) - 1 else _hard
-        k, z_hat, terms = hard(model, x, sizes, y, z, lmbda, mask)  # z_hat: the same each
-        if not chosen:
-            chosen, best_mask, best_k, best_terms = [layout] * B, mask, k, terms
-            continue
-        rows = (terms["loss"] < best_terms["loss"]).nonzero().flatten()
-        for i in rows.tolist():
-            chosen[i] = layout
-        best_mask[rows], best_k[rows] = mask[rows], k[rows]
-        for name, v in terms.items():
-            best_terms[name][rows] = v[rows]
-    return chosen, best_mask, best_k, z_hat, best_terms
+    z_hat = torch.round(z)
+    mu, sigma = model.hyper_synthesis(z_hat)
+    k = y.sub_(mu).round_() if consume else torch.round(y - mu)  # every position, for now
+    position_bits, z_bits = _position_bits(model, k, mu, sigma, z_hat)
+    del sigma
+    pixels = torch.tensor([float(h * w) for h, w in sizes], device=k.device)
+    masks = [coded_mask(y.shape, sizes, [layout] * B, y.device) for layout in candidates]
+    bits = [(position_bits * m).sum(dim=(1, 2, 3)) + z_bits for m in masks]
+    chosen, best = [0] * B, torch.zeros(B, device=k.device)  # loss against the first layout
+    for n in range(1, len(candidates)):
+        rows, cols = _border(grids[0], grids[n], model.g_s, k.shape[-2:])
+        sse = [sum(region_sse(model.g_s, mu + k * m, x, sizes, r, c, clamp=True)
+                   for r, c in ((rows, range(k.shape[-1])), (range(rows.start), cols)))
+               for m in (masks[0], masks[n])]
+        delta = (bits[n] - bits[0]) / pixels + lmbda * 255.0**2 * (sse[1] - sse[0]) / (
+            3.0 * pixels)
+        for i in (delta < best).nonzero().flatten().tolist():
+            chosen[i], best[i] = n, delta[i]
+    mask = torch.stack([masks[n][i] for i, n in enumerate(chosen)])
+    k.mul_(mask)
+    y_hat = mu.add_(k)
+    mse = masked_sse(model.g_s, y_hat, x, sizes, clamp=True) / (3.0 * pixels)
+    bits_chosen = torch.stack([bits[n][i] for i, n in enumerate(chosen)])
+    bpp = bits_chosen / pixels
+    terms = {"loss": bpp + lmbda * 255.0**2 * mse, "bpp": bpp, "mse": mse, "bits": bits_chosen}
+    return [candidates[n] for n in chosen], mask, k, z_hat, terms
+
+
+def _border(grid: list[tuple[int, int]], wider: list[tuple[int, int]], g_s,
+            shape: tuple[int, int]) -> tuple[range, range]:
+    """Latent rows and columns from which on output blocks can differ between two nested
+    grids (per image (rows, cols) coded): from the first extra row (column) of any image,
+    less g_s's halo (codec.tiling.halo_blocks: a block reads latents up to 2 away), to the
+    end of the grid; empty where no image has an extra one. `_choose_layouts` measures all
+    columns of those rows and those columns above them."""
+    halo = halo_blocks(g_s)
+
+    def band(a: list[int], b: list[int], n: int) -> range:
+        starts = [lo for lo, hi in zip(a, b, strict=True) if hi > lo]
+        return range(max(min(starts) - halo, 0), n) if starts else range(n, n)
+
+    return (band([r for r, _ in grid], [r for r, _ in wider], shape[0]),
+            band([c for _, c in grid], [c for _, c in wider], shape[1]))
 
 
 def _refine(model, x, sizes, lmbda, cfg, y, z, mask, opt, gen, best, progress) -> None:

@@ -127,10 +127,13 @@ def halo_blocks(layers: Iterable) -> int:
 # ---------------------------------------------------------------------------------- tiles
 
 
-def _spans(n: int, tile: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
-    """(core start, core end, window start, window end) along one axis, in blocks."""
-    for a in range(0, n, tile):
-        b = min(a + tile, n)
+def _spans(n: int, tile: int, halo: int, cores: range | None = None
+           ) -> Iterator[tuple[int, int, int, int]]:
+    """(core start, core end, window start, window end) along one axis of n blocks, in
+    blocks: cores of `tile` blocks over `cores` (None: all n)."""
+    cores = range(n) if cores is None else cores
+    for a in range(cores.start, cores.stop, tile):
+        b = min(a + tile, cores.stop)
         yield a, b, max(a - halo, 0), min(b + halo, n)
 
 
@@ -364,6 +367,17 @@ def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: Pixels, sizes: 
     tile). clamp: x_hat clamped to [0, 1] first, as the true (hard) RD loss does. tile
     None: SYNTHESIS_TILE latents.
     """
+    H, W = y_hat.shape[-2:]
+    return region_sse(g_s, y_hat, x, sizes, range(H), range(W), tile, halo, clamp)
+
+
+def region_sse(g_s: nn.Sequential, y_hat: torch.Tensor, x: Pixels, sizes: Sizes,
+               rows: range, cols: range, tile: int | None = None, halo: int | None = None,
+               clamp: bool = False) -> torch.Tensor:
+    """`masked_sse_tiled` over the output blocks `rows` x `cols` only (in latent positions,
+    one block of 16x16 pixels each): g_s runs on those cores and their halo, so the sum is
+    that of the same pixels of the whole image's synthesis. What changing a few latents
+    costs (their blocks plus the halo), without synthesizing the rest."""
     _, up = strides(g_s)
     tile = SYNTHESIS_TILE if tile is None else tile
     halo = halo_blocks(g_s) if halo is None else halo
@@ -374,11 +388,11 @@ def masked_sse_tiled(g_s: nn.Sequential, y_hat: torch.Tensor, x: Pixels, sizes: 
     grad = torch.is_grad_enabled() and (y_hat.requires_grad
                                         or any(p.requires_grad for p in g_s.parameters()))
     total = y_hat.new_zeros(y_hat.shape[0])
-    for r0, r1, wr0, wr1 in _spans(H, tile, halo):
-        for c0, c1, wc0, wc1 in _spans(W, tile, halo):
-            rows, cols = slice(r0 * up, r1 * up), slice(c0 * up, c1 * up)
-            x_part = x if isinstance(x, Padded) else x[..., rows, cols]
-            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x_part, rows, cols, sizes,
+    for r0, r1, wr0, wr1 in _spans(H, tile, halo, rows):
+        for c0, c1, wc0, wc1 in _spans(W, tile, halo, cols):
+            prows, pcols = slice(r0 * up, r1 * up), slice(c0 * up, c1 * up)
+            x_part = x if isinstance(x, Padded) else x[..., prows, pcols]
+            args = (g_s, y_hat[..., wr0:wr1, wc0:wc1], x_part, prows, pcols, sizes,
                     (r0 - wr0) * up, (c0 - wc0) * up, clamp)
             if grad:  # g_s draws no random numbers: no RNG state to keep for the recompute
                 sse = checkpoint(_tile_sse, *args, use_reentrant=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,6 +167,36 @@ def test_each_image_gets_the_tight_layout_with_the_lower_loss(tiny):
     assert replicate.layouts == ["replicate"] * 2
     assert torch.equal(replicate.k[0], both.k[0])  # the whole grid: the same coding
     assert float(replicate.start_loss[0]) == pytest.approx(float(both.start_loss[0]), rel=1e-6)
+
+
+def test_layout_choice_from_border_strips_matches_coding_each_layout_whole():
+    """The choice measures only the strips of blocks where the layouts differ; per image it
+    must pick what synthesizing each layout whole picks, with the same loss. A batch of one
+    padded size whose images differ in extra rows only, columns only, and both (96x96 ends
+    on a block edge, where the margin pays at a high rate: docs/results.md)."""
+    skimage = pytest.importorskip("skimage")
+    from codec.images import padded_batch
+    from codec.model import DOWNSAMPLE
+    from codec.registry import load_point
+
+    point = load_point(None, 224)
+    photo = skimage.data.astronaut()
+    sizes = [(96, 96), (90, 120), (128, 100)]
+    crops = [np.ascontiguousarray(photo[40 * i:40 * i + h, 200:200 + w])
+             for i, (h, w) in enumerate(sizes)]
+    x = torch.from_numpy(padded_batch(crops, DOWNSAMPLE)).permute(0, 3, 1, 2).float() / 255
+    amortized = InferenceConfig(method="amortized")
+    both = infer(point.model, x, sizes, point.entry.lmbda, amortized)
+    alone = {t: infer(point.model, x, sizes, point.entry.lmbda, amortized, layouts=(t,))
+             for t in TIGHT_MARGINS}
+    for i in range(len(sizes)):
+        best = min(TIGHT_MARGINS, key=lambda t, i=i: float(alone[t].start_loss[i]))
+        assert both.layouts[i] == best, (sizes[i], {t: float(a.start_loss[i])
+                                                    for t, a in alone.items()})
+        assert torch.equal(both.k[i], alone[best].k[i])
+        assert float(both.start_loss[i]) == pytest.approx(float(alone[best].start_loss[i]),
+                                                          rel=1e-6)
+    assert "tight+1" in both.layouts  # the margin won somewhere: the strips were measured
 
 
 @pytest.mark.parametrize("method", ["sga", "ste"])
