@@ -170,7 +170,8 @@ def _with_refs(payload: dict, shared: set[str]) -> dict:
 
 def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]:
     """Re-pack every model file of `registry`: tensors in two or more files go to the shared
-    file; the models in `retire` (id -> the id that encodes instead) lose their encoder.
+    file; the models in `retire` (id -> the id that encodes instead) lose their encoder, and
+    models that named one of them as their successor name its successor instead.
     Returns the bytes of each file written. Every model's tensors are read back and compared
     with what they were before anything is replaced."""
     from dataclasses import replace
@@ -203,8 +204,9 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
     _store.cache_clear()
     for model_id, payload in payloads.items():
         e = known[model_id]
+        successor = retire.get(model_id, e.decode_only)
         entry = replace(e, file_sha256=write_xz(_with_refs(payload, shared), folder / e.file),
-                        decode_only=retire.get(model_id, e.decode_only))
+                        decode_only=retire.get(successor, successor))
         register(entry, registry)
         back = read_model_file(entry, registry)
         got, want = dict(_tensors(back)), dict(_tensors(expected[model_id]))

@@ -193,9 +193,9 @@ class EncodeSettings(BaseModel):
         only larger (docs/bitstream.md). A spec that names a quality level (or nothing)
         chose a level, not a model: when a new default model takes the levels over (the
         zoo's went to msh-vr5 on 2026-12-06) what its runs encoded with the superseded
-        model (decode-only, naming the new one) stays done too. A spec that names a model,
-        a rate or a target chose it: only the layout applies. Re-encoding for the gain is
-        a run into a new output."""
+        models (decode-only, naming the new one), in either layout, stays done too. A spec
+        that names a model, a rate or a target chose it: only the layout applies.
+        Re-encoding for the gain is a run into a new output."""
         from codec.registry import DEFAULT_QUALITY, entries, find
 
         current = find(self.model_ref)
@@ -213,7 +213,8 @@ class EncodeSettings(BaseModel):
                 rate = None
             else:
                 continue
-            out.append(self._fingerprint_of(self._resolved_as(e, rate, "replicate")))
+            out += [self._fingerprint_of(self._resolved_as(e, rate, layout))
+                    for layout in ("replicate", LAYOUT)]
         return out
 
     def fingerprint(self) -> str:
