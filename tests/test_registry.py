@@ -156,6 +156,25 @@ def test_a_retired_encoder_still_decodes_and_refuses_to_encode(tiny_vr_registry,
         weight_store.pack(reg, retire={"nope": TINY_ID})
 
 
+def test_retiring_a_successor_repoints_the_models_it_succeeded(tiny_vr_registry, tmp_path):
+    """A chain of defaults (tiny fixed -> tiny vr -> a newer one): when the middle model is
+    retired, the first names the newest as the one that encodes instead, not a decode-only
+    model."""
+    from codec import weight_store
+    from codec.registry import export_model
+    from codec.variable_rate import GainedMeanScaleHyperprior
+    from tests.conftest import TINY_ID, TINY_VR_ID
+
+    reg = _two_models(tiny_vr_registry, tmp_path)
+    weight_store.pack(reg, retire={TINY_ID: TINY_VR_ID})
+    newer = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
+    export_model(newer, "tiny-vr-newer", quality=0, lmbda=0.0, steps=0, data="untrained",
+                 registry=reg, half=True)
+    weight_store.pack(reg, retire={TINY_VR_ID: "tiny-vr-newer"})
+    assert find(TINY_ID, reg).decode_only == find(TINY_VR_ID, reg).decode_only == \
+        "tiny-vr-newer"
+
+
 def test_gain_tables_pack_as_their_trained_rows(tiny_vr_registry, tmp_path):
     """A variable-rate file keeps its 9 trained gain rows and a zero difference from their
     IEEE-only interpolation, not 257 rows; the tables come back bit for bit, and a damaged
