@@ -170,8 +170,9 @@ def _with_refs(payload: dict, shared: set[str]) -> dict:
 
 def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]:
     """Re-pack every model file of `registry`: tensors in two or more files go to the shared
-    file; the models in `retire` (id -> the id that encodes instead) lose their encoder, and
-    models that named one of them as their successor name its successor instead.
+    file; the models in `retire` (id -> the id that encodes instead) lose their encoder,
+    models that named one of them as their successor name its successor instead, and a
+    retired default hands the mark to its successor (the default must encode).
     Returns the bytes of each file written. Every model's tensors are read back and compared
     with what they were before anything is replaced."""
     from dataclasses import replace
@@ -200,13 +201,15 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
     counts = Counter(d for found in candidates.values() for d in found)
     store = {d: t for found in candidates.values() for d, t in found.items() if counts[d] >= 2}
     shared, folder = set(store), registry.parent
+    heirs = {retire[e.id] for e in known.values() if e.default and e.id in retire}
     write_xz(dict(sorted(store.items())), folder / SHARED_FILE)
     _store.cache_clear()
     for model_id, payload in payloads.items():
         e = known[model_id]
         successor = retire.get(model_id, e.decode_only)
         entry = replace(e, file_sha256=write_xz(_with_refs(payload, shared), folder / e.file),
-                        decode_only=retire.get(successor, successor))
+                        decode_only=retire.get(successor, successor),
+                        default=(e.default and model_id not in retire) or model_id in heirs)
         register(entry, registry)
         back = read_model_file(entry, registry)
         got, want = dict(_tensors(back)), dict(_tensors(expected[model_id]))

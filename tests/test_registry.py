@@ -157,11 +157,13 @@ def test_a_retired_encoder_still_decodes_and_refuses_to_encode(tiny_vr_registry,
 
 
 def test_retiring_a_successor_repoints_the_models_it_succeeded(tiny_vr_registry, tmp_path):
-    """A chain of defaults (tiny fixed -> tiny vr -> a newer one): when the middle model is
-    retired, the first names the newest as the one that encodes instead, not a decode-only
-    model."""
+    """A chain of successors (tiny fixed -> tiny vr -> a newer one): when the middle model
+    is retired, the first names the newest as the one that encodes instead, not a
+    decode-only model; a retired default hands the mark to its successor."""
+    from dataclasses import replace
+
     from codec import weight_store
-    from codec.registry import export_model
+    from codec.registry import export_model, register
     from codec.variable_rate import GainedMeanScaleHyperprior
     from tests.conftest import TINY_ID, TINY_VR_ID
 
@@ -173,6 +175,13 @@ def test_retiring_a_successor_repoints_the_models_it_succeeded(tiny_vr_registry,
     weight_store.pack(reg, retire={TINY_VR_ID: "tiny-vr-newer"})
     assert find(TINY_ID, reg).decode_only == find(TINY_VR_ID, reg).decode_only == \
         "tiny-vr-newer"
+    assert [e.id for e in entries(reg) if e.default] == []  # none was the default here
+
+    register(replace(find("tiny-vr-newer", reg), default=True), reg)
+    export_model(newer, "tiny-vr-newest", quality=0, lmbda=0.0, steps=0, data="untrained",
+                 registry=reg, half=True)
+    weight_store.pack(reg, retire={"tiny-vr-newer": "tiny-vr-newest"})
+    assert [e.id for e in entries(reg) if e.default] == ["tiny-vr-newest"]  # it must encode
 
 
 def test_gain_tables_pack_as_their_trained_rows(tiny_vr_registry, tmp_path):
