@@ -6,7 +6,7 @@
 For every image, model and floor, the route codec.routes chooses (learned, jpeg-lossless,
 original) with amortized learned encodings of each model in --models: a fixed-rate model
 (one encoding per image, its one point, judged against each floor) or a variable-rate one,
-such as the default `msh-vr5` (per floor, the lowest rate point reaching it, as
+such as the default `msh-vr6` (per floor, the lowest rate point reaching it, as
 `Codec.encode_to_target` searches; without a floor, its default point). Prints one row per
 data set, model and floor: total stored bytes against the source, and the share of images
 and of stored bytes per route; beside it, what storing every image learned would give

@@ -3,7 +3,7 @@
     python scripts/gpu_session.py pack                 # here: build .gpu/ (training pack)
     python scripts/gpu_session.py checks --out DIR     # there: the codec's GPU checks
     python scripts/gpu_session.py import DIR           # here: take the weights it brought back
-    python scripts/gpu_session.py import DIR --retire msh-vr5=msh-vr-gpu1  # ... superseding
+    python scripts/gpu_session.py import DIR --retire msh-vr6=msh-vr-gpu1  # ... superseding
 
 pack: 256x256 crops of ../shared/data/*/train (JPEG quality 95, 4:4:4; a fixed seed), at
 most --max-mb megabytes and no more than the working tree leaves under the 64 MiB the device
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--val-images", type=int, default=20)
     a.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("checks")
-    c.add_argument("--model", default="msh-vr5", help="the session's model (its registry)")
-    c.add_argument("--pipeline-model", default="msh-vr5",
+    c.add_argument("--model", default="msh-vr6", help="the session's model (its registry)")
+    c.add_argument("--pipeline-model", default="msh-vr6",
                    help="a shipped model for the pipeline check (it reads the shipped registry)")
     c.add_argument("--registry", required=True)
     c.add_argument("--val", default=str(PACK / "val"))

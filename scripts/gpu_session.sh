@@ -6,14 +6,14 @@
 #   # then one call of the device tool, from the repository root:
 #   #   run(command="./scripts/gpu_session.sh", carry=[".gpu"], timeout_s=600)
 #   ./scripts/gpu_session.sh import DIR  # here, after: register the weights it brought back
-#                                        # (add --retire msh-vr5=msh-vr-gpu1 when it beats msh-vr5)
+#                                        # (add --retire msh-vr6=msh-vr-gpu1 when it beats msh-vr6)
 #   ./scripts/gpu_session.sh --smoke     # here, on the CPU: the same steps, tiny
 #
 # On the device the steps fit its 15-minute budget: ~4-5 minutes of training (TRAIN_SECONDS,
 # bf16 autocast, channels_last, crops on the GPU, the last 15% at lr / 10), then a val
 # evaluation of the new weights and the checks (~2 minutes). What comes back in $OUT
 # (at most 8 files): weights/$GPU_MODEL.pt.xz, weights/registry.json, train.log.jsonl,
-# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr5) is fine-tuned into
+# eval.json, checks.json, session.log. BASE_MODEL (default msh-vr6) is fine-tuned into
 # GPU_MODEL (default msh-vr-gpu1), a new id: a shipped id names its weights for good. Its
 # h_s stays BASE_MODEL's (--hyper-synthesis-of), so the two files share it: a model with
 # its own h_s would not fit the 40 MB of shipped weights (docs/codec.md).
@@ -51,7 +51,7 @@ case "$mode" in
 esac
 
 export PYTHONUNBUFFERED=1
-BASE_MODEL="${BASE_MODEL:-msh-vr5}"
+BASE_MODEL="${BASE_MODEL:-msh-vr6}"
 GPU_MODEL="${GPU_MODEL:-msh-vr-gpu1}"
 mkdir -p "$OUT/weights"
 WORK="$(mktemp -d)"

@@ -56,7 +56,7 @@ compact() {
 
 case "${1:-main}" in
   main)
-    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr5 \
+    exec nice -n 10 "${TRAIN[@]}" --checkpoint "$CKPT" --init-from msh-vr6 \
       --lr-drop-at 1.0 --steps 100000000 "${@:2}" ;;
   branch|finish)
     id="${2:?usage: $0 $1 NEW_MODEL_ID (a shipped id is never reused)}"
@@ -73,10 +73,10 @@ case "${1:-main}" in
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
       --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
       --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (${LR:-1e-4} from wide step 163,000; gains 10x), then $DECAY_STEPS at a tenth of it; h_s fixed to msh-vr5's since wide step 177,000 (--hyper-synthesis-of); batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
-    # Store the tensors it shares with the shipped files once (codec.weight_store). With
-    # msh-vr5's encoder still shipping this is over the 40 MB (it says so); once the eval
-    # shows the new model better, make it the default and retire that encoder:
-    #   python -m codec.weight_store --retire msh-vr5=ID
+    # Store the tensors it shares with the shipped files once (codec.weight_store; it says
+    # so if they are over the 40 MB). Once the eval shows the new model better, retire the
+    # default's encoder; the default mark moves to the new model:
+    #   python -m codec.weight_store --retire msh-vr6=ID
     .venv/bin/python -m codec.weight_store || true
     if [ "$1" = finish ]; then compact; fi
     ;;

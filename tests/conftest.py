@@ -73,7 +73,7 @@ def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
 TINY_VR_ID = "tiny-vr-test"
 # The shipped variable-rate model the tests encode with where trained weights matter (the
 # older ones are decode-only: codec.weight_store).
-SHIPPED_VR_ID = "msh-vr5"
+SHIPPED_VR_ID = "msh-vr6"
 
 
 @pytest.fixture(scope="session")

@@ -821,21 +821,23 @@ def test_per_image_psnr_target(tmp_path, local_ray):
 
 # The default's fingerprints in the replicate layout (msh-vr5, before the tight layout).
 REPLICATE_ERA_FINGERPRINTS = {"amortized": "4018fa69b3d03205", "sga": "c684d45ada4c3deb"}
+# ... and in the tight layout, until msh-vr6 became the default (2026-12-06, later).
+VR5_TIGHT_ERA_FINGERPRINTS = {"amortized": "d78fb20ee093d8b2", "sga": "78346aece2863fd5"}
 
 
 def test_fingerprints_of_default_runs_did_not_change():
     """Adding options must not make existing archives redo their work: the default's
-    fingerprints stay (msh-vr5's in the tight layout since 2026-12-06), and those of the
-    replicate layout and of the zoo era count as done."""
-    assert EncodeSettings(method="amortized").fingerprint() == "d78fb20ee093d8b2"
-    assert EncodeSettings().fingerprint() == "78346aece2863fd5"
-    for method, old in REPLICATE_ERA_FINGERPRINTS.items():
-        assert old in EncodeSettings(method=method).superseded_fingerprints()
-        assert old in EncodeSettings(method=method, model=SHIPPED_VR_ID
-                                     ).superseded_fingerprints()
-    assert ZOO_ERA_FINGERPRINTS[(None, "amortized")] in \
-        EncodeSettings(method="amortized").superseded_fingerprints()
-    assert ZOO_ERA_FINGERPRINTS[(None, "sga")] in EncodeSettings().superseded_fingerprints()
+    fingerprints stay (msh-vr6's since it became the default), and those of every earlier
+    default (msh-vr5 in both layouts, the zoo) count as done."""
+    assert EncodeSettings(method="amortized").fingerprint() == "edce9a57b4a5f3bd"
+    assert EncodeSettings().fingerprint() == "30a21418d7698bfd"
+    for method in ("amortized", "sga"):
+        done = EncodeSettings(method=method).superseded_fingerprints()
+        assert REPLICATE_ERA_FINGERPRINTS[method] in done
+        assert VR5_TIGHT_ERA_FINGERPRINTS[method] in done
+        assert ZOO_ERA_FINGERPRINTS[(None, method)] in done
+        named = EncodeSettings(method=method, model=SHIPPED_VR_ID).superseded_fingerprints()
+        assert len(named) == 1 and VR5_TIGHT_ERA_FINGERPRINTS[method] not in named  # chosen
 
 
 def test_dry_run_counts_without_running_or_writing(tmp_path, local_ray):
