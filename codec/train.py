@@ -119,15 +119,12 @@ def fix_hyper_synthesis(model: nn.Module, cfg: TrainConfig) -> None:
     loaded = registry.load(cfg.hyper_synthesis_of)  # ModelError names the known ids
     source = loaded.variable.base if loaded.variable is not None else loaded.model
     base = model.base if isinstance(model, GainedMeanScaleHyperprior) else model
-    if base.h_s.state_dict().keys() != source.h_s.state_dict().keys() or any(
-            a.shape != b.shape for a, b in zip(base.h_s.parameters(), source.h_s.parameters(),
-                                               strict=True)):
+    try:
+        base.h_s.load_state_dict(source.h_s.state_dict())
+    except RuntimeError:
         raise ValueError(f"--hyper-synthesis-of {cfg.hyper_synthesis_of}: its h_s is of "
-                         f"N={source.N}, M={source.M}, not N={cfg.N}, M={cfg.M}")
-    with torch.no_grad():
-        for mine, theirs in zip(base.h_s.parameters(), source.h_s.parameters(), strict=True):
-            mine.copy_(theirs)
-            mine.requires_grad_(False)
+                         f"N={source.N}, M={source.M}, not N={cfg.N}, M={cfg.M}") from None
+    base.h_s.requires_grad_(False)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:

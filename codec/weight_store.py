@@ -221,6 +221,14 @@ def pack(registry: Path, retire: dict[str, str] | None = None) -> dict[str, int]
             for name in [SHARED_FILE, *(known[m].file for m in payloads)]}
 
 
+def parse_retire(values: list[str]) -> dict[str, str]:
+    """--retire OLD=NEW options as {OLD: NEW} (`pack`'s `retire`)."""
+    pairs = [v.split("=", 1) for v in values]
+    if any(len(p) != 2 for p in pairs):
+        raise ModelError(f"--retire takes OLD=NEW, not {values}")
+    return dict(pairs)
+
+
 def weight_bytes(registry: Path) -> int:
     """Bytes of a registry's weights: its model files and the shared file."""
     from codec.registry import entries
@@ -282,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retire", action="append", default=[], metavar="OLD=NEW",
                    help="make model OLD decode-only; NEW is the model that encodes instead")
     args = p.parse_args(argv)
-    retire = dict(r.split("=", 1) for r in args.retire)
+    try:
+        retire = parse_retire(args.retire)
+    except ModelError as e:
+        p.error(str(e))
     before = sum(f.stat().st_size for f in args.registry.parent.glob("*.xz"))
     sizes = pack(args.registry, retire)
     for name, size in sorted(sizes.items()):

@@ -221,8 +221,7 @@ class ShardEncoder:
         if res is not None:  # the learned attempt, whichever route won
             row.update(learned_bytes=len(res.data), learned_psnr=res.psnr,
                        iterations_used=res.iterations, rate=res.rate, layout=res.layout,
-                       lmbda=res.lmbda,
-                       target=res.target, target_value=res.target_value,
+                       lmbda=res.lmbda, target=res.target, target_value=res.target_value,
                        target_met=res.target_met)
         if routed.route == "learned":
             row.update(estimated_bits=res.estimated_bits, payload_bits=res.payload_bits,

@@ -245,10 +245,11 @@ def import_weights(folder: Path, retire: dict[str, str] | None = None) -> None:
     from codec.weight_store import over_budget_message, weight_bytes
     from codec.weight_store import pack as pack_weights
     pack_weights(reg.REGISTRY, retire)  # what the new files share with the shipped ones, once
-    message = over_budget_message(weight_bytes(reg.REGISTRY))
+    total = weight_bytes(reg.REGISTRY)
+    message = over_budget_message(total)
     if message:
         raise SystemExit(f"{message}; `git checkout codec/weights` undoes this import")
-    print(f"shipped weights: {weight_bytes(reg.REGISTRY) / 1e6:.2f} MB")
+    print(f"shipped weights: {total / 1e6:.2f} MB")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,7 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "checks":
         return checks(args)
-    import_weights(Path(args.folder), dict(r.split("=", 1) for r in args.retire))
+    from codec.errors import ModelError
+    from codec.weight_store import parse_retire
+    try:
+        retire = parse_retire(args.retire)
+    except ModelError as e:
+        p.error(str(e))
+    import_weights(Path(args.folder), retire)
     return 0
 
 

@@ -168,6 +168,9 @@ def test_retiring_a_successor_repoints_the_models_it_succeeded(tiny_vr_registry,
     from tests.conftest import TINY_ID, TINY_VR_ID
 
     reg = _two_models(tiny_vr_registry, tmp_path)
+    assert weight_store.parse_retire([f"{TINY_ID}={TINY_VR_ID}"]) == {TINY_ID: TINY_VR_ID}
+    with pytest.raises(ModelError, match="OLD=NEW"):
+        weight_store.parse_retire([TINY_ID])
     weight_store.pack(reg, retire={TINY_ID: TINY_VR_ID})
     newer = GainedMeanScaleHyperprior(N=16, M=24, lmbdas=(0.002, 0.008, 0.032))
     export_model(newer, "tiny-vr-newer", quality=0, lmbda=0.0, steps=0, data="untrained",
