@@ -41,7 +41,11 @@ class TrainConfig:
     batch_size: int = 8
     crop: int = 256
     lr: float = 1e-4
-    lr_drop_at: float = 0.9  # fraction of steps (or of the time budget) after which lr / 10
+    lr_drop_at: float = 0.9  # fraction of steps (or of the time budget) where the cooldown starts
+    # The cooldown's shape (`learning_rate`): "step" = lr / 10 from lr_drop_at on; "linear"
+    # and "sqrt" = down to 0 at the end, as 1 - t or 1 - sqrt(t) of the cooldown's fraction t
+    # (warmup-stable-decay: Hägele et al. 2024 found 1 - sqrt the best of these shapes).
+    lr_cooldown: str = "step"
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 500
@@ -87,6 +91,23 @@ class TrainConfig:
     @property
     def variable_rate(self) -> bool:
         return bool(self.lmbdas)
+
+
+LR_COOLDOWNS = ("step", "linear", "sqrt")
+
+
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    """The learning rate at `progress` (0 … 1) through the run: cfg.lr, then the cooldown."""
+    if progress < cfg.lr_drop_at:
+        return cfg.lr
+    if cfg.lr_cooldown == "step":
+        return cfg.lr * 0.1
+    t = min(1.0, (progress - cfg.lr_drop_at) / max(1.0 - cfg.lr_drop_at, 1e-12))
+    if cfg.lr_cooldown == "linear":
+        return cfg.lr * (1.0 - t)
+    if cfg.lr_cooldown == "sqrt":
+        return cfg.lr * (1.0 - math.sqrt(t))
+    raise ValueError(f"lr_cooldown {cfg.lr_cooldown!r}: expected one of {LR_COOLDOWNS}")
 
 
 def initial_weights(init_from: str) -> tuple[dict[str, torch.Tensor], int, float | None]:
@@ -483,7 +504,7 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: TrainC
         progress = step / cfg.steps
         if cfg.time_budget:
             progress = max(progress, elapsed / cfg.time_budget)
-        lr = cfg.lr * (0.1 if progress >= cfg.lr_drop_at else 1.0)
+        lr = learning_rate(cfg, progress)
         if rewarm_from is not None:
             lr *= min(1.0, (step - rewarm_from + 1) / REWARM_STEPS)
         terms = train_step(model, opt, sampler, cfg, lr, device)

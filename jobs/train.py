@@ -54,7 +54,8 @@ def _config(args):
     from codec.train import TrainConfig
     return TrainConfig(data=list(args.data), lmbda=args.lmbda, N=args.N, M=args.M,
                        steps=args.steps, batch_size=args.batch_size, crop=args.crop,
-                       lr=args.lr, lr_drop_at=args.lr_drop_at, seed=args.seed,
+                       lr=args.lr, lr_drop_at=args.lr_drop_at, lr_cooldown=args.lr_cooldown,
+                       seed=args.seed,
                        log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                        init_from=args.init_from, lmbdas=_lmbdas(args.lmbdas),
                        bf16=args.bf16, channels_last=not args.nchw,
@@ -242,7 +243,7 @@ def _data_name(folder: str) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `sgarc train` to the CLI's subparsers."""
-    from codec.train import TrainConfig
+    from codec.train import LR_COOLDOWNS, TrainConfig
 
     d = TrainConfig(data=[])
     p = subparsers.add_parser(
@@ -276,7 +277,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "images are skipped")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--lr-drop-at", type=float, default=d.lr_drop_at,
-                   help=f"fraction of --steps after which lr drops 10x (default {d.lr_drop_at})")
+                   help=f"fraction of --steps (or of --time-budget) where the learning rate's "
+                        f"cooldown starts (default {d.lr_drop_at})")
+    p.add_argument("--lr-cooldown", choices=LR_COOLDOWNS, default=d.lr_cooldown,
+                   help="the cooldown's shape: step = lr/10 from --lr-drop-at on; linear, sqrt "
+                        f"= down to 0 at the end as 1-t or 1-sqrt(t) (default {d.lr_cooldown})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed (default {d.seed})")
     p.add_argument("--log-every", type=int, default=d.log_every,
                    help=f"steps per log record (default {d.log_every})")

@@ -44,6 +44,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${TRAIN_THREADS:-1}"  # 2 when the machine is otherwise idle
 CKPT=training/msh-vrw.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
+COOLDOWN="${COOLDOWN:-step}"  # the decay's shape (jobs.train --lr-cooldown): step = lr / 10
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
        --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
        --crop 128 --batch-size 8 --lr "${LR:-1e-4}" --checkpoint-every 250 --rate-grid
@@ -71,8 +72,8 @@ case "${1:-main}" in
     total=$((step + DECAY_STEPS))
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
-      --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (${LR:-1e-4} from wide step 163,000; gains 10x), then $DECAY_STEPS at a tenth of it; h_s fixed to msh-vr5's since wide step 177,000 (--hyper-synthesis-of); batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --lr-cooldown "$COOLDOWN" --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (${LR:-1e-4} from wide step 163,000; gains 10x), then a $DECAY_STEPS-step decay (--lr-cooldown $COOLDOWN); h_s fixed to msh-vr5's since wide step 177,000 (--hyper-synthesis-of); batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     # Store the tensors it shares with the shipped files once (codec.weight_store; it says
     # so if they are over the 40 MB). Once the eval shows the new model better, retire the
     # default's encoder; the default mark moves to the new model:

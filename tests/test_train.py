@@ -267,6 +267,26 @@ def test_rate_weights_favour_the_low_rates_and_average_one_over_the_grid():
     assert TrainConfig(data=[]).rate_weight_power == 0.0
 
 
+def test_learning_rate_cooldowns():
+    """Stable at lr until lr_drop_at, then the cooldown: a 10x step, or down to 0 at the
+    end, linearly or as 1 - sqrt(t); an unknown shape is refused."""
+    from codec.train import learning_rate
+
+    def lr(shape, progress):
+        return learning_rate(TrainConfig(data=[], lr=1e-3, lr_drop_at=0.8,
+                                         lr_cooldown=shape), progress)
+
+    for shape in ("step", "linear", "sqrt"):
+        assert lr(shape, 0.0) == lr(shape, 0.79) == 1e-3
+    assert lr("step", 0.8) == lr("step", 1.0) == pytest.approx(1e-4)
+    assert lr("linear", 0.9) == pytest.approx(5e-4)
+    assert lr("sqrt", 0.85) == pytest.approx(5e-4)  # t = 1/4
+    assert lr("linear", 1.0) == lr("sqrt", 1.0) == 0.0
+    assert lr("sqrt", 0.95) < lr("linear", 0.95)  # 1 - sqrt falls faster early
+    with pytest.raises(ValueError, match="cosine"):
+        lr("cosine", 0.9)
+
+
 def test_rate_weighted_training_runs_and_resumes(data, tmp_path):
     ckpt = tmp_path / "vr.ckpt"
     args = ["--data", str(data), *TINY, "--checkpoint", str(ckpt), "--lmbdas",
