@@ -87,6 +87,14 @@ class TrainConfig:
     # an N=64 / M=192 model (2.7 M of 4.1 M parameters), so a model that shares it fits in
     # the 40 MB that all shipped weights must stay under, and one with its own does not.
     hyper_synthesis_of: str | None = None
+    # Variable-rate fine-tunes on the latents as coding rounds them, one side of the coder
+    # at a time (`fix_all_but`, GainedMeanScaleHyperprior._hard_forward). "synthesis": g_s
+    # and the inverse gains, the second phase of Guo et al. 2021 ("Soft then Hard"): the
+    # noise-trained synthesis never saw the rounded latents it decodes. "analysis": g_a,
+    # h_a and the hyper gains, against that fixed decoder (straight-through rounding into
+    # it, the noisy rate: Minnen & Singh 2020's "mixed" quantization). The rest stays as
+    # --init-from has it, so an export shares it with that model (codec.weight_store).
+    fine_tune: str | None = None
 
     @property
     def variable_rate(self) -> bool:
@@ -146,6 +154,27 @@ def fix_hyper_synthesis(model: nn.Module, cfg: TrainConfig) -> None:
         raise ValueError(f"--hyper-synthesis-of {cfg.hyper_synthesis_of}: its h_s is of "
                          f"N={source.N}, M={source.M}, not N={cfg.N}, M={cfg.M}") from None
     base.h_s.requires_grad_(False)
+
+
+FINE_TUNE_PARTS = {  # TrainConfig.fine_tune: the parameters that train
+    "synthesis": ("base.g_s.", "inverse_gain"),
+    "analysis": ("base.g_a.", "base.h_a.", "hyper_gain"),
+}
+
+
+def fix_all_but(model: nn.Module, cfg: TrainConfig) -> None:
+    """With cfg.fine_tune, keep every parameter but that side's (FINE_TUNE_PARTS) out of
+    training (requires_grad off, as `fix_hyper_synthesis` does); else a no-op."""
+    if cfg.fine_tune is None:
+        return
+    if cfg.fine_tune not in FINE_TUNE_PARTS:
+        raise ValueError(f"fine_tune {cfg.fine_tune!r}: expected one of "
+                         f"{tuple(FINE_TUNE_PARTS)}")
+    if not isinstance(model, GainedMeanScaleHyperprior):
+        raise ValueError("--fine-tune trains a variable-rate model (--lmbdas)")
+    parts = FINE_TUNE_PARTS[cfg.fine_tune]
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name == k or name.startswith(k) for k in parts))
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -464,7 +493,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sampler, cfg: Train
         else:
             r = sampler.rate_points(cfg.batch_size, len(cfg.lmbdas)).to(device)
         weight = rate_weights(net, r, cfg.rate_weight_power) if cfg.rate_weight_power else None
-        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16), net.lmbda_at(r), weight)
+        terms = rd_loss_terms(x, model(x, r, bf16=cfg.bf16, hard=cfg.fine_tune),
+                              net.lmbda_at(r), weight)
     else:
         terms = rd_loss_terms(x, model(x), cfg.lmbda)
     opt.zero_grad(set_to_none=True)
@@ -557,6 +587,7 @@ def train(cfg: TrainConfig, checkpoint: Path, log=print,
             log(f"no optimizer moments in it (a compacted resume point): lr warms up over "
                 f"{REWARM_STEPS} steps")
     fix_hyper_synthesis(model, cfg)
+    fix_all_but(model, cfg)
     sampler = make_sampler(image_files(cfg.data), cfg.crop, sampler_seed(cfg.seed, step), device)
     if state is not None and "rng" in state:
         set_rng_state(state["rng"], sampler, device)

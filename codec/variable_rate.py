@@ -46,10 +46,12 @@ import torch
 from torch import nn
 
 from codec.entropy_models import gaussian_likelihood
+from codec.inference import ste_round
 from codec.model import MeanScaleHyperprior
 
 RATE_STEPS = 32  # grid points per interval between trained λ (λ ratio 2: 2.2% per step)
 GAIN_NAMES = ("gain", "inverse_gain", "hyper_gain", "hyper_inverse_gain")
+FINE_TUNE_SIDES = ("synthesis", "analysis")  # `GainedMeanScaleHyperprior._hard_forward`
 
 
 # The trained λ points: 0.0009 · 2^k, k = 0..8 (about 0.1 to beyond 2 bpp on photos).
@@ -113,13 +115,17 @@ class GainedMeanScaleHyperprior(nn.Module):
         return {name: _lerp_logs(getattr(self, name).abs().log(), r).exp()[:, :, None, None]
                 for name in GAIN_NAMES}
 
-    def forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool = False,
+                hard: str | None = None) -> dict:
         """Training forward at rate point r[i] for image i (uniform-noise relaxation).
 
         bf16: the transforms' hidden layers run under bfloat16 autocast and their last
         layers in float32 (`_transform`), so y, z, mu, sigma and x_hat keep float32
-        precision where rounding and the rate depend on it.
+        precision where rounding and the rate depend on it. hard ("synthesis" or
+        "analysis"): the latents as coding rounds them (`_hard_forward`).
         """
+        if hard is not None:
+            return self._hard_forward(x, r, bf16, hard)
         g = self.gains(r)
         b = self.base
         y = _transform(b.g_a, x, bf16)
@@ -132,6 +138,36 @@ class GainedMeanScaleHyperprior(nn.Module):
         z_lik = b.p_z.likelihood(z_tilde)
         return {"x_hat": _transform(b.g_s, y_tilde * g["inverse_gain"], bf16),
                 "likelihoods": {"y": y_lik, "z": z_lik}}
+
+    def _hard_forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool, side: str) -> dict:
+        """The forward on the latents that coding produces: z_hat = round(z) and y_hat =
+        mu + round(y - mu) (codec.inference). side "synthesis": gradients reach g_s and
+        the inverse gains only, and the rate is that of the rounded latents (constant for
+        them). "analysis": they reach the encoder, through straight-through rounding for
+        the decoder's input and through the noisy rate (y + u, z + u) for the rate, the
+        "mixed" quantization of Minnen & Singh 2020: a straight-through rate has no
+        gradient where y rounds to mu, and the encoder's rate grew (docs/results.md)."""
+        if side not in FINE_TUNE_SIDES:
+            raise ValueError(f"hard forward side {side!r}: expected one of {FINE_TUNE_SIDES}")
+        g, b = self.gains(r), self.base
+        analysis = side == "analysis"
+        with torch.set_grad_enabled(analysis and torch.is_grad_enabled()):
+            y = _transform(b.g_a, x, bf16)
+            z = _transform(b.h_a, y, bf16) * g["hyper_gain"]
+            z_hat = ste_round(z)
+            y = y * g["gain"]
+            sigma, mu = _transform(b.h_s, z_hat * g["hyper_inverse_gain"], bf16).chunk(2, dim=1)
+            mu, sigma = mu * g["gain"], sigma * g["gain"]
+            y_hat = mu + ste_round(y - mu)
+            if analysis:
+                y_rate = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+                z_rate = z + torch.empty_like(z).uniform_(-0.5, 0.5)
+            else:
+                y_rate, z_rate = y_hat, z_hat
+            likelihoods = {"y": gaussian_likelihood(y_rate, mu, sigma),
+                           "z": b.p_z.likelihood(z_rate)}
+        return {"x_hat": _transform(b.g_s, y_hat * g["inverse_gain"], bf16),
+                "likelihoods": likelihoods}
 
     # ------------------------------------------------------------------ rate points
 

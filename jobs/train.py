@@ -63,7 +63,8 @@ def _config(args):
                        revive_dead_channels=args.revive_dead_channels,
                        rate_grid=args.rate_grid,
                        rate_weight_power=args.rate_weight_power,
-                       hyper_synthesis_of=args.hyper_synthesis_of)
+                       hyper_synthesis_of=args.hyper_synthesis_of,
+                       fine_tune=args.fine_tune)
 
 
 def _lmbdas(text: str | None) -> tuple[float, ...]:
@@ -243,7 +244,7 @@ def _data_name(folder: str) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `sgarc train` to the CLI's subparsers."""
-    from codec.train import LR_COOLDOWNS, TrainConfig
+    from codec.train import FINE_TUNE_PARTS, LR_COOLDOWNS, TrainConfig
 
     d = TrainConfig(data=[])
     p = subparsers.add_parser(
@@ -305,6 +306,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="use shipped model ID's h_s, fixed (never trained): the export then "
                         "shares those weights with ID's file, two thirds of a model, so it "
                         "fits the 40 MB of shipped weights (docs/codec.md)")
+    p.add_argument("--fine-tune", choices=FINE_TUNE_PARTS, default=None,
+                   help="train one side only, on the latents as coding rounds them (a fine-tune "
+                        "of a noise-trained variable-rate model, --init-from ID): synthesis = "
+                        "g_s and the inverse gains; analysis = g_a, h_a and the hyper gains, "
+                        "through straight-through rounding. The export shares the rest with ID "
+                        "(docs/codec.md)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "

@@ -34,6 +34,7 @@ from codec.train import (
     TrainConfig,
     build_model,
     checkpoint_state,
+    fix_all_but,
     fix_hyper_synthesis,
     load_checkpoint,
     load_initial,
@@ -199,6 +200,7 @@ def _worker_loop(config: dict) -> None:
     if state is not None:
         step, init_steps = restore(net, opt, state)
     fix_hyper_synthesis(net, cfg)
+    fix_all_but(net, cfg)
 
     items = config["items"]
     mine = [(i, *items[i]) for i in range(rank, len(items), world)]

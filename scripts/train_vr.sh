@@ -8,9 +8,10 @@
 #   ./scripts/train_vr.sh main ARGS  # the same with more jobs.train flags (the wide run was resumed
 #                                    # once with --revive-dead-channels, at step 17,750)
 #   ./scripts/train_vr.sh branch ID  # a decay branch of the resume point as it is now (1500
-#                                    # steps at lr / 10, in runs/cool/; the main run may go on)
-#                                    # exported as model ID into codec/weights, then the
-#                                    # weights re-packed (codec.weight_store)
+#                                    # steps at lr / 10, in runs/cool/; the main run may go on),
+#                                    # then 3000 steps of g_s alone on rounded latents, exported
+#                                    # as model ID into codec/weights, then the weights re-packed
+#                                    # (codec.weight_store)
 #   ./scripts/train_vr.sh finish ID  # end of a session: stop the main run, branch, compact
 #   ./scripts/train_vr.sh compact    # end of a session without an export: stop, compact
 #                                    # (float16 weights, no Adam moments: codec.train)
@@ -45,6 +46,7 @@ export OMP_NUM_THREADS="${TRAIN_THREADS:-1}"  # 2 when the machine is otherwise 
 CKPT=training/msh-vrw.ckpt
 DECAY_STEPS="${DECAY_STEPS:-1500}"
 COOLDOWN="${COOLDOWN:-step}"  # the decay's shape (jobs.train --lr-cooldown): step = lr / 10
+SYNTHESIS_STEPS="${SYNTHESIS_STEPS:-3000}"  # then g_s alone on rounded latents (--fine-tune)
 TRAIN=(.venv/bin/python -m jobs.train --data ../shared/data/bsds500/train
        --data ../shared/data/wikipedia-photos/train --lmbdas default --N 64 --M 192
        --crop 128 --batch-size 8 --lr "${LR:-1e-4}" --checkpoint-every 250 --rate-grid
@@ -72,8 +74,14 @@ case "${1:-main}" in
     total=$((step + DECAY_STEPS))
     drop=$(.venv/bin/python -c "print($step / $total - 1e-9)")
     nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/vr.ckpt --steps "$total" --lr-drop-at "$drop" \
-      --lr-cooldown "$COOLDOWN" --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
-      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (${LR:-1e-4} from wide step 163,000; gains 10x), then a $DECAY_STEPS-step decay (--lr-cooldown $COOLDOWN); h_s fixed to msh-vr5's since wide step 177,000 (--hyper-synthesis-of); batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
+      --lr-cooldown "$COOLDOWN"
+    # then g_s alone on the latents as coding rounds them (--fine-tune synthesis; -0.6% on
+    # the held-out train crops, docs/results.md), exported from there
+    rm -f runs/cool/synthesis.ckpt
+    nice -n 5 "${TRAIN[@]}" --checkpoint runs/cool/synthesis.ckpt --init-from runs/cool/vr.ckpt \
+      --fine-tune synthesis --steps "$SYNTHESIS_STEPS" --lr-drop-at 0.8 \
+      --export "$id" --export-data "bsds500/train + wikipedia-photos/train" \
+      --note "variable-rate (gain units, 9 λ 0.0009·2^k), N=64 M=192 widened from msh-vr2 (M=96, 66,500 steps; codec.variable_rate.widen), its 95 unused new channels split from live ones at wide step 17,750 (--revive-dead-channels), rates drawn from the whole grid since wide step 55,750 (--rate-grid), loss weighted (λ_r/λ_0)^-${RATE_WEIGHT_POWER:-0.6} since wide step 122,500 (--rate-weight-power): $step wide steps at lr 2e-4 (${LR:-1e-4} from wide step 163,000; gains 10x), then a $DECAY_STEPS-step decay (--lr-cooldown $COOLDOWN), then $SYNTHESIS_STEPS steps of g_s alone on the rounded latents (--fine-tune synthesis, the last 20% at lr / 10); h_s fixed to msh-vr5's since wide step 177,000 (--hyper-synthesis-of); batch 8 of 128px crops, CPU; resume point $CKPT (before the decay)"
     # Store the tensors it shares with the shipped files once (codec.weight_store; it says
     # so if they are over the 40 MB). Once the eval shows the new model better, retire the
     # default's encoder; the default mark moves to the new model:

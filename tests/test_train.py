@@ -322,3 +322,49 @@ def test_hyper_synthesis_of_a_shipped_model_stays_fixed_and_is_shared(data, tmp_
     assert "not N=64, M=96" in capsys.readouterr().err
     assert main([*args, "--steps", "4", "--revive-dead-channels"]) == 2
     assert "one or the other" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["synthesis", "analysis"])
+def test_fine_tune_trains_one_side_on_the_latents_coding_rounds(side, data, tmp_path, capsys):
+    """--fine-tune SIDE: the forward's latents and rate are those of amortized coding (hard
+    rounding), only that side's parameters train (codec.train.FINE_TUNE_PARTS), and the
+    export holds every other tensor of --init-from's weights as it was (what the weight
+    store then keeps once)."""
+    from codec.inference import InferenceConfig, infer
+    from codec.train import FINE_TUNE_PARTS, rd_loss_terms
+    from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+
+    torch.manual_seed(0)
+    net = GainedMeanScaleHyperprior(8, 8, (0.002, 0.004, 0.008)).eval()
+    x = torch.from_numpy(smooth_image(64, 64, seed=3)).permute(2, 0, 1)[None].float() / 255
+    out = net(x, torch.tensor([1]), hard=side)
+    coded = infer(net.materialize(net.gain_tables(), RATE_STEPS), x, [(64, 64)], 0.004,
+                  InferenceConfig(method="amortized"))
+    # the decoder reads the coded latents on either side; the rate is theirs for
+    # "synthesis", and for "analysis" the noisy proxy that the encoder learns from
+    with torch.no_grad():
+        exact = net(x, torch.tensor([1]), hard="synthesis")
+    assert torch.allclose(out["x_hat"], exact["x_hat"], atol=1e-5)
+    exact_bpp = rd_loss_terms(x, exact, 0.004)["bpp"].item()
+    assert exact_bpp == pytest.approx(float(coded.start_terms["bpp"][0]), rel=1e-5)
+    terms = rd_loss_terms(x, out, 0.004)
+    terms["loss"].backward()
+    assert (net.base.g_a[0].weight.grad is not None) == (side == "analysis")
+    assert net.base.g_s[0].weight.grad is not None  # the distortion reads g_s either way
+
+    start, ckpt = tmp_path / "start.ckpt", tmp_path / "tuned.ckpt"
+    registry = tmp_path / "weights" / "registry.json"
+    common = ["--data", str(data), *TINY, "--lmbdas", "0.002,0.004,0.008"]
+    assert main([*common, "--checkpoint", str(start), "--steps", "2"]) == 0
+    assert main([*common, "--checkpoint", str(ckpt), "--init-from", str(start),
+                 "--fine-tune", side, "--steps", "2", "--export", "tiny-tuned",
+                 "--registry", str(registry)]) == 0
+    before = torch.load(start, weights_only=True)["model"]
+    exported = read_model_file(entries(registry)[0], registry)["state_dict"]
+    for k, t in before.items():
+        trained = any(k == p or k.startswith(p) for p in FINE_TUNE_PARTS[side])
+        assert torch.equal(exported[k], t.to(exported[k].dtype)) != trained, k
+
+    assert main([*common[:-2], "--checkpoint", str(tmp_path / "f.ckpt"), "--fine-tune", side,
+                 "--steps", "1"]) == 2  # a fixed-rate model
+    assert "variable-rate" in capsys.readouterr().err
