@@ -180,9 +180,9 @@ def test_rate_grid_training_trains_the_points_between(data, tmp_path, monkeypatc
     seen = []
     forward = GainedMeanScaleHyperprior.forward
 
-    def spy(self, x, r, bf16=False):
+    def spy(self, x, r, **options):
         seen.append(r.clone())
-        return forward(self, x, r, bf16)
+        return forward(self, x, r, **options)
 
     monkeypatch.setattr(GainedMeanScaleHyperprior, "forward", spy)
     ckpt = tmp_path / "vr.ckpt"
