@@ -309,9 +309,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fine-tune", choices=FINE_TUNE_PARTS, default=None,
                    help="train one side only, on the latents as coding rounds them (a fine-tune "
                         "of a noise-trained variable-rate model, --init-from ID): synthesis = "
-                        "g_s and the inverse gains; analysis = g_a, h_a and the hyper gains, "
-                        "through straight-through rounding. The export shares the rest with ID "
-                        "(docs/codec.md)")
+                        "g_s and the inverse gains; analysis = g_a, h_a and the hyper gains "
+                        "(straight-through rounding into the decoder, the noisy rate). The "
+                        "export shares the rest with ID (docs/codec.md)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 autocast of the hidden layers, float32 heads (variable-rate "
                         "models; about 1.5x faster per step on CPUs with AVX512-BF16 and on "
