@@ -72,7 +72,7 @@ from codec.frozen import (
 from codec.images import PreparedImage, output_pixels, pad_to_multiple
 from codec.inference import InferenceConfig, sga_round
 from codec.metrics import bpp, psnr
-from codec.model import DOWNSAMPLE, MeanScaleHyperprior, conv
+from codec.model import DOWNSAMPLE, MeanScaleHyperprior, conv, with_uniform_noise
 from codec.registry import (
     REGISTRY,
     ModelEntry,
@@ -160,7 +160,7 @@ def finetune_loss(model: BitsBackHyperprior, x: torch.Tensor) -> dict[str, torch
     a reparameterized sample of q(z | y)."""
     with torch.no_grad():
         y = model.g_a(x)
-    y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+    y_tilde = with_uniform_noise(y)
     mu_z, sigma_z = model.posterior(y)
     z = mu_z + sigma_z * torch.randn_like(mu_z)
     y_bits, z_bits, back = model.net_bits(y_tilde, z, sigma_z)

@@ -26,6 +26,11 @@ DOWNSAMPLE = PAD_MULTIPLE  # total stride of g_a then h_a: images are padded to 
 Y_STRIDE = Y_BLOCK
 
 
+def with_uniform_noise(v: torch.Tensor) -> torch.Tensor:
+    """v + u, u ~ U(-0.5, 0.5): the training relaxation of rounding (paper Eq. 3)."""
+    return v + torch.empty_like(v).uniform_(-0.5, 0.5)
+
+
 def conv(cin: int, cout: int, k: int = 5, s: int = 2) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=s, padding=k // 2)
 
@@ -191,7 +196,6 @@ class MeanScaleHyperprior(nn.Module):
         """Training forward with the uniform-noise relaxation (paper Eq. 3)."""
         y = self.g_a(x)
         z = self.h_a(y)
-        z_tilde = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
+        z_tilde, y_tilde = with_uniform_noise(z), with_uniform_noise(y)
         y_lik, z_lik = self.likelihoods(y_tilde, z_tilde)
         return {"x_hat": self.g_s(y_tilde), "likelihoods": {"y": y_lik, "z": z_lik}}

@@ -21,6 +21,7 @@ from torch import nn
 from codec.entropy_models import gaussian_likelihood
 from codec.model import MeanScaleHyperprior
 from codec.variable_rate import (
+    FINE_TUNE_PARTS,
     RATE_STEPS,
     GainedMeanScaleHyperprior,
     split_channels,
@@ -154,12 +155,6 @@ def fix_hyper_synthesis(model: nn.Module, cfg: TrainConfig) -> None:
         raise ValueError(f"--hyper-synthesis-of {cfg.hyper_synthesis_of}: its h_s is of "
                          f"N={source.N}, M={source.M}, not N={cfg.N}, M={cfg.M}") from None
     base.h_s.requires_grad_(False)
-
-
-FINE_TUNE_PARTS = {  # TrainConfig.fine_tune: the parameters that train
-    "synthesis": ("base.g_s.", "inverse_gain"),
-    "analysis": ("base.g_a.", "base.h_a.", "hyper_gain"),
-}
 
 
 def fix_all_but(model: nn.Module, cfg: TrainConfig) -> None:

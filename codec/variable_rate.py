@@ -47,11 +47,16 @@ from torch import nn
 
 from codec.entropy_models import gaussian_likelihood
 from codec.inference import ste_round
-from codec.model import MeanScaleHyperprior
+from codec.model import MeanScaleHyperprior, with_uniform_noise
 
 RATE_STEPS = 32  # grid points per interval between trained λ (λ ratio 2: 2.2% per step)
 GAIN_NAMES = ("gain", "inverse_gain", "hyper_gain", "hyper_inverse_gain")
-FINE_TUNE_SIDES = ("synthesis", "analysis")  # `GainedMeanScaleHyperprior._hard_forward`
+# The sides of a fine-tune on rounded latents (`GainedMeanScaleHyperprior._hard_forward`,
+# TrainConfig.fine_tune) and the parameters each trains (names, or prefixes ending in ".").
+FINE_TUNE_PARTS = {
+    "synthesis": ("base.g_s.", "inverse_gain"),
+    "analysis": ("base.g_a.", "base.h_a.", "hyper_gain"),
+}
 
 
 # The trained λ points: 0.0009 · 2^k, k = 0..8 (about 0.1 to beyond 2 bpp on photos).
@@ -121,23 +126,18 @@ class GainedMeanScaleHyperprior(nn.Module):
 
         bf16: the transforms' hidden layers run under bfloat16 autocast and their last
         layers in float32 (`_transform`), so y, z, mu, sigma and x_hat keep float32
-        precision where rounding and the rate depend on it. hard ("synthesis" or
-        "analysis"): the latents as coding rounds them (`_hard_forward`).
+        precision where rounding and the rate depend on it. hard (a key of
+        FINE_TUNE_PARTS): the latents as coding rounds them (`_hard_forward`).
         """
         if hard is not None:
             return self._hard_forward(x, r, bf16, hard)
         g = self.gains(r)
-        b = self.base
-        y = _transform(b.g_a, x, bf16)
-        z = _transform(b.h_a, y, bf16) * g["hyper_gain"]
-        y = y * g["gain"]
-        z_tilde = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-        y_tilde = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-        sigma, mu = _transform(b.h_s, z_tilde * g["hyper_inverse_gain"], bf16).chunk(2, dim=1)
-        y_lik = gaussian_likelihood(y_tilde, mu * g["gain"], sigma * g["gain"])
-        z_lik = b.p_z.likelihood(z_tilde)
-        return {"x_hat": _transform(b.g_s, y_tilde * g["inverse_gain"], bf16),
-                "likelihoods": {"y": y_lik, "z": z_lik}}
+        y, z = self._analysis(x, g, bf16)
+        z_tilde, y_tilde = with_uniform_noise(z), with_uniform_noise(y)
+        mu, sigma = self._entropy_parameters(z_tilde, g, bf16)
+        return {"x_hat": _transform(self.base.g_s, y_tilde * g["inverse_gain"], bf16),
+                "likelihoods": {"y": gaussian_likelihood(y_tilde, mu, sigma),
+                                "z": self.base.p_z.likelihood(z_tilde)}}
 
     def _hard_forward(self, x: torch.Tensor, r: torch.Tensor, bf16: bool, side: str) -> dict:
         """The forward on the latents that coding produces: z_hat = round(z) and y_hat =
@@ -147,27 +147,36 @@ class GainedMeanScaleHyperprior(nn.Module):
         the decoder's input and through the noisy rate (y + u, z + u) for the rate, the
         "mixed" quantization of Minnen & Singh 2020: a straight-through rate has no
         gradient where y rounds to mu, and the encoder's rate grew (docs/results.md)."""
-        if side not in FINE_TUNE_SIDES:
-            raise ValueError(f"hard forward side {side!r}: expected one of {FINE_TUNE_SIDES}")
-        g, b = self.gains(r), self.base
+        if side not in FINE_TUNE_PARTS:
+            raise ValueError(f"hard forward side {side!r}: expected one of "
+                             f"{tuple(FINE_TUNE_PARTS)}")
+        g = self.gains(r)
         analysis = side == "analysis"
         with torch.set_grad_enabled(analysis and torch.is_grad_enabled()):
-            y = _transform(b.g_a, x, bf16)
-            z = _transform(b.h_a, y, bf16) * g["hyper_gain"]
+            y, z = self._analysis(x, g, bf16)
             z_hat = ste_round(z)
-            y = y * g["gain"]
-            sigma, mu = _transform(b.h_s, z_hat * g["hyper_inverse_gain"], bf16).chunk(2, dim=1)
-            mu, sigma = mu * g["gain"], sigma * g["gain"]
+            mu, sigma = self._entropy_parameters(z_hat, g, bf16)
             y_hat = mu + ste_round(y - mu)
-            if analysis:
-                y_rate = y + torch.empty_like(y).uniform_(-0.5, 0.5)
-                z_rate = z + torch.empty_like(z).uniform_(-0.5, 0.5)
-            else:
-                y_rate, z_rate = y_hat, z_hat
+            y_rate, z_rate = ((with_uniform_noise(y), with_uniform_noise(z)) if analysis
+                              else (y_hat, z_hat))
             likelihoods = {"y": gaussian_likelihood(y_rate, mu, sigma),
-                           "z": b.p_z.likelihood(z_rate)}
-        return {"x_hat": _transform(b.g_s, y_hat * g["inverse_gain"], bf16),
+                           "z": self.base.p_z.likelihood(z_rate)}
+        return {"x_hat": _transform(self.base.g_s, y_hat * g["inverse_gain"], bf16),
                 "likelihoods": likelihoods}
+
+    def _analysis(self, x: torch.Tensor, g: dict[str, torch.Tensor], bf16: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, z) at the gains g: gain * g_a(x) and hyper_gain * h_a(g_a(x))."""
+        y = _transform(self.base.g_a, x, bf16)
+        z = _transform(self.base.h_a, y, bf16) * g["hyper_gain"]
+        return y * g["gain"], z
+
+    def _entropy_parameters(self, z_read: torch.Tensor, g: dict[str, torch.Tensor],
+                            bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of y at the gains g, from the z that h_s reads."""
+        sigma, mu = _transform(self.base.h_s, z_read * g["hyper_inverse_gain"],
+                               bf16).chunk(2, dim=1)
+        return mu * g["gain"], sigma * g["gain"]
 
     # ------------------------------------------------------------------ rate points
 

@@ -244,7 +244,8 @@ def _data_name(folder: str) -> str:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `sgarc train` to the CLI's subparsers."""
-    from codec.train import FINE_TUNE_PARTS, LR_COOLDOWNS, TrainConfig
+    from codec.train import LR_COOLDOWNS, TrainConfig
+    from codec.variable_rate import FINE_TUNE_PARTS
 
     d = TrainConfig(data=[])
     p = subparsers.add_parser(

@@ -327,12 +327,12 @@ def test_hyper_synthesis_of_a_shipped_model_stays_fixed_and_is_shared(data, tmp_
 @pytest.mark.parametrize("side", ["synthesis", "analysis"])
 def test_fine_tune_trains_one_side_on_the_latents_coding_rounds(side, data, tmp_path, capsys):
     """--fine-tune SIDE: the forward's latents and rate are those of amortized coding (hard
-    rounding), only that side's parameters train (codec.train.FINE_TUNE_PARTS), and the
+    rounding), only that side's parameters train (codec.variable_rate.FINE_TUNE_PARTS), and the
     export holds every other tensor of --init-from's weights as it was (what the weight
     store then keeps once)."""
     from codec.inference import InferenceConfig, infer
-    from codec.train import FINE_TUNE_PARTS, rd_loss_terms
-    from codec.variable_rate import RATE_STEPS, GainedMeanScaleHyperprior
+    from codec.train import rd_loss_terms
+    from codec.variable_rate import FINE_TUNE_PARTS, RATE_STEPS, GainedMeanScaleHyperprior
 
     torch.manual_seed(0)
     net = GainedMeanScaleHyperprior(8, 8, (0.002, 0.004, 0.008)).eval()
